@@ -1,0 +1,24 @@
+"""dit-cache-planner: profile a Diffusion Transformer, search a feature-cache plan, apply it.
+
+The public API is re-exported here lazily, so ``import planner`` stays cheap for the CLI.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PlannerError": "planner.errors",
+    "Sampler": "planner.runner",
+    "Runner": "planner.runner",
+    "load_runner": "planner.runner",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'planner' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

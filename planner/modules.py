@@ -1,0 +1,77 @@
+"""Which modules of a diffusers transformer a cache plan can address, and a fingerprint of them.
+
+A *cacheable module* is a transformer block, or inside a block its self-attention
+(``attn``), cross-attention (``cross_attn``) or feed-forward (``mlp``). Names are the
+dotted module paths of ``transformer.named_modules()`` (``transformer_blocks.3.attn1``), so a
+plan is keyed exactly as diffusers' ``_tp_plan`` is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+
+# Lists of blocks, in the order a forward pass runs them.
+BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
+
+# Child name inside a block -> kind. Covers BasicTransformerBlock (DiT, PixArt), JointTransformerBlock
+# (SD3), Flux's double/single blocks and WanTransformerBlock.
+SUBMODULE_KINDS = {
+    "attn": "attn",
+    "attn1": "attn",
+    "attn2": "cross_attn",
+    "ff": "mlp",
+    "ffn": "mlp",
+    "ff_context": "mlp",
+    "proj_mlp": "mlp",
+}
+
+KINDS = ("block", "attn", "cross_attn", "mlp")
+
+
+@dataclass(frozen=True)
+class CacheableModule:
+    """One module a plan may cache: its dotted name, its kind and the index of its block."""
+
+    name: str
+    kind: str
+    block: int  # position of the enclosing block in forward order (across all block lists)
+    cls: str
+
+
+def cacheable_modules(transformer: torch.nn.Module) -> list[CacheableModule]:
+    """All cacheable modules of ``transformer`` in forward order: each block followed by its sub-layers."""
+    found: list[CacheableModule] = []
+    block_index = 0
+    for list_name in BLOCK_LISTS:
+        blocks = getattr(transformer, list_name, None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            continue
+        for i, block in enumerate(blocks):
+            name = f"{list_name}.{i}"
+            found.append(CacheableModule(name, "block", block_index, type(block).__name__))
+            for child_name, child in block.named_children():
+                kind = SUBMODULE_KINDS.get(child_name)
+                if kind is not None and child is not None:
+                    found.append(CacheableModule(f"{name}.{child_name}", kind, block_index, type(child).__name__))
+            block_index += 1
+    return found
+
+
+def model_fingerprint(transformer: torch.nn.Module) -> str:
+    """A short hash of the transformer's class, config and cacheable-module structure.
+
+    Two models with equal fingerprints accept the same plans; weights are deliberately not
+    hashed (a fine-tune keeps its plan's validity, if not its quality).
+    """
+    config = dict(getattr(transformer, "config", {}) or {})
+    payload = {
+        "class": type(transformer).__name__,
+        "config": {k: v for k, v in sorted(config.items()) if not k.startswith("_")},
+        "modules": [(m.name, m.kind, m.cls) for m in cacheable_modules(transformer)],
+    }
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

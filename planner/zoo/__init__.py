@@ -1,0 +1,88 @@
+"""The model zoo: named models the CLI and the runner can load without downloading anything.
+
+``load_model(spec)`` returns ``(pipeline, family)``. Specs: the names in ``MODELS``, or a local
+folder written by ``save_pretrained`` (its ``model_index.json`` names the pipeline class, which
+must be one whose family we know).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from planner.errors import PlannerError
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    loader: Callable[[], tuple]  # () -> (pipeline, Family)
+    trainable: bool = False
+
+
+def _digits():
+    from planner.zoo.digits import DigitsFamily, load_digits_pipeline
+
+    return load_digits_pipeline(), DigitsFamily()
+
+
+def _tiny(kind: str):
+    def load():
+        from planner.zoo.tiny import build_tiny
+
+        return build_tiny(kind)
+
+    return load
+
+
+MODELS: dict[str, ZooEntry] = {
+    "digits-dit": ZooEntry(
+        "digits-dit",
+        "class-conditional pixel-space DiT on sklearn digits (8 blocks, shipped weights)",
+        _digits,
+        trainable=True,
+    ),
+    **{
+        f"tiny:{kind}": ZooEntry(f"tiny:{kind}", f"tiny randomly initialised {label} pipeline for tests", _tiny(kind))
+        for kind, label in [
+            ("dit", "DiTPipeline"),
+            ("pixart", "PixArtSigmaPipeline"),
+            ("sd3", "StableDiffusion3Pipeline"),
+            ("flux", "FluxPipeline"),
+            ("wan", "WanPipeline (text to video)"),
+        ]
+    },
+}
+
+
+def load_model(spec: str) -> tuple:
+    """``(pipeline, family)`` for a zoo name or a local diffusers folder; PlannerError otherwise."""
+    if spec in MODELS:
+        return MODELS[spec].loader()
+    path = Path(spec)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return _load_folder(path)
+    raise PlannerError(
+        f"unknown model {spec!r}: use one of {', '.join(MODELS)} or a folder written by save_pretrained"
+    )
+
+
+def _load_folder(path: Path) -> tuple:
+    import json
+
+    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    if class_name == "DigitsDiTPipeline":
+        from planner.zoo.digits import DigitsFamily, load_digits_pipeline
+
+        return load_digits_pipeline(path), DigitsFamily()
+    from planner.zoo.tiny import family_for_pipeline
+
+    family = family_for_pipeline(class_name)
+    if family is None:
+        raise PlannerError(f"{path}: pipeline class {class_name!r} is not supported")
+    import diffusers
+
+    pipe = getattr(diffusers, class_name).from_pretrained(str(path))
+    return pipe, family
