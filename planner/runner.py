@@ -163,7 +163,10 @@ class Runner:
         )
         if callback is not None:
             kwargs["callback_on_step_end"] = callback
-        result = self.pipe(**kwargs)
+        try:
+            result = self.pipe(**kwargs)
+        finally:
+            self.pipe.scheduler = self._base_scheduler
         return self.family.to_tensor(getattr(result, self.family.output_field())).cpu()
 
 

@@ -141,6 +141,9 @@ class DigitsDiTPipeline(DiffusionPipeline):
 
 def load_digits_pipeline(path: str | Path | None = None) -> DigitsDiTPipeline:
     """The shipped (or a given) digits-dit pipeline, in eval mode, float32, on CPU."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise for a 3 MiB model
     pipe = DigitsDiTPipeline.from_pretrained(str(path or WEIGHTS_DIR))
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
@@ -244,6 +247,7 @@ def save_digits_model(pipe: DigitsDiTPipeline, record: dict, out_dir: str | Path
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes folders private; the model is meant to be shared
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         losses = record["losses"]

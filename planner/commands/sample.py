@@ -1,0 +1,111 @@
+"""``planner sample``: run a model without caching and save a grid of its outputs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planner.cli import add_json_flag, report
+from planner.errors import PlannerError
+
+
+def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.0) -> None:
+    """The model and sampler flags shared by every command that runs a model."""
+    parser.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
+    parser.add_argument("--steps", type=int, default=steps, help="number of sampling steps")
+    parser.add_argument("--guidance", type=float, default=guidance, help="CFG scale (<= 1 turns CFG off)")
+    parser.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's own)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PlannerError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def runner_and_sampler(args):
+    """Load the runner the flags name and build the sampler (flags left unset take the model's defaults)."""
+    from dataclasses import replace
+
+    from planner.runner import load_runner
+
+    runner = load_runner(args.model, device=resolve_device(args.device))
+    sampler = runner.family.default_sampler
+    changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    return runner, runner.resolve(replace(sampler, **changes))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sample", help="sample a model without caching and save a PNG grid")
+    add_sampler_args(p)
+    p.add_argument("--n", type=int, default=100, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (the others count up)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from tqdm.auto import tqdm
+
+    from planner.io import write_atomic
+
+    if args.n < 1:
+        raise PlannerError(f"--n must be at least 1, got {args.n}")
+    runner, sampler = runner_and_sampler(args)
+    conditions = runner.conditions(args.n, seed=args.seed)
+    seeds = list(range(args.seed, args.seed + args.n))
+    bar = tqdm(total=sampler.steps, desc=f"sample {args.model}", disable=args.json)
+
+    def on_step(pipe, i, t, kwargs):
+        bar.update(1)
+        return kwargs
+
+    start = time.perf_counter()
+    images = runner.run(conditions, seeds, sampler, callback=on_step)
+    seconds = time.perf_counter() - start
+    bar.close()
+    write_atomic(args.out, lambda tmp: image_grid(images).save(tmp, format="PNG"))
+
+    payload = {"model": args.model, "sampler": sampler.to_dict(), "n": args.n, "seconds": round(seconds, 3), "out": args.out}
+    text = f"{args.n} samples of {args.model} ({sampler.scheduler}, {sampler.steps} steps, guidance {sampler.guidance}) in {seconds:.2f} s -> {args.out}"
+    if runner.family.name == "digits":
+        from planner.metrics import digit_accuracy, digit_frechet_distance
+
+        payload["classifier_accuracy"] = digit_accuracy(images, conditions)
+        text += f"\nclassifier accuracy {payload['classifier_accuracy']:.3f}"
+        if args.n >= 2:
+            payload["frechet_distance"] = digit_frechet_distance(images)
+            text += f", Frechet distance to real digits {payload['frechet_distance']:.3f}"
+    report(args, payload, text)
+    return 0
+
+
+def image_grid(images: torch.Tensor, columns: int = 10, scale: int | None = None):
+    """A PIL grid of ``[B, C, H, W]`` (or video ``[B, C, F, H, W]``: first frame) images in [0, 1]."""
+    from PIL import Image
+
+    x = images[:, :, 0] if images.dim() == 5 else images
+    b, c, h, w = x.shape
+    scale = scale or max(1, 64 // max(h, w))
+    columns = min(columns, b)
+    rows = -(-b // columns)
+    pad = 1
+    grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.float32)
+    arr = x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    for i in range(b):
+        r, col = divmod(i, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+    grid = (grid * 255).round().astype(np.uint8)
+    mode = "L" if c == 1 else "RGB"
+    img = Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3], mode=mode)
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)

@@ -1,0 +1,59 @@
+"""``planner zoo list`` and ``planner zoo train NAME``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.cli import add_json_flag, report
+from planner.errors import PlannerError
+
+
+def register(sub) -> None:
+    zoo = sub.add_parser("zoo", help="the models planner can load without downloads")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
+
+    lst = zoo_sub.add_parser("list", help="list the model specs")
+    add_json_flag(lst)
+    lst.set_defaults(func=cmd_list)
+
+    train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-dit, digits-classifier)")
+    train.add_argument("name", help="digits-dit or digits-classifier")
+    train.add_argument("--steps", type=int, default=None, help="training steps (digits-dit) or epochs (classifier)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, help="where to write (default: the packaged weights)")
+    add_json_flag(train)
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_list(args) -> int:
+    from planner.zoo import MODELS
+
+    rows = [{"spec": e.name, "description": e.description, "trainable": e.trainable} for e in MODELS.values()]
+    text = "\n".join(f"{r['spec']:<14} {r['description']}" for r in rows)
+    text += "\n(or a local folder written by save_pretrained)"
+    report(args, {"models": rows}, text)
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.steps is not None and args.steps < 1:
+        raise PlannerError(f"--steps must be at least 1, got {args.steps}")
+    if args.name == "digits-dit":
+        from planner.zoo.digits import WEIGHTS_DIR, TrainConfig, train_digits_dit
+
+        cfg = TrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        out = Path(args.out) if args.out else WEIGHTS_DIR
+        _, record = train_digits_dit(cfg, out_dir=out, progress=not args.json)
+        payload = {k: v for k, v in record.items() if k != "losses"} | {"out": str(out)}
+        text = f"trained digits-dit in {record['wall_time_s']} s, final loss {record['final_loss_mean_last_100']:.4f}; wrote {out}"
+    elif args.name == "digits-classifier":
+        from planner.zoo.classifier import WEIGHTS_PATH, train_classifier
+
+        out = Path(args.out) if args.out else WEIGHTS_PATH
+        _, record = train_classifier(epochs=args.steps or 30, seed=args.seed, out_path=out)
+        payload = record | {"out": str(out)}
+        text = f"trained digits-classifier: held-out accuracy {record['held_out_accuracy']:.4f}; wrote {out}"
+    else:
+        raise PlannerError(f"cannot train {args.name!r}: trainable models are digits-dit and digits-classifier")
+    report(args, payload, text)
+    return 0

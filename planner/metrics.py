@@ -1,0 +1,155 @@
+"""Quality of a cached run against the uncached reference from the same seeds.
+
+Images are ``[B, C, H, W]`` (video ``[B, C, F, H, W]`` is folded into frames) with values in
+``[0, data_range]``. Per-image scores are averaged over the batch. For digits-dit there are also
+the digit classifier's accuracy and a Frechet distance between classifier features of generated
+and real digits (an FID on our own feature extractor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def _as_images(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x).double()
+    if x.dim() == 5:  # [B, C, F, H, W] -> [B*F, C, H, W]
+        x = x.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1], x.shape[3], x.shape[4])
+    if x.dim() != 4:
+        raise ValueError(f"expected images [B, C, H, W] or videos [B, C, F, H, W], got shape {tuple(x.shape)}")
+    return x
+
+
+def mse(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean squared error over all elements."""
+    return F.mse_loss(_as_images(output), _as_images(reference)).item()
+
+
+def rel_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Relative L1 error ``mean|output - reference| / mean|reference|`` (0 for identical inputs)."""
+    out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
+    denom = ref.abs().mean().item()
+    diff = (out - ref).abs().mean().item()
+    return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, per image then averaged; ``inf`` when every image matches exactly.
+
+    Images that match exactly are left out of the average of the others (an ``inf`` would swamp it).
+    """
+    out, ref = _as_images(output), _as_images(reference)
+    per_image = ((out - ref) ** 2).flatten(1).mean(1)
+    if (per_image == 0).all():
+        return math.inf
+    finite = per_image[per_image > 0]
+    return (10 * torch.log10(data_range**2 / finite)).mean().item()
+
+
+def _window(size: int, sigma: float | None) -> torch.Tensor:
+    if sigma is None:
+        w = torch.ones(size, dtype=torch.float64)
+    else:
+        coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+        w = torch.exp(-(coords**2) / (2 * sigma**2))
+    w = w / w.sum()
+    return torch.outer(w, w)
+
+
+def ssim(
+    output: torch.Tensor,
+    reference: torch.Tensor,
+    data_range: float = 1.0,
+    window: int = 7,
+    sigma: float | None = 1.5,
+) -> float:
+    """Structural similarity (Wang et al. 2004), per image and channel then averaged; 1.0 for identical images.
+
+    Local statistics use a Gaussian window (``sigma``; ``None`` means uniform) of ``window``
+    pixels, shrunk to the image size for small images, over valid positions only.
+    """
+    out, ref = _as_images(output), _as_images(reference)
+    b, c, h, w = out.shape
+    size = min(window, h, w)
+    kernel = _window(size, sigma).to(out).expand(c, 1, size, size)
+
+    def filt(x):
+        return F.conv2d(x, kernel, groups=c)
+
+    mu_x, mu_y = filt(out), filt(ref)
+    var_x = filt(out * out) - mu_x**2
+    var_y = filt(ref * ref) - mu_y**2
+    cov = filt(out * ref) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean().item()
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]``.
+
+    ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the formula of FID.
+    """
+    from scipy import linalg
+
+    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:
+        raise ValueError(f"need two feature sets [N>=2, D] of one width, got {a.shape} and {b.shape}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    # tr((S_a S_b)^(1/2)) = sum of sqrt(eigenvalues of S_a^(1/2) S_b S_a^(1/2)), a symmetric PSD matrix:
+    # stable even when few samples make the covariances singular (where sqrtm of the product is not).
+    vals, vecs = np.linalg.eigh(cov_a)
+    sqrt_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    trace_covmean = np.sqrt(np.clip(np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_covmean)
+
+
+def compare(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """PSNR, SSIM, MSE and relative L1 of ``output`` against ``reference``."""
+    return {
+        "psnr": psnr(output, reference, data_range),
+        "ssim": ssim(output, reference, data_range),
+        "mse": mse(output, reference),
+        "rel_l1": rel_l1(output, reference),
+    }
+
+
+# --- digits-dit only: the classifier-based meters -------------------------------------------------
+
+
+def digit_accuracy(images: torch.Tensor, labels) -> float:
+    """Fraction of ``[B, 1, 8, 8]`` images in [0, 1] the shipped classifier reads as their intended label."""
+    from planner.zoo.classifier import load_classifier
+
+    predicted = load_classifier().predict(torch.as_tensor(images).float())
+    return (predicted == torch.as_tensor(labels).long()).float().mean().item()
+
+
+_REAL_FEATURES: np.ndarray | None = None
+
+
+def real_digit_features() -> np.ndarray:
+    """Classifier features of all 1797 real digits (computed once per process)."""
+    global _REAL_FEATURES
+    if _REAL_FEATURES is None:
+        from planner.zoo.classifier import load_classifier
+        from planner.zoo.digits import load_digits_data
+
+        images, _ = load_digits_data()
+        with torch.no_grad():
+            _REAL_FEATURES = load_classifier().features((images + 1) / 2).numpy()
+    return _REAL_FEATURES
+
+
+def digit_frechet_distance(images: torch.Tensor) -> float:
+    """Frechet distance between classifier features of generated digits and of the real digits."""
+    from planner.zoo.classifier import load_classifier
+
+    with torch.no_grad():
+        features = load_classifier().features(torch.as_tensor(images).float()).numpy()
+    return frechet_distance(features, real_digit_features())

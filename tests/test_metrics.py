@@ -1,0 +1,81 @@
+"""Each metric against values computed by hand."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from planner import metrics
+
+
+def test_psnr_of_a_constant_offset_is_20_db():
+    ref = torch.zeros(2, 1, 8, 8)
+    out = ref + 0.1  # MSE 0.01 -> 10 * log10(1 / 0.01) = 20 dB
+    assert metrics.psnr(out, ref) == pytest.approx(20.0, abs=1e-5)
+    assert metrics.mse(out, ref) == pytest.approx(0.01)
+
+
+def test_psnr_is_infinite_for_identical_images_and_skips_exact_matches():
+    ref = torch.rand(3, 1, 8, 8)
+    assert metrics.psnr(ref.clone(), ref) == math.inf
+    out = ref.clone()
+    out[1] += 0.01  # only image 1 differs: its PSNR is 40 dB, the exact matches do not dilute it
+    assert metrics.psnr(out, ref) == pytest.approx(40.0, abs=1e-4)
+
+
+def test_rel_l1_by_hand():
+    ref = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    out = torch.tensor([1.5, -2.0, 2.0, -4.0])  # mean|diff| = 1.5/4, mean|ref| = 10/4
+    assert metrics.rel_l1(out, ref) == pytest.approx(0.15)
+    assert metrics.rel_l1(ref, ref) == 0.0
+
+
+def test_ssim_with_a_global_uniform_window_matches_the_formula():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 5, 5, generator=gen, dtype=torch.float64)
+    y = (x * 0.7 + 0.1 * torch.rand(1, 1, 5, 5, generator=gen, dtype=torch.float64)).clamp(0, 1)
+    a, b = x.flatten().numpy(), y.flatten().numpy()
+    mx, my = a.mean(), b.mean()
+    vx, vy = a.var(), b.var()  # population statistics: a uniform window's weights sum to 1
+    cov = ((a - mx) * (b - my)).mean()
+    c1, c2 = 0.01**2, 0.03**2
+    expected = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    assert metrics.ssim(y, x, window=5, sigma=None) == pytest.approx(expected, rel=1e-9)
+    assert metrics.ssim(x, x) == pytest.approx(1.0)
+    assert metrics.ssim(1 - x, x) < 0.5
+
+
+def test_frechet_distance_of_two_diagonal_gaussians():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4000, 2))
+    b = rng.standard_normal((4000, 2))
+    # Whiten both samples exactly so their means and covariances are what we set.
+    a = (a - a.mean(0)) / a.std(0, ddof=1)
+    b = (b - b.mean(0)) / b.std(0, ddof=1)
+    b = b @ np.diag([2.0, 3.0]) + np.array([1.0, -1.0])
+    # |mu|^2 = 2; tr(I + diag(4, 9) - 2 diag(2, 3)) = 2 + 13 - 10 = 5 (plus tiny off-diagonal terms)
+    assert metrics.frechet_distance(a, b) == pytest.approx(7.0, abs=0.05)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_distance_rejects_mismatched_features():
+    with pytest.raises(ValueError):
+        metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
+
+
+def test_video_tensors_are_folded_into_frames():
+    ref = torch.zeros(1, 3, 2, 4, 4)
+    out = ref.clone()
+    out[:, :, 1] += 0.1  # frame 1 is off by 0.1 (20 dB), frame 0 is exact
+    assert metrics.psnr(out, ref) == pytest.approx(20.0)
+
+
+def test_classifier_reads_real_held_out_digits():
+    from planner.zoo.classifier import split_digits
+
+    _, _, x_test, y_test = split_digits()
+    assert metrics.digit_accuracy(x_test, y_test) >= 0.97
+    # Real digits are close to themselves and far from noise in feature space.
+    noise = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert metrics.digit_frechet_distance(x_test) < metrics.digit_frechet_distance(noise) / 5
