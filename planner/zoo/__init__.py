@@ -77,12 +77,9 @@ def _load_folder(path: Path) -> tuple:
         from planner.zoo.digits import DigitsFamily, load_digits_pipeline
 
         return load_digits_pipeline(path), DigitsFamily()
-    from planner.zoo.tiny import family_for_pipeline
+    from planner.zoo.tiny import family_for_pipeline, load_pipeline_folder
 
     family = family_for_pipeline(class_name)
     if family is None:
         raise PlannerError(f"{path}: pipeline class {class_name!r} is not supported")
-    import diffusers
-
-    pipe = getattr(diffusers, class_name).from_pretrained(str(path))
-    return pipe, family
+    return load_pipeline_folder(path), family

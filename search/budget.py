@@ -1,0 +1,62 @@
+"""The budget a search must meet: a predicted speedup (``2x``, ``60%``) or an error target."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from planner.errors import PlannerError
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Exactly one of: ``speedup`` (predicted speedup over full compute at least this) or
+    ``max_error`` (relative L1 of the final output at most this; then time is minimised)."""
+
+    speedup: float | None = None
+    max_error: float | None = None
+
+    def __post_init__(self):
+        if (self.speedup is None) == (self.max_error is None):
+            raise PlannerError("give either a speed budget (--budget 2x or 60%) or an error target (--max-error), not both")
+        if self.speedup is not None and self.speedup < 1:
+            raise PlannerError(f"a speed budget must be at least 1x, got {self.speedup:g}x")
+        if self.max_error is not None and not self.max_error > 0:
+            raise PlannerError(f"--max-error must be positive, got {self.max_error:g}")
+
+    @classmethod
+    def parse(cls, text: str | None = None, max_error: float | None = None) -> "Budget":
+        """``"2x"`` or ``"2.5x"``: speedup; ``"60%"``: run time at most 60% of full; or ``max_error``."""
+        if text is None:
+            return cls(max_error=max_error)
+        if max_error is not None:
+            return cls(speedup=1.0, max_error=max_error)  # raises: both given
+        value = text.strip().lower()
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*x", value):
+            return cls(speedup=float(m.group(1)))
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", value):
+            percent = float(m.group(1))
+            if not 0 < percent <= 100:
+                raise PlannerError(f"a time budget must lie in (0%, 100%], got {text!r}")
+            return cls(speedup=100.0 / percent)
+        raise PlannerError(f"cannot read budget {text!r}: write a speedup such as 2x or a time fraction such as 60%")
+
+    @property
+    def latency_fraction(self) -> float | None:
+        """Predicted run time allowed, as a fraction of full compute (``None`` for an error target)."""
+        return None if self.speedup is None else 1.0 / self.speedup
+
+    def met(self, predicted_speedup: float, error: float) -> bool:
+        """Whether a plan with these figures satisfies the budget (1e-9 slack for float round-off)."""
+        if self.speedup is not None:
+            return predicted_speedup >= self.speedup - 1e-9
+        return error <= self.max_error + 1e-12
+
+    def label(self) -> str:
+        """Short form for file names and tables: ``2x``, ``1.5x``, ``err0.05``."""
+        if self.speedup is not None:
+            return f"{self.speedup:g}x"
+        return f"err{self.max_error:g}"
+
+    def to_dict(self) -> dict:
+        return {"speedup": self.speedup, "max_error": self.max_error}
