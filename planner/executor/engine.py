@@ -1,0 +1,349 @@
+"""The engine behind one applied plan: run state (step, branch), checks against the call, stats.
+
+Step tracking (robust without help from the pipeline):
+
+* a transformer call whose ``timestep`` value differs from the previous call's starts a new step;
+  equal values are further calls of the same step (the second CFG call with ``separate`` layout);
+* a run ends after ``plan.steps`` steps (all calls of the last step made): caches are cleared;
+* a timestep *larger* than the previous one starts a new run (a new pipeline call after an
+  interrupted one), and so does any call after a finished run; a *smaller* one after a finished
+  run means the pipeline runs more steps than the plan: refused;
+* ``handle.at_step(i)`` overrides all of this for callers that drive steps themselves.
+
+The CFG branch: batched layouts carry both halves in one call (``[cond, uncond]`` for DiT,
+``[uncond, cond]`` for PixArt/SD3); with ``separate`` calls it is the diffusers cache-context
+name when the pipeline set one (Flux, Wan), else the call order within the step (cond first).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from planner.errors import PlannerError
+from planner.executor import tree
+from planner.plan import (
+    ACTION_CODES,
+    BRANCHES,
+    CFG_COND_UNCOND,
+    CFG_NONE,
+    CFG_SEPARATE,
+    CFG_UNCOND_COND,
+    COMPUTE,
+    Plan,
+    module_kind,
+)
+
+_BATCH_ORDER = {
+    CFG_NONE: ("cond",),
+    CFG_COND_UNCOND: ("cond", "uncond"),
+    CFG_UNCOND_COND: ("uncond", "cond"),
+}
+_MAX_EXAMPLES = 5
+
+
+class _Run:
+    """Where the current run is."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.complete = False
+        self.step = -1
+        self.last_t: float | None = None
+        self.calls = 0  # calls begun in the current step
+        self.branches: set[str] = set()
+        self.max_step = -1
+        self.visited: set[int] = set()  # steps that ran (all of 0..max_step unless at_step skipped some)
+        self.token = None  # at_step block the current step belongs to
+        self.accounted = False  # folded into the stats totals
+
+
+class Engine:
+    """Shared state of one applied plan: read by every hook, written by the step tracker."""
+
+    def __init__(self, plan: Plan, transformer: torch.nn.Module, pipe: Any, gates: torch.Tensor | None, detach_cache: bool):
+        self.plan = plan
+        self.steps = plan.steps
+        self.layout = plan.sampler.cfg_layout
+        self.branches = plan.branches
+        self.calls_per_step = 2 if self.layout == CFG_SEPARATE else 1
+        self.transformer_cls = type(transformer)
+        self.pipe = pipe
+        self.gates = gates
+        self.detach_cache = detach_cache
+        self.hooks: dict[str, Any] = {}  # module name -> CacheHook
+        # Read by the hooks on every call:
+        self.in_call = False
+        self.step = 0
+        self.active: list[tuple[str, ...]] = []  # stack of the branches in dim 0 of the current (sub-)call
+        # Written by the tracker:
+        self.run = _Run()
+        self.forced_step: int | None = None
+        self.forced_token: object | None = None
+        self._logs: dict[tuple[str, str], bytearray] = {}
+        self._fallback_examples: list[str] = []
+        self._totals = {"runs": 0, "decisions": 0, "as_planned": 0, "skipped_with_parent": 0, "fallbacks": 0}
+        self._hits = {ACTION_CODES[c]: 0 for c in "RDFS"}
+        self._fallback_kinds = {"computed": 0, "reused": 0}
+        self._last_executed: dict[str, dict[str, str]] = {}
+        self._last_steps: list[int] = []
+        self._parents = {m: module_kind(m)[1] for m in plan.model.modules}
+
+    # ------------------------------------------------------------------ calls
+    # Pure bookkeeping (and a .item() on the timestep): never traced by torch.compile.
+    @torch.compiler.disable
+    def begin_call(self, module: torch.nn.Module, args: tuple, kwargs: dict, context_name: str | None) -> None:
+        """Work out step and branch of a transformer call and check it against the plan."""
+        t = self._timestep(args, kwargs)
+        r = self.run
+        if self.forced_step is not None:
+            if not r.started or r.complete:
+                r = self._start_run(check_pipe=False)
+            if r.token is not self.forced_token:  # a new at_step block is a new step
+                r.step, r.calls, r.token = self.forced_step, 0, self.forced_token
+                r.branches.clear()
+        else:
+            if t is None:
+                raise PlannerError(
+                    f"cannot tell the denoising step: the {self.transformer_cls.__name__} call has no timestep argument "
+                    "(drive steps with handle.at_step(i))"
+                )
+            if (
+                not r.started
+                or r.token is not None  # the previous calls were driven by at_step
+                or (r.complete and t >= r.last_t)
+                or (not r.complete and t > r.last_t)  # a new pipeline call after an interrupted one
+            ):
+                r = self._start_run(check_pipe=True)
+                r.step = 0
+            elif r.complete:
+                raise PlannerError(f"plan was made for {self.steps} steps, the pipeline runs more")
+            elif t < r.last_t:
+                self._check_calls_done()
+                r.step += 1
+                r.calls = 0
+                r.branches.clear()
+            r.last_t = t
+        if not 0 <= r.step < self.steps:
+            raise PlannerError(f"step {r.step} is outside the plan's {self.steps} steps")
+        r.calls += 1
+        active = self._branches_of_call(args, kwargs, context_name)
+        r.max_step = max(r.max_step, r.step)
+        r.visited.add(r.step)
+        self.step = r.step
+        self.active = [active]
+        self.in_call = True
+
+    @torch.compiler.disable
+    def end_call(self) -> None:
+        """A transformer call returned: close the run after the last call of the last step."""
+        self.in_call = False
+        self.active = []
+        r = self.run
+        if self.forced_step is None and r.step == self.steps - 1 and r.calls >= self.calls_per_step:
+            self._finish_run()
+            r.complete = True  # kept (with last_t) so the next call can tell a new run from an overlong one
+
+    @torch.compiler.disable
+    def abort_call(self) -> None:
+        """A transformer call raised: forget the run (its caches may be half-written)."""
+        self.in_call = False
+        self.active = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Clear every cache and start over at the next call (the finished part still counts in stats)."""
+        self._finish_run()
+        self.run = _Run()
+
+    def _start_run(self, check_pipe: bool) -> _Run:
+        self._finish_run()
+        self.run = _Run()
+        if check_pipe:
+            self._check_pipe()
+        self.run.started = True
+        return self.run
+
+    def _finish_run(self) -> None:
+        r = self.run
+        if r.started and not r.accounted and r.max_step >= 0:
+            self._account()
+        r.accounted = True
+        for hook in self.hooks.values():
+            hook.caches.clear()
+        self._logs.clear()
+
+    # ------------------------------------------------------------------ checks
+    def _timestep(self, args: tuple, kwargs: dict) -> float | None:
+        t = tree.get_arg(self.transformer_cls, "timestep", args, kwargs)
+        if t is None:
+            return None
+        if isinstance(t, torch.Tensor):
+            # max: Wan 2.2 expands per-token timesteps with the conditioning frame at 0
+            return float(t.detach().reshape(-1).max()) if t.numel() else None
+        return float(t)
+
+    def _check_calls_done(self) -> None:
+        r = self.run
+        if r.calls != self.calls_per_step:
+            if self.layout == CFG_SEPARATE:
+                raise PlannerError(
+                    f"plan's CFG layout 'separate' expects 2 transformer calls per step, step {r.step} made {r.calls} "
+                    "(is CFG on? for Flux: a negative prompt and true_cfg_scale > 1)"
+                )
+            raise PlannerError(f"plan's CFG layout {self.layout!r} expects 1 transformer call per step, step {r.step} made {r.calls}")
+
+    def _check_pipe(self) -> None:
+        """At the start of a run: the pipeline's step count and CFG switch must fit the plan."""
+        pipe = self.pipe
+        if pipe is None:
+            return
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if timesteps is not None and len(timesteps) != self.steps:
+            raise PlannerError(f"plan was made for {self.steps} steps, the pipeline runs {len(timesteps)}")
+        try:
+            cfg_on = getattr(pipe, "do_classifier_free_guidance")
+        except Exception:  # property reading a field this pipeline never set
+            cfg_on = None
+        if isinstance(cfg_on, bool) and cfg_on != (self.layout != CFG_NONE):
+            state = "on" if cfg_on else "off"
+            raise PlannerError(f"plan was made for CFG layout {self.layout!r}, but the pipeline runs with CFG {state}")
+
+    def _branches_of_call(self, args: tuple, kwargs: dict, context_name: str | None) -> tuple[str, ...]:
+        r = self.run
+        if self.layout == CFG_SEPARATE:
+            if context_name in BRANCHES:
+                branch = context_name
+            elif r.calls <= 2:
+                branch = BRANCHES[r.calls - 1]
+            else:
+                branch = None
+            if branch is None or branch in r.branches:
+                raise PlannerError(
+                    f"plan's CFG layout 'separate' expects one cond and one uncond call per step; step {r.step} got a "
+                    f"{'second ' + branch if branch else str(r.calls) + 'th'} call"
+                )
+            r.branches.add(branch)
+            return (branch,)
+        if r.calls > 1:
+            raise PlannerError(
+                f"plan's CFG layout {self.layout!r} expects 1 transformer call per step, step {r.step} got a second "
+                "(a plan for separate CFG calls is needed)"
+            )
+        order = _BATCH_ORDER[self.layout]
+        if len(order) == 2:
+            batch = tree.call_batch(self.transformer_cls, args, kwargs)
+            if batch % 2:
+                raise PlannerError(f"plan's CFG layout {self.layout!r} needs an even batch ([cond, uncond] halves), got {batch}")
+        return order
+
+    # ------------------------------------------------------------------ stats
+    @torch.compiler.disable
+    def log(self, module: str, branch: str, step: int, code: str) -> None:
+        """Record the action a module really took at ``step`` on ``branch``."""
+        key = (module, branch)
+        row = self._logs.get(key)
+        if row is None:
+            row = self._logs[key] = bytearray(b"-" * self.steps)
+        row[step] = ord(code)
+
+    def _account(self) -> None:
+        """Fold the finished run's logs into the totals; keep its executed map for :meth:`stats`."""
+        ks = sorted(self.run.visited)
+        reached = len(ks)
+        contiguous = ks == list(range(reached))
+
+        def pick(row: bytearray | None) -> str:
+            if row is None:
+                return "-" * reached
+            return row[:reached].decode() if contiguous else "".join(chr(row[k]) for k in ks)
+
+        executed: dict[str, dict[str, str]] = {}
+        totals, hits = self._totals, self._hits
+        gated = self.gates is not None
+        for module in self.plan.model.modules:
+            per: dict[str, str] = {}
+            parent = self._parents.get(module)
+            for b in self.branches:
+                if module in self.hooks:
+                    done = pick(self._logs.get((module, b)))
+                elif parent is not None and parent in self.hooks:
+                    done = "".join(COMPUTE if c == COMPUTE else "-" for c in pick(self._logs.get((parent, b))))
+                else:
+                    done = COMPUTE * reached
+                per[b] = done
+                codes = self.plan.codes(module, b)
+                planned = COMPUTE * reached if gated else (codes[:reached] if contiguous else "".join(codes[k] for k in ks))
+                totals["decisions"] += reached
+                if done == planned:
+                    totals["as_planned"] += reached
+                    for c in "RDFS":
+                        hits[ACTION_CODES[c]] += done.count(c)
+                    continue
+                for k, (p, e) in enumerate(zip(planned, done)):
+                    if e == "-":
+                        totals["skipped_with_parent"] += 1
+                    elif e == p:
+                        totals["as_planned"] += 1
+                        if e != COMPUTE:
+                            hits[ACTION_CODES[e]] += 1
+                    else:
+                        totals["fallbacks"] += 1
+                        self._fallback_kinds["computed" if e == COMPUTE else "reused"] += 1
+                        if e != COMPUTE:
+                            hits[ACTION_CODES[e]] += 1
+                        if len(self._fallback_examples) < _MAX_EXAMPLES:
+                            self._fallback_examples.append(
+                                f"{module} {b} step {ks[k]}: planned {ACTION_CODES[p]}, did {ACTION_CODES[e]}"
+                            )
+            executed[module] = per
+        totals["runs"] += 1
+        self._last_executed = executed
+        self._last_steps = ks
+
+    def stats(self) -> dict:
+        """Totals over the runs finished so far plus the last run's per-step detail (see ``PlanHandle.stats``)."""
+        if self.run.started and self.run.max_step >= 0 and not self.run.accounted:
+            # count the run in progress too, without disturbing it
+            saved = (dict(self._totals), dict(self._hits), dict(self._fallback_kinds), list(self._fallback_examples),
+                     self._last_executed, self._last_steps)
+            self._account()
+            out = self._stats_dict(partial=True)
+            (self._totals, self._hits, self._fallback_kinds, self._fallback_examples,
+             self._last_executed, self._last_steps) = saved
+            return out
+        return self._stats_dict(partial=False)
+
+    def _stats_dict(self, partial: bool) -> dict:
+        t = dict(self._totals)
+        executed = self._last_executed
+        leaves = self.plan.leaf_modules()
+        reached = len(self._last_steps)
+        denom = max(1, len(leaves) * len(self.branches))
+        per_step = [
+            sum(executed[m][b][k] == COMPUTE for m in leaves for b in self.branches) / denom for k in range(reached)
+        ]
+        return {
+            "mode": "gates" if self.gates is not None else "plan",
+            "runs": t["runs"],
+            "run_in_progress": partial,
+            "steps": self.steps,
+            "hooked_modules": len(self.hooks),
+            "decisions": t["decisions"],
+            "as_planned": t["as_planned"],
+            "as_planned_fraction": t["as_planned"] / t["decisions"] if t["decisions"] else None,
+            "skipped_with_parent": t["skipped_with_parent"],
+            "fallbacks": t["fallbacks"],
+            "fallback_kinds": dict(self._fallback_kinds),
+            "fallback_examples": list(self._fallback_examples),
+            "reuse_hits": dict(self._hits),
+            "steps_run": list(self._last_steps),
+            "computed_fraction_per_step": per_step,
+            "computed_fraction": sum(per_step) / len(per_step) if per_step else None,
+            "executed": {
+                m: (v[self.branches[0]] if len(set(v.values())) == 1 else dict(v))
+                for m, v in executed.items()
+                if m in self.hooks or any(c != COMPUTE for c in "".join(v.values()))
+            },
+        }

@@ -1,0 +1,266 @@
+"""The two diffusers hooks of the executor.
+
+* :class:`StepTrackerHook`, on the transformer: tells the engine when a call starts and ends, with
+  its timestep and (for separate CFG calls) the diffusers cache-context name. It holds a
+  ``StateManager`` only so that ``transformer.cache_context("cond")`` reaches it.
+* :class:`CacheHook`, on each cacheable module whose decisions are not all ``compute`` (or that is
+  gated): runs the module or serves it from its per-branch cache, as the plan says for the
+  current step and branch. This is the one implementation of the caching semantics.
+
+Both replace ``forward`` through ``ModelHook.new_forward`` on the instance's ``HookRegistry``;
+nothing is patched on a class. Their Python bodies are kept out of ``torch.compile`` graphs
+(``torch.compiler.disable(recursive=False)``): the decision logic runs eagerly while the module
+computation they call is still compiled.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
+
+from planner.executor import tree
+from planner.plan import BRANCHES, COMPUTE
+
+if TYPE_CHECKING:
+    from planner.executor.engine import Engine
+
+TRACKER_HOOK = "dit_cache_plan.tracker"
+MODULE_HOOK = "dit_cache_plan.module"
+
+_OTHER = {"cond": "uncond", "uncond": "cond"}
+
+
+class _ContextOnly(BaseState):
+    """Nothing: the tracker's StateManager is only read for the diffusers cache-context name."""
+
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+def _eager(fn):
+    # Hook bodies mutate Python state per call (step counters, caches): tracing them would guard on
+    # those values and recompile every step. recursive=False keeps the module's own forward, which
+    # they call, compiled.
+    try:
+        return torch.compiler.disable(fn, recursive=False)
+    except TypeError:  # older torch without the recursive flag
+        return torch.compiler.disable(fn)
+
+
+_python = torch.compiler.disable  # bookkeeping that calls no module: never traced at all
+
+
+class StepTrackerHook(ModelHook):
+    """Top-level hook: feeds each transformer call's timestep and context to the engine."""
+
+    _is_stateful = True
+
+    def __init__(self, engine: "Engine"):
+        super().__init__()
+        self.engine = engine
+        self.context = StateManager(_ContextOnly)  # diffusers' cache_context() sets its context
+
+    def context_name(self) -> str | None:
+        ctx = self.context._context  # None outside a cache_context block (DiT, PixArt, SD3 never open one)
+        return None if ctx is None else ctx.name
+
+    @_eager
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        try:
+            self.engine.begin_call(module, args, kwargs, self.context_name())
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        except BaseException:
+            self.engine.abort_call()
+            raise
+        self.engine.end_call()
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.engine.reset()
+        return module
+
+
+class _BranchCache:
+    """What one module keeps for one CFG branch: its last (one or two) computed outputs with their
+    steps, and for ``reuse_residual`` the inputs of the last compute."""
+
+    __slots__ = ("outputs", "inputs")
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[int, Any]] = []  # [(step, output tree)], oldest first, at most 2
+        self.inputs: dict[int, torch.Tensor | None] | None = None
+
+
+class CacheHook(ModelHook):
+    """Per-module hook: compute, reuse, reuse_residual, forecast, share_cfg, or a soft gate.
+
+    Per branch it keeps the last computed output(s) and, for blocks that reuse residuals, the
+    inputs of that compute. HarmoniCa's rule: entries are written only when the module computes
+    (a shared or reused step leaves them as they were); a gated module stores its mixed output.
+    """
+
+    _is_stateful = True
+
+    def __init__(self, engine: "Engine", name: str, module: torch.nn.Module, codes: dict[str, str] | None, gate_col: int | None):
+        super().__init__()
+        self.engine = engine
+        self.name = name
+        self.cls = type(module)
+        self.codes = codes
+        self.gate_col = gate_col
+        self.keep = {b: (2 if codes and "F" in codes.get(b, "") else 1) for b in BRANCHES}
+        self.residual = tree.ResidualMap(self.cls) if codes and any("D" in c for c in codes.values()) else None
+        self.caches: dict[str, _BranchCache] = {}
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.caches.clear()
+        return module
+
+    # ------------------------------------------------------------------ the forward
+    @_eager
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        eng = self.engine
+        if not eng.in_call:  # called outside a tracked transformer call (e.g. directly): plain module
+            return self.fn_ref.original_forward(*args, **kwargs)
+        step, active = eng.step, eng.active[-1]
+        if self.gate_col is not None:
+            return self._gated(step, active, args, kwargs)
+
+        planned = [self.codes[b][step] for b in active]
+        if all(c == COMPUTE for c in planned):  # the common case: one call on the whole batch
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            self._store(step, active, active, out, args, kwargs)
+            for b in active:
+                eng.log(self.name, b, step, COMPUTE)
+            return out
+        return self._mixed(step, active, planned, args, kwargs)
+
+    @_eager
+    def _mixed(self, step: int, active: tuple[str, ...], planned: list[str], args: tuple, kwargs: dict) -> Any:
+        eng = self.engine
+        resolved: dict[str, str] = {}
+        for b, code in zip(active, planned):
+            if code != "S":
+                resolved[b] = self._resolve(b, code)
+        for b, code in zip(active, planned):
+            if code == "S":
+                other = _OTHER[b]
+                if other in resolved:
+                    ok = resolved[other] == COMPUTE
+                else:  # separate calls: the other branch's call already ran this step
+                    entry = self.caches.get(other)
+                    ok = entry is not None and bool(entry.outputs) and entry.outputs[-1][0] == step
+                resolved[b] = "S" if ok else COMPUTE
+        computing = tuple(b for b in active if resolved[b] == COMPUTE)
+
+        fresh: dict[str, Any] = {}
+        if computing == active:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            self._store(step, active, active, out, args, kwargs)
+            for b in active:  # everything fell back to compute
+                eng.log(self.name, b, step, COMPUTE)
+            return out
+        if computing:
+            full = tree.call_batch(self.cls, args, kwargs)
+            per = full // len(active)
+            idx = [active.index(b) for b in computing]
+            lo, hi = idx[0] * per, (idx[-1] + 1) * per  # two branches: any subset is contiguous
+            sub_args, sub_kwargs = tree.slice_call(self.cls, args, kwargs, lo, hi, full)
+            eng.active.append(computing)  # sub-modules inside see only the computed halves
+            try:
+                out_sub = self.fn_ref.original_forward(*sub_args, **sub_kwargs)
+            finally:
+                eng.active.pop()
+            fresh = dict(zip(computing, tree.split(out_sub, len(computing))))
+            self._store(step, computing, active, out_sub, args, kwargs, fresh=fresh)
+
+        parts = []
+        for b, code in zip(active, planned):
+            r = resolved[b]
+            if r == COMPUTE:
+                part = fresh[b]
+            elif r == "R":
+                part = self.caches[b].outputs[-1][1]
+            elif r == "F":
+                (m1, o1), (m2, o2) = self.caches[b].outputs
+                scale = (step - m2) / (m2 - m1)
+                part = tree.tree_map(lambda a, c: c + (c - a) * scale, o1, o2)
+            elif r == "D":
+                entry = self.caches[b]
+                now = self._branch_inputs(b, active, args, kwargs)
+                part = self.residual.apply(entry.outputs[-1][1], entry.inputs, now)
+            else:  # "S"
+                other = _OTHER[b]
+                part = fresh[other] if other in fresh else self.caches[other].outputs[-1][1]
+            parts.append(part)
+            eng.log(self.name, b, step, r)
+        return tree.cat(parts)
+
+    @_python
+    def _resolve(self, branch: str, code: str) -> str:
+        """The action really taken: reuse with nothing cached computes; forecast with one entry reuses."""
+        if code == COMPUTE:
+            return COMPUTE
+        entry = self.caches.get(branch)
+        n = len(entry.outputs) if entry is not None else 0
+        if n == 0:
+            return COMPUTE
+        if code == "F" and n < 2:
+            return "R"
+        if code == "D" and entry.inputs is None:
+            return COMPUTE
+        return code
+
+    # ------------------------------------------------------------------ soft gates
+    @_eager
+    def _gated(self, step: int, active: tuple[str, ...], args: tuple, kwargs: dict) -> Any:
+        eng = self.engine
+        s = eng.gates[step, self.gate_col]
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        parts = tree.split(out, len(active))
+        mixed = []
+        for b, fresh in zip(active, parts):
+            entry = self.caches.get(b)
+            if entry is None or not entry.outputs:  # first step: fresh
+                m = fresh
+            else:
+                m = tree.tree_map(lambda f, c: s * f + (1 - s) * c, fresh, entry.outputs[-1][1])
+            mixed.append(m)
+            stored = tree.tree_map(torch.Tensor.detach, m) if eng.detach_cache else m
+            entry = self.caches.setdefault(b, _BranchCache())
+            entry.outputs = [(step, stored)]
+            eng.log(self.name, b, step, COMPUTE)
+        return tree.cat(mixed)
+
+    # ------------------------------------------------------------------ cache writes
+    @_python
+    def _store(self, step: int, computed: tuple[str, ...], active: tuple[str, ...], out: Any, args: tuple, kwargs: dict, fresh: dict | None = None) -> None:
+        if fresh is None:
+            fresh = dict(zip(computed, tree.split(out, len(computed))))
+        for b in computed:
+            entry = self.caches.get(b)
+            if entry is None:
+                entry = self.caches[b] = _BranchCache()
+            if self.keep[b] == 2 and entry.outputs and entry.outputs[-1][0] != step:
+                entry.outputs = entry.outputs[-1:] + [(step, fresh[b])]  # (a step replayed via at_step replaces)
+            else:
+                entry.outputs = [(step, fresh[b])]
+            if self.residual is not None:
+                entry.inputs = self._branch_inputs(b, active, args, kwargs)
+
+    @_python
+    def _branch_inputs(self, branch: str, active: tuple[str, ...], args: tuple, kwargs: dict) -> dict:
+        inputs = self.residual.inputs(args, kwargs)
+        if len(active) == 1:
+            return inputs
+        i, n = active.index(branch), len(active)
+
+        def part(t):
+            if not isinstance(t, torch.Tensor):
+                return t
+            size = t.shape[0] // n
+            return t.narrow(0, i * size, size)
+
+        return {pos: part(t) for pos, t in inputs.items()}
