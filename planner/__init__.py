@@ -10,6 +10,14 @@ _LAZY = {
     "Sampler": "planner.runner",
     "Runner": "planner.runner",
     "load_runner": "planner.runner",
+    "Plan": "planner.plan",
+    "load_plan": "planner.plan",
+    "save_plan": "planner.plan",
+    "apply_plan": "planner.executor",
+    "profile_model": "planner.profile",
+    "load_profile": "planner.profile",
+    "Profile": "planner.profile",
+    "LatencyModel": "planner.profile",
 }
 
 

@@ -1,0 +1,117 @@
+"""``planner profile``: measure a model (similarity across steps and CFG branches, module costs, a
+latency model) and write a profile folder; ``planner profile show PATH`` and ``planner profile plot
+PATH`` read one back."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from planner.cli import add_json_flag, report
+from planner.errors import PlannerError
+
+DEFAULT_DIR = "profiles"
+
+
+def register(sub) -> None:
+    """Add ``profile`` (with its optional ``show`` and ``plot`` actions) to the CLI."""
+    p = sub.add_parser(
+        "profile",
+        help="profile a model: per-module similarity across steps and CFG branches, costs, latency model",
+        description=(
+            "Profile a model and write profiles/<model>_<scheduler><steps>_g<guidance>_<device>/ "
+            "(or --out). `planner profile show PATH` summarises a profile, `planner profile plot PATH` draws it."
+        ),
+    )
+    p.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50 for digits-dit)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 turns CFG off (default: the model's, 3 for digits-dit)")
+    p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's default sampler's)")
+    p.add_argument("--samples", type=int, default=8, help="calibration inputs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input; the others count up")
+    p.add_argument("--lags", type=int, default=3, help="compare each output with 1..LAGS steps back (default 3)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration inputs per run (default: all at once)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
+    p.add_argument("--out", default=None, help="profile folder to write (default: profiles/<generated name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_json_flag(p)
+    p.set_defaults(func=cmd_profile)
+
+    actions = p.add_subparsers(dest="profile_action", metavar="{show,plot}")
+    s = actions.add_parser("show", help="summarise a profile: most/least stable modules, per-step curve, where the time goes")
+    s.add_argument("path", help="profile folder (or its meta.json)")
+    s.add_argument("--top", type=int, default=5, help="modules listed per ranking (default 5)")
+    add_json_flag(s)
+    s.set_defaults(func=cmd_show)
+    pl = actions.add_parser("plot", help="draw a profile's heatmaps, curves and cost chart as PNGs")
+    pl.add_argument("path", help="profile folder (or its meta.json)")
+    pl.add_argument("--out", default=None, help="folder for the PNGs (default: the profile folder)")
+    add_json_flag(pl)
+    pl.set_defaults(func=cmd_plot)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Run the profiler the flags describe and write its folder."""
+    from dataclasses import replace
+
+    from planner.profile import profile_model
+    from planner.profile.artifact import default_profile_name
+    from planner.profile.core import resolve_device
+    from planner.profile.report import format_summary, summarize
+    from planner.runner import load_runner
+
+    if args.samples < 1:
+        raise PlannerError(f"--samples must be at least 1, got {args.samples}")
+    if args.lags < 1:
+        raise PlannerError(f"--lags must be at least 1, got {args.lags}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise PlannerError(f"--batch-size must be at least 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    runner = load_runner(args.model, device=device)
+    changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
+    sampler = runner.resolve(replace(runner.family.default_sampler, **changes))
+    out = Path(args.out) if args.out else Path(DEFAULT_DIR) / default_profile_name(runner.spec, sampler, device)
+    profile = profile_model(
+        runner,
+        sampler,
+        samples=args.samples,
+        seed=args.seed,
+        lags=args.lags,
+        batch_size=args.batch_size,
+        flops=not args.no_flops,
+        out=out,
+        name=out.name,
+        progress=not args.quiet,
+    )
+    summary = summarize(profile)
+    payload = {"path": str(out), "name": profile.meta.name, "durations_s": profile.meta.durations_s, "summary": summary}
+    report(args, payload, f"wrote {out}/ in {profile.meta.durations_s['total']:.1f} s\n\n{format_summary(summary)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a profile's summary."""
+    from planner.profile import load_profile
+    from planner.profile.report import format_summary, summarize
+
+    if args.top < 1:
+        raise PlannerError(f"--top must be at least 1, got {args.top}")
+    summary = summarize(load_profile(args.path), top=args.top)
+    report(args, summary, format_summary(summary))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a profile's PNGs."""
+    from planner.profile import load_profile
+    from planner.profile.report import plot_profile
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise PlannerError("plotting needs matplotlib (pip install matplotlib)") from None
+    profile = load_profile(args.path)
+    paths = plot_profile(profile, args.out)
+    report(args, {"files": [str(p) for p in paths]}, "\n".join(f"wrote {p}" for p in paths))
+    return 0

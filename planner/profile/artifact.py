@@ -1,0 +1,356 @@
+"""The profile artifact: a folder with ``meta.json`` and two tables, and its typed in-memory form.
+
+Layout of ``profiles/<name>/``::
+
+    meta.json            metadata (schema below); records the sha256 and row count of each table
+    similarity.csv.gz    one row per step x module x branch x lag (gzip with a fixed mtime, so
+                         equal data gives equal bytes)
+    cost.csv             one row per cacheable module, plus the ``fixed`` rows
+    *.png                plots (``planner profile plot``), not part of the integrity check
+
+Tables are written first and ``meta.json`` last, each atomically, so a folder with a readable
+meta.json is complete; :func:`load_profile` re-checks every hash anyway. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from planner.errors import PlannerError
+from planner.io import write_atomic, write_json_atomic
+from planner.runner import Sampler
+
+SCHEMA_NAME = "dit-cache-profile"
+SCHEMA_VERSION = "1.0.0"
+META_FILE = "meta.json"
+SIMILARITY_FILE = "similarity.csv.gz"
+COST_FILE = "cost.csv"
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "profile.schema.json"
+
+SIMILARITY_KEYS = ["step", "timestep", "module", "kind", "block", "branch", "lag", "n"]
+COST_KEYS = [
+    "module", "kind", "block", "parent", "scope", "batch", "latency_ms", "latency_iqr_ms", "latency_half_ms",
+    "self_ms", "self_half_ms", "flops", "self_flops", "reuse_ms", "reuse_residual_ms", "forecast_ms",
+    "share_cfg_ms", "out_numel", "hook_ms",
+]
+
+
+class ProfileError(PlannerError):
+    """A profile that cannot be read: missing, truncated, edited, or of another schema version."""
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One cacheable module as the profile recorded it (``parent`` is the enclosing block, or None)."""
+
+    name: str
+    kind: str
+    block: int
+    cls: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class ProfileMeta:
+    """Everything ``meta.json`` says, typed. ``extra`` keeps keys this version does not know."""
+
+    name: str
+    created: str
+    model_spec: str
+    model_class: str
+    fingerprint: str
+    modules: tuple[ModuleInfo, ...]
+    sampler: Sampler
+    cfg_layout: str
+    branches: tuple[str, ...]
+    timesteps: tuple[float, ...]
+    samples: int
+    seed: int
+    seeds: tuple[int, ...]
+    conditions: tuple
+    batch: int
+    lags: int
+    device: dict
+    versions: dict
+    durations_s: dict
+    timing: dict
+    latency: dict
+    flops: dict
+    tables: dict
+    warnings: tuple[str, ...] = ()
+    schema_version: str = SCHEMA_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int:
+        return self.sampler.steps
+
+    def to_dict(self) -> dict:
+        """The ``meta.json`` object."""
+        return {
+            "schema": SCHEMA_NAME,
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "created": self.created,
+            "model": {
+                "spec": self.model_spec,
+                "class": self.model_class,
+                "fingerprint": self.fingerprint,
+                "modules": [m.__dict__ for m in self.modules],
+            },
+            "sampler": {
+                **self.sampler.to_dict(),
+                "cfg_layout": self.cfg_layout,
+                "branches": list(self.branches),
+                "timesteps": list(self.timesteps),
+            },
+            "calibration": {
+                "samples": self.samples,
+                "seed": self.seed,
+                "seeds": list(self.seeds),
+                "conditions": list(self.conditions),
+                "batch": self.batch,
+            },
+            "lags": self.lags,
+            "device": self.device,
+            "versions": self.versions,
+            "durations_s": self.durations_s,
+            "timing": self.timing,
+            "latency": self.latency,
+            "flops": self.flops,
+            "tables": self.tables,
+            "warnings": list(self.warnings),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProfileMeta":
+        """Parse a ``meta.json`` object that already passed :func:`validate_meta`."""
+        known = {"schema", "schema_version", "name", "created", "model", "sampler", "calibration", "lags", "device",
+                 "versions", "durations_s", "timing", "latency", "flops", "tables", "warnings"}
+        s, c, m = d["sampler"], d["calibration"], d["model"]
+        return cls(
+            name=d["name"],
+            created=d["created"],
+            model_spec=m["spec"],
+            model_class=m["class"],
+            fingerprint=m["fingerprint"],
+            modules=tuple(ModuleInfo(**x) for x in m["modules"]),
+            sampler=Sampler(scheduler=s["scheduler"], steps=int(s["steps"]), guidance=float(s["guidance"])),
+            cfg_layout=s["cfg_layout"],
+            branches=tuple(s["branches"]),
+            timesteps=tuple(float(t) for t in s["timesteps"]),
+            samples=int(c["samples"]),
+            seed=int(c["seed"]),
+            seeds=tuple(int(x) for x in c["seeds"]),
+            conditions=tuple(c["conditions"]),
+            batch=int(c["batch"]),
+            lags=int(d["lags"]),
+            device=d["device"],
+            versions=d["versions"],
+            durations_s=d["durations_s"],
+            timing=d["timing"],
+            latency=d["latency"],
+            flops=d["flops"],
+            tables=d["tables"],
+            warnings=tuple(d.get("warnings", ())),
+            schema_version=d["schema_version"],
+            extra={k: v for k, v in d.items() if k not in known},
+        )
+
+
+class Profile:
+    """A loaded (or freshly measured) profile: typed metadata plus the two tables as DataFrames.
+
+    ``similarity`` columns: ``step, timestep, module, kind, block, branch, lag, n`` and, each as
+    ``_{mean,std,min,max}`` over the calibration samples: ``rel_l1`` and ``cos`` of the output,
+    ``res_rel_l1`` and ``res_cos`` of the residual (output minus input), and ``res_reuse_rel_l1``,
+    the error a residual reuse puts on the output relative to the output's size (compare it with
+    ``rel_l1`` to choose between reusing the output and reusing the residual). ``lag`` 1..k compares with the output
+    k steps back; ``lag`` 0 compares a branch with the other CFG branch at the same step (what
+    sharing CFG would cost). Rows are dense; NaN where a comparison does not exist (step < lag,
+    no residual).
+
+    ``cost`` columns: ``module, kind, block, parent, scope, batch, latency_ms, latency_iqr_ms,
+    latency_half_ms, self_ms, self_half_ms, flops, self_flops, reuse_ms, reuse_residual_ms,
+    forecast_ms, share_cfg_ms, out_numel, hook_ms``. ``latency_*`` includes a block's children, ``self_*``
+    excludes them; ``*_half_*`` is one branch of batched CFG. Rows of kind ``fixed`` are the costs
+    outside the cached modules with ``scope`` ``call`` (per transformer call), ``step`` or ``run``.
+    ``hook_ms`` is what the executor's hook adds to each call of the module once a plan hooks it.
+    """
+
+    def __init__(self, meta: ProfileMeta, similarity: pd.DataFrame, cost: pd.DataFrame, path: Path | None = None):
+        self.meta = meta
+        self.similarity = similarity
+        self.cost = cost
+        self.path = path
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"Profile({m.name!r}: {m.model_spec}, {m.sampler.scheduler} {m.steps} steps, guidance {m.sampler.guidance:g}, "
+                f"{len(m.modules)} modules, {m.samples} samples, {m.device.get('type')})")
+
+    @property
+    def steps(self) -> int:
+        return self.meta.steps
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return self.meta.branches
+
+    @property
+    def module_names(self) -> list[str]:
+        """Cacheable module names in forward order (the order of compute masks)."""
+        return [m.name for m in self.meta.modules]
+
+    def latency_model(self):
+        """The :class:`~planner.profile.latency.LatencyModel` this profile's costs define."""
+        from planner.profile.latency import LatencyModel
+
+        return LatencyModel.from_cost_table(self.cost, self.meta.cfg_layout, self.steps, self.meta.latency.get("hook_ms", 0.0))
+
+    def curve(self, lag: int = 1, branch: str | None = None, metric: str = "rel_l1_mean", residual: bool = False) -> pd.DataFrame:
+        """``metric`` as a ``[steps x modules]`` frame (modules in forward order) for one lag; ``branch``
+        None averages the branches."""
+        col = ("res_" if residual else "") + metric
+        df = self.similarity[self.similarity.lag == lag]
+        if branch is not None:
+            df = df[df.branch == branch]
+        wide = df.pivot_table(index="step", columns="module", values=col, aggfunc="mean", dropna=False)
+        return wide.reindex(index=range(self.steps), columns=self.module_names)
+
+    def stability(self, lag: int = 1, residual: bool = False, skip_first: int = 0) -> pd.DataFrame:
+        """Per module: mean, median and max over steps (from ``skip_first`` on, both branches averaged)
+        of the mean relative L1 at ``lag``, sorted from most to least stable."""
+        c = self.curve(lag=lag, residual=residual).iloc[skip_first:]
+        kinds = {m.name: m.kind for m in self.meta.modules}
+        out = pd.DataFrame({"kind": [kinds[n] for n in c.columns], "mean": c.mean(), "median": c.median(), "max": c.max()})
+        return out.sort_values("mean")
+
+    def save(self, path: str | Path) -> Path:
+        """Write this profile to the folder ``path`` (tables first, meta.json last, each atomically)."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        tables = {}
+        # Four significant digits are plenty for similarities and keep the big table small.
+        for key, df, fname, fmt in (("similarity", self.similarity, SIMILARITY_FILE, "%.4g"), ("cost", self.cost, COST_FILE, "%.6g")):
+            target = folder / fname
+            data = df.to_csv(index=False, float_format=fmt, lineterminator="\n").encode()
+            if fname.endswith(".gz"):
+                # no file name and a fixed mtime in the gzip header: equal tables give equal bytes
+                data = gzip.compress(data, compresslevel=6, mtime=0)
+            write_atomic(target, lambda tmp, data=data: tmp.write_bytes(data))
+            tables[key] = {"file": fname, "sha256": sha256_file(target), "rows": int(len(df)), "columns": list(df.columns)}
+        meta = ProfileMeta(**{**self.meta.__dict__, "tables": tables})
+        write_json_atomic(folder / META_FILE, meta.to_dict())
+        self.meta, self.path = meta, folder
+        return folder
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def slug(text: str) -> str:
+    """``text`` reduced to a file-name-safe slug (``tiny:pixart`` -> ``tiny-pixart``)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "model"
+
+
+def default_profile_name(spec: str, sampler: Sampler, device: str) -> str:
+    """``<model>_<scheduler><steps>_g<guidance>_<device type>``, e.g. ``digits-dit_ddim50_g3_cpu``."""
+    model = slug(Path(spec).name if Path(spec).is_dir() else spec)
+    return f"{model}_{slug(sampler.scheduler)}{sampler.steps}_g{sampler.guidance:g}_{slug(device.split(':')[0])}"
+
+
+def _schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate_meta(d: Any, where: str = META_FILE) -> None:
+    """Raise :class:`ProfileError` unless ``d`` is a ``meta.json`` object this planner can read."""
+    if not isinstance(d, dict) or d.get("schema") != SCHEMA_NAME:
+        raise ProfileError(f"{where}: not a dit-cache-planner profile (no \"schema\": \"{SCHEMA_NAME}\")")
+    version = str(d.get("schema_version", ""))
+    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+        raise ProfileError(f"{where}: profile schema version {version or '?'} cannot be read by this planner (reads {SCHEMA_VERSION}); re-run `planner profile`")
+    import jsonschema
+
+    try:
+        jsonschema.validate(d, _schema())
+    except jsonschema.ValidationError as exc:
+        loc = "/".join(str(p) for p in exc.absolute_path) or "<top>"
+        raise ProfileError(f"{where}: invalid at {loc}: {exc.message[:200]}") from None
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Load and check a profile folder (or its ``meta.json``).
+
+    Promises: the schema version is readable, meta.json matches the JSON Schema, every table's
+    sha256 and row count match what meta.json recorded, and the tables have the expected columns and
+    modules. Any failure raises :class:`ProfileError` with a one-line reason.
+    """
+    p = Path(path)
+    folder = p.parent if p.name == META_FILE else p
+    meta_path = folder / META_FILE
+    if not folder.exists():
+        raise ProfileError(f"{folder}: no such profile")
+    if not meta_path.is_file():
+        raise ProfileError(f"{folder}: no {META_FILE} (not a profile folder, or an interrupted write)")
+    try:
+        raw = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProfileError(f"{meta_path}: not valid JSON ({exc.__class__.__name__}); the file is truncated or was edited") from None
+    validate_meta(raw, str(meta_path))
+    meta = ProfileMeta.from_dict(raw)
+
+    frames = {}
+    for key, fname in (("similarity", SIMILARITY_FILE), ("cost", COST_FILE)):
+        info = meta.tables.get(key)
+        if info is None:
+            raise ProfileError(f"{meta_path}: no entry for the {key} table")
+        tpath = folder / info["file"]
+        if not tpath.is_file():
+            raise ProfileError(f"{tpath}: missing ({key} table of the profile)")
+        digest = sha256_file(tpath)
+        if digest != info["sha256"]:
+            raise ProfileError(f"{tpath}: checksum mismatch (sha256 {digest[:12]}..., meta.json says {info['sha256'][:12]}...): the file is truncated or was edited; re-run `planner profile`")
+        try:
+            frames[key] = pd.read_csv(tpath, keep_default_na=True)
+        except Exception as exc:
+            raise ProfileError(f"{tpath}: unreadable table ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if len(frames[key]) != info["rows"]:
+            raise ProfileError(f"{tpath}: {len(frames[key])} rows, meta.json says {info['rows']}")
+
+    sim, cost = frames["similarity"], frames["cost"]
+    from planner.profile.similarity import similarity_columns
+
+    _require_columns(sim, SIMILARITY_KEYS + similarity_columns(), folder / SIMILARITY_FILE)
+    _require_columns(cost, COST_KEYS, folder / COST_FILE)
+    cost["parent"] = cost["parent"].fillna("")
+    n_lags = meta.lags + (1 if len(meta.branches) == 2 else 0)
+    expected = meta.steps * len(meta.modules) * len(meta.branches) * n_lags
+    if len(sim) != expected:
+        raise ProfileError(f"{folder / SIMILARITY_FILE}: {len(sim)} rows, expected steps x modules x branches x lags = {expected}")
+    names = [m.name for m in meta.modules]
+    if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
+        raise ProfileError(f"{folder}: tables and meta.json list different modules")
+    return Profile(meta, sim, cost, folder)
+
+
+def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ProfileError(f"{where}: missing columns {', '.join(missing)}")

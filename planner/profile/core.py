@@ -1,0 +1,379 @@
+"""``profile_model``: the similarity pass, then the cost pass, then the artifact."""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import replace
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+import planner
+from planner.errors import PlannerError
+from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
+from planner.profile.capture import branches_for, foreign_hooks, resolve_modules
+from planner.profile.latency import LatencyModel
+from planner.profile.similarity import similarity_pass
+from planner.profile.timing import (
+    BATCHED,
+    InContext,
+    RunTimes,
+    TimingConfig,
+    capture_inputs,
+    cost_table,
+    median,
+    module_flops,
+    time_hook_overhead,
+    time_modules,
+    HOOK_GROUPS,
+    executor_hook_overhead,
+    time_in_context,
+    time_reuse_ops,
+    quiet,
+    time_runs,
+)
+from planner.runner import Runner, Sampler
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is a PlannerError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PlannerError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def device_info(device: torch.device) -> dict:
+    """Type, human-readable name and CPU thread count of ``device``."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
+
+
+def _jsonable(obj: Any) -> Any:
+    """Conditions as JSON: plain values as they are, tensors as shape, dtype and a content hash."""
+    import hashlib
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest = hashlib.sha256(t.float().numpy().tobytes()).hexdigest()[:16]
+        return {"tensor": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256_16": digest}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if obj is None or isinstance(obj, (int, float, str, bool)):
+        return obj
+    return str(obj)
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr)
+
+
+def profile_model(
+    model: str | Runner = "digits-dit",
+    sampler: Sampler | None = None,
+    *,
+    samples: int = 8,
+    seed: int = 0,
+    lags: int = 3,
+    device: str = "auto",
+    batch_size: int | None = None,
+    timing: TimingConfig | None = None,
+    flops: bool = True,
+    calibrate_executor: bool = True,
+    out: str | Path | None = None,
+    name: str | None = None,
+    progress: bool = False,
+) -> Profile:
+    """Profile ``model`` (a zoo spec, a folder, or a loaded Runner) under ``sampler`` on ``samples``
+    calibration inputs (conditions from the model's family, seeds ``seed .. seed+samples-1``).
+
+    Promises: similarity statistics of every cacheable module for every step, CFG branch and lag
+    1..``lags`` (plus the CFG comparison), streamed so that at most ``lags`` outputs per module and
+    branch are held; module, reuse-op and fixed costs from a separate timing pass at a batch of
+    ``min(samples, batch_size)``; a validated latency model. With ``calibrate_executor`` and
+    ``planner.executor`` importable, the per-call overhead of its hooks is measured by running it
+    (otherwise a bare hook's). The model is left without any hook.
+    With ``out`` the profile is also written there (a folder). Bad arguments raise PlannerError.
+    """
+    t_start = time.perf_counter()
+    if samples < 1:
+        raise PlannerError(f"samples must be at least 1, got {samples}")
+    if lags < 1:
+        raise PlannerError(f"lags must be at least 1, got {lags}")
+    if isinstance(model, Runner):
+        runner = model
+    else:
+        from planner.runner import load_runner
+
+        runner = load_runner(model, device=resolve_device(device))
+    sampler = runner.resolve(sampler)
+    layout = runner.cfg_layout(sampler)
+    batch = min(samples, batch_size or samples)
+    cfg = timing or TimingConfig()
+    warnings: list[str] = []
+    foreign = foreign_hooks(runner.transformer)
+    if foreign:
+        warnings.append("hooks of other tools were attached while profiling: " + ", ".join(foreign[:5]))
+
+    conditions = runner.conditions(samples, seed)
+    seeds = [seed + i for i in range(samples)]
+    modules = runner.modules()
+    if not modules:
+        raise PlannerError(f"{runner.spec}: no cacheable modules found in {type(runner.transformer).__name__}")
+
+    n_chunks = -(-samples // batch)
+    bar = _bar(sampler.steps * n_chunks, "similarity", progress)
+    t0 = time.perf_counter()
+    try:
+        sim, timesteps, w = similarity_pass(runner, modules, sampler, conditions, seeds, k=lags, batch_size=batch, progress=bar)
+    finally:
+        bar.close()
+    warnings += w
+    t_sim = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    cost, latency, flops_meta, w, t_flops = _cost_pass(
+        runner, modules, sampler, conditions[:batch], seeds[:batch], cfg, flops, progress, calibrate_executor
+    )
+    warnings += w
+    t_cost = time.perf_counter() - t0 - t_flops
+
+    import diffusers
+
+    meta = ProfileMeta(
+        name=name or default_profile_name(runner.spec, sampler, str(runner.device)),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model_spec=runner.spec,
+        model_class=type(runner.transformer).__name__,
+        fingerprint=runner.fingerprint(),
+        modules=tuple(
+            ModuleInfo(m.name, m.kind, m.block, m.cls, m.name.rsplit(".", 1)[0] if m.kind != "block" else None) for m in modules
+        ),
+        sampler=sampler,
+        cfg_layout=layout,
+        branches=branches_for(layout),
+        timesteps=tuple(timesteps),
+        samples=samples,
+        seed=seed,
+        seeds=tuple(seeds),
+        conditions=tuple(_jsonable(c) for c in conditions),
+        batch=batch,
+        lags=lags,
+        device=device_info(runner.device),
+        versions={
+            "planner": planner.__version__,
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+        durations_s={
+            "similarity": round(t_sim, 3),
+            "timing": round(t_cost, 3),
+            "flops": round(t_flops, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+        },
+        timing={
+            "modules": "in context: a stopwatch hook around every module call in run_repeats full runs after a warm-up run; median over all calls",
+            "reuse_ops": "replay of copy/add/extrapolate/concat on each module's output size; median of repeats after warm-up",
+            "timer": "cuda events" if runner.device.type == "cuda" else "perf_counter",
+            "warmup": cfg.warmup,
+            "repeats": cfg.repeats,
+            "run_repeats": cfg.run_repeats,
+            "quiet_tolerance": cfg.quiet_tolerance,
+            "rounds": "estimates pool the rounds whose run took at most (1 + quiet_tolerance) x the fastest round",
+            "min_sample_s": cfg.min_sample_s,
+        },
+        latency=latency,
+        flops=flops_meta,
+        tables={},
+        warnings=tuple(warnings),
+        schema_version=SCHEMA_VERSION,
+    )
+    profile = Profile(meta, sim, cost)
+    if out is not None:
+        profile.save(out)
+    return profile
+
+
+def _quiet_rounds(rounds: list[InContext], n_modules: int, tolerance: float) -> tuple[InContext, int]:
+    """The rounds whose run took at most ``1 + tolerance`` times the fastest one, merged.
+
+    A shared machine only ever slows a run down (other tenants, frequency); the fastest rounds are
+    the reproducible ones, and mixing in a slow stretch would skew every estimate by its slowdown.
+    """
+    merged = InContext.empty(n_modules)
+    totals = [r.run[0] if r.run else float("inf") for r in rounds]
+    if not rounds:
+        return merged, 0
+    fastest = min(totals)
+    used = [r for r, t in zip(rounds, totals) if t <= fastest * (1 + tolerance)] or rounds
+    for r in used:
+        merged.extend(r)
+    return merged, len(used)
+
+
+def _stats_ms(times: list[float]) -> tuple[float, float]:
+    if not times:
+        return float("nan"), float("nan")
+    q1, med, q3 = np.percentile(times, [25, 50, 75])
+    return float(med) * 1e3, float(q3 - q1) * 1e3
+
+
+def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_flops: bool, progress: bool,
+               want_executor: bool = True):
+    """In-context module timings, reuse ops, hook overhead, clean runs and FLOPs -> (cost table,
+    latency meta, flops meta, warnings, seconds spent on FLOPs)."""
+    layout = runner.cfg_layout(sampler)
+    device = runner.device
+    transformer = runner.transformer
+    warnings: list[str] = []
+    bar = _bar(cfg.run_repeats + 2, "timing", progress)
+    n = len(conds)
+    one = replace(cfg, run_repeats=1)
+    # Batched CFG: half the samples with CFG on gives every module call exactly one branch's batch.
+    half_in_context = layout in BATCHED and n >= 2 and n % 2 == 0
+    try:
+        caps, top = capture_inputs(runner, modules, sampler, conds, seeds)  # also the warm-up run
+        reuse = time_reuse_ops(caps, layout, device, cfg)
+        hook_ms = time_hook_overhead(device, cfg)
+        bar.update(1)
+        rounds_full: list[InContext] = []
+        rounds_half: list[InContext] = []
+        runs = RunTimes()
+        has_vae = getattr(runner.pipe, "vae", None) is not None
+        # Interleaved rounds: the machine's speed drifts, and every estimate (module times, fixed
+        # costs, the plain runs the model is checked against) should sample the same stretches.
+        for _ in range(cfg.run_repeats):
+            rounds_full.append(time_in_context(runner, modules, sampler, conds, seeds, one))
+            if half_in_context:
+                rounds_half.append(time_in_context(runner, modules, sampler, conds[: n // 2], seeds[: n // 2], one))
+            runs.extend(time_runs(runner, sampler, conds, seeds, one, with_latent=has_vae))
+            bar.update(1)
+        ctx, used_full = _quiet_rounds(rounds_full, len(modules), cfg.quiet_tolerance)
+        half, _ = _quiet_rounds(rounds_half, len(modules), cfg.quiet_tolerance)
+        lat = []
+        for times in ctx.modules:
+            med, iqr = _stats_ms(times)
+            lat.append({"latency_ms": med, "latency_iqr_ms": iqr, "latency_half_ms": med})
+        half_method = "same as full (one branch per call)"
+        if half_in_context:
+            for row, times in zip(lat, half.modules):
+                row["latency_half_ms"] = _stats_ms(times)[0]
+            half_method = "in-context runs with half the samples"
+        elif layout in BATCHED:
+            replay, w = time_modules(modules, resolve_modules(transformer, modules), caps, layout, device, cfg)
+            warnings += w
+            for row, r in zip(lat, replay):
+                ratio = r["latency_half_ms"] / r["latency_ms"] if r["latency_ms"] > 0 else 0.5
+                row["latency_half_ms"] = row["latency_ms"] * ratio
+            half_method = "in-context full time x (replayed half batch / replayed full batch)"
+        bar.update(1)
+    finally:
+        bar.close()
+
+    t0 = time.perf_counter()
+    flops, total_flops, why = module_flops(transformer, top, [m.name for m in modules]) if want_flops else ({}, float("nan"), "not asked for")
+    t_flops = time.perf_counter() - t0
+    if why and want_flops:
+        warnings.append(why)
+    del caps, top
+
+    cost = cost_table(modules, lat, reuse, flops, layout, len(conds))
+    clean_s = median(quiet(runs.clean, cfg.quiet_tolerance))
+    blocks_ms = float(cost.loc[cost.kind == "block", "latency_ms"].sum())
+    call_ms = median(ctx.call) * 1e3
+    # Paired differences (call minus its blocks, ...) keep load bursts from skewing a fixed cost.
+    call_fixed_ms = median(ctx.call_fixed) * 1e3 if ctx.call_fixed else call_ms - blocks_ms
+    step_fixed_ms = median(ctx.step_fixed) * 1e3 if ctx.step_fixed else 0.0
+    run_fixed_ms = median(ctx.run_fixed) * 1e3 if ctx.run_fixed else 0.0
+    decode_ms = max(0.0, (clean_s - median(quiet(runs.latent, cfg.quiet_tolerance))) * 1e3) if runs.latent else 0.0
+    for label, value in (("transformer outside its blocks", call_fixed_ms), ("step outside the transformer", step_fixed_ms),
+                         ("run outside the loop", run_fixed_ms)):
+        if not value >= 0:
+            warnings.append(f"measured cost of the {label} came out {value:.3f} ms (machine load?); counted as 0")
+    call_fixed_ms, step_fixed_ms, run_fixed_ms = (max(0.0, v) if np.isfinite(v) else 0.0 for v in (call_fixed_ms, step_fixed_ms, run_fixed_ms))
+    decode_ms = min(decode_ms, run_fixed_ms)
+    batch = int(cost.batch.iloc[0]) if len(cost) else len(conds)
+    fixed_rows = [
+        ("<outside blocks>", "call", call_fixed_ms, "embeddings, final layer and everything else of a transformer call outside its blocks"),
+        ("<outside transformer>", "step", step_fixed_ms, "scheduler step and CFG combination"),
+        ("<outside loop>", "run", run_fixed_ms - decode_ms, "noise, conditioning, pipeline set-up"),
+        ("<vae decode>", "run", decode_ms, "VAE decode of the final latents"),
+    ]
+    fixed = pd.DataFrame(
+        [
+            {"module": name, "kind": "fixed", "block": -1, "parent": "", "scope": scope, "batch": batch,
+             "latency_ms": ms, "latency_iqr_ms": float("nan"), "latency_half_ms": ms, "self_ms": ms, "self_half_ms": ms}
+            for name, scope, ms, _ in fixed_rows
+        ]
+    )
+    cost = pd.concat([cost, fixed], ignore_index=True)
+    cost["hook_ms"] = np.where(cost.kind == "fixed", np.nan, hook_ms)
+    hook_method = "bare diffusers hook (pass-through) per call"
+    if want_executor:
+        per_group, w = executor_hook_overhead(runner, modules, sampler, conds, seeds, ctx.modules)
+        warnings += w
+        for group, ms in per_group.items():
+            rows = cost.kind.isin(HOOK_GROUPS[group])
+            if not ms >= hook_ms:
+                warnings.append(f"executor hook overhead of {group}s measured {ms * 1e3:.1f} us (machine load?); using the bare hook's")
+                ms = hook_ms
+            cost.loc[rows, "hook_ms"] = ms
+        if per_group:
+            hook_method = "planner.executor: stopwatch around its hooks vs plain calls, median per call, per group: " + ", ".join(
+                f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
+    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms)
+    predicted = model.predict_run(None)
+    latency = {
+        "call_ms": call_ms,
+        "step_ms": median(ctx.step) * 1e3 if ctx.step else float("nan"),
+        "call_fixed_ms": call_fixed_ms,
+        "step_fixed_ms": step_fixed_ms,
+        "run_fixed_ms": run_fixed_ms,
+        "decode_ms": decode_ms,
+        "hook_ms": hook_ms,
+        "blocks_ms": blocks_ms,
+        "timed_run_s": median(ctx.run),
+        "measured_run_s": clean_s,
+        "measured_runs_s": [round(x, 6) for x in runs.clean],
+        "rounds_used": f"{used_full} of {cfg.run_repeats}",
+        "quiet_tolerance": cfg.quiet_tolerance,
+        "predicted_run_s": predicted,
+        "relative_error": (predicted - clean_s) / clean_s if clean_s > 0 else float("nan"),
+        "fixed_notes": {name: note for name, _, _, note in fixed_rows},
+        "half_batch_method": half_method,
+        "hook_method": hook_method,
+    }
+    flops_meta = {
+        "unit": "fvcore counts (one multiply-add = 1), per transformer call at the profile's batch",
+        "transformer": total_flops if np.isfinite(total_flops) else None,
+        "cached_modules_share": (
+            float(cost.loc[cost.kind == "block", "flops"].sum() / total_flops) if np.isfinite(total_flops) and total_flops else None
+        ),
+    }
+    return cost, latency, flops_meta, warnings, t_flops

@@ -1,0 +1,249 @@
+"""The latency model: predicted time of a step and of a whole run under any cache plan.
+
+    run  = run_fixed + sum over steps of step(s)
+    step = step_fixed + calls_per_step * call_fixed
+           + sum over modules whose own compute runs of their *self* time
+             (children excluded; half-batch time when batched CFG computes one branch only)
+           + sum over modules a plan reuses (where their parent runs) of the reuse operation's cost
+           + the executor's hook overhead for every call of a module the plan hooks (one not
+             computed at every step), measured per module group with planner.executor when present
+
+``call_fixed`` is the transformer outside the cached modules (embeddings, final layer),
+``step_fixed`` the step outside the transformer (scheduler step, CFG combination), ``run_fixed``
+the run outside the loop (noise, prompt encoding, VAE decode). Everything was measured at the
+profile's batch (its calibration samples, times two for batched CFG); predictions hold for that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from planner.profile.capture import branches_for, calls_per_step
+from planner.profile.timing import BATCHED, REUSE_COLUMNS
+
+COMPUTE = "C"
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """Cost of one cacheable module, seconds: its own compute at full and half batch, each reuse op."""
+
+    name: str
+    kind: str
+    parent: str | None
+    self_s: float
+    self_half_s: float
+    reuse_s: dict[str, float]  # action code (R, D, F, S) -> seconds, for the full batch of one call
+    hook_s: float = 0.0  # what the executor's hook adds to every call that reaches the module, once hooked
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Predicts run and step time for a plan; see the module docstring for the formula.
+
+    ``modules`` are in forward order (each block followed by its sub-layers), the order a compute
+    mask's module axis uses.
+    """
+
+    layout: str
+    steps: int
+    modules: tuple[ModuleCost, ...]
+    call_fixed_s: float
+    step_fixed_s: float
+    run_fixed_s: float
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return branches_for(self.layout)
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @classmethod
+    def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0) -> "LatencyModel":
+        """Build the model from a profile's cost table (module rows plus the ``fixed`` rows); modules
+        without a ``hook_ms`` value get ``hook_ms``."""
+        mods = cost[cost.kind != "fixed"]
+        fixed = cost[cost.kind == "fixed"].groupby("scope").self_ms.sum()
+        modules = tuple(
+            ModuleCost(
+                name=r.module,
+                kind=r.kind,
+                parent=r.parent or None,
+                self_s=float(r.self_ms) / 1e3,
+                self_half_s=float(r.self_half_ms) / 1e3,
+                reuse_s={code: float(getattr(r, col)) / 1e3 for code, col in REUSE_COLUMNS.items()},
+                hook_s=_num(getattr(r, "hook_ms", None), hook_ms) / 1e3,
+            )
+            for r in mods.itertuples()
+        )
+        return cls(
+            layout=layout,
+            steps=steps,
+            modules=modules,
+            call_fixed_s=float(fixed.get("call", 0.0)) / 1e3,
+            step_fixed_s=float(fixed.get("step", 0.0)) / 1e3,
+            run_fixed_s=float(fixed.get("run", 0.0)) / 1e3,
+        )
+
+    # -- plan handling -------------------------------------------------------------------------
+
+    def code_array(self, plan: Any = None) -> tuple[np.ndarray, set[str]]:
+        """Action codes ``[steps, modules, branches]`` a plan (or mask) asks for, and the set of modules
+        an executor would hook (those not computed everywhere)."""
+        names, branches = self.module_names, self.branches
+        codes = np.full((self.steps, len(names), len(branches)), COMPUTE, dtype="<U1")
+        if plan is None:
+            return codes, set()
+        if hasattr(plan, "code") and hasattr(plan, "decisions"):
+            for i, name in enumerate(names):
+                if name not in plan.decisions:
+                    continue
+                for j, b in enumerate(branches):
+                    if hasattr(plan, "codes"):
+                        row = plan.codes(name, b)
+                    else:
+                        row = "".join(plan.code(name, s, b) for s in range(self.steps))
+                    if len(row) != self.steps:
+                        raise ValueError(f"plan has {len(row)} steps for {name}, the profile {self.steps}")
+                    codes[:, i, j] = list(row)
+        else:
+            if isinstance(plan, dict):
+                # {module: {branch: [bool per step]}}, as Plan.compute_mask()/effective_compute() give
+                mask = np.ones((self.steps, len(names), len(branches)), dtype=bool)
+                for i, name in enumerate(names):
+                    for j, b in enumerate(branches):
+                        row = plan.get(name, {}).get(b)
+                        if row is not None:
+                            mask[:, i, j] = np.asarray(row, dtype=bool)
+            else:
+                mask = np.asarray(plan, dtype=bool)
+                if mask.ndim == 2:
+                    mask = mask[:, :, None].repeat(len(branches), 2)
+            if mask.shape != (self.steps, len(names), len(branches)):
+                raise ValueError(
+                    f"compute mask has shape {mask.shape}, expected {(self.steps, len(names), len(branches))} (steps, modules, branches)"
+                )
+            codes[~mask] = "R"
+        hooked = {names[i] for i in np.flatnonzero((codes != COMPUTE).any(axis=(0, 2)))}
+        return codes, hooked
+
+    def predict_step(self, plan: Any = None, step: int = 0) -> float:
+        """Predicted seconds of sampling step ``step`` under ``plan``.
+
+        ``plan`` is ``None`` (compute everything), a :class:`planner.plan.Plan` (its action codes;
+        modules it does not name are computed), a compute mask ``{module: {branch: [bool per
+        step]}}`` as ``Plan.effective_compute()`` gives, or a boolean array ``[steps, modules,
+        branches]`` (or ``[steps, modules]``, branches alike) in :attr:`module_names` order. True
+        means the module's own compute runs; a False module whose parent runs counts as reused
+        (``R``). A module inside a block that does not run costs nothing.
+        """
+        codes, hooked = self.code_array(plan)
+        return float(self._step_costs(codes[step:step + 1], hooked)[0])
+
+    def _step_costs(self, codes: np.ndarray, hooked: set[str]) -> np.ndarray:
+        """Seconds of each step of ``codes`` (``[steps, modules, branches]``), vectorised over steps."""
+        n_steps, _, nb = codes.shape
+        batched = self.layout in BATCHED
+        total = np.full(n_steps, self.step_fixed_s + calls_per_step(self.layout) * self.call_fixed_s)
+        everywhere = np.ones((n_steps, nb), dtype=bool)
+        running: dict[str, np.ndarray] = {}  # block name -> [steps, branches] where it runs
+        for i, m in enumerate(self.modules):
+            parent_runs = running.get(m.parent, everywhere) if m.parent else everywhere
+            c = codes[:, i, :]
+            computes = (c == COMPUTE) & parent_runs
+            if m.kind == "block":
+                running[m.name] = computes
+            n_run = computes.sum(axis=1)
+            if batched:  # one call carries both branches: one computing branch runs at half batch
+                total += np.where(n_run == nb, m.self_s, np.where(n_run > 0, m.self_half_s, 0.0))
+            else:  # one call per branch (separate), or the only branch (none)
+                total += n_run * m.self_s
+            reused = parent_runs & ~computes
+            if reused.any():
+                share = 0.5 if batched else 1.0  # the op on one branch of a batched call touches half the batch
+                known = np.zeros_like(reused)
+                for code, op in m.reuse_s.items():
+                    hit = reused & (c == code)
+                    known |= hit
+                    total += hit.sum(axis=1) * op * share
+                total += (reused & ~known).sum(axis=1) * m.reuse_s.get("R", 0.0) * share
+            if m.name in hooked:  # the executor's hook intercepts every call that reaches the module
+                total += m.hook_s * (parent_runs.any(axis=1) if batched else parent_runs.sum(axis=1))
+        return total
+
+    def predict_run(self, plan: Any = None) -> float:
+        """Predicted seconds of a whole run (all steps plus what happens outside the loop) under ``plan``
+        (same forms as :meth:`predict_step`)."""
+        codes, hooked = self.code_array(plan)
+        return float(self.run_fixed_s + self._step_costs(codes, hooked).sum())
+
+    def predict_speedup(self, plan: Any) -> float:
+        """Predicted full-compute run time divided by the run time under ``plan``."""
+        return self.predict_run(None) / self.predict_run(plan)
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per full-compute run spent in each part: fixed costs and each module kind's own compute."""
+        calls = calls_per_step(self.layout)
+        per_kind: dict[str, float] = {}
+        for m in self.modules:
+            per_kind[m.kind] = per_kind.get(m.kind, 0.0) + m.self_s * (1 if self.layout in BATCHED else calls)
+        out = {
+            "outside_loop": self.run_fixed_s,
+            "outside_transformer": self.step_fixed_s * self.steps,
+            "outside_blocks": self.call_fixed_s * calls * self.steps,
+        }
+        out.update({f"{k}_self": v * self.steps for k, v in per_kind.items()})
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (seconds)."""
+        return {
+            "layout": self.layout,
+            "steps": self.steps,
+            "call_fixed_s": self.call_fixed_s,
+            "step_fixed_s": self.step_fixed_s,
+            "run_fixed_s": self.run_fixed_s,
+            "modules": [
+                {"name": m.name, "kind": m.kind, "parent": m.parent, "self_s": m.self_s, "self_half_s": m.self_half_s,
+                 "reuse_s": m.reuse_s, "hook_s": m.hook_s}
+                for m in self.modules
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        """Inverse of :meth:`to_dict`."""
+        mods = tuple(
+            ModuleCost(m["name"], m["kind"], m["parent"], m["self_s"], m["self_half_s"], dict(m["reuse_s"]), m.get("hook_s", 0.0))
+            for m in d["modules"]
+        )
+        return cls(d["layout"], d["steps"], mods, d["call_fixed_s"], d["step_fixed_s"], d["run_fixed_s"])
+
+
+def _num(value, default: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return value if np.isfinite(value) else default
+
+
+def plan_from_codes(codes: dict[str, str]) -> "_CodePlan":
+    """A minimal plan-like object (``decisions`` + ``code``) for tests and benchmarks: ``codes`` maps a
+    module name to its per-step code string, the same on every branch."""
+    return _CodePlan({n: {"cond": c, "uncond": c} for n, c in codes.items()})
+
+
+@dataclass
+class _CodePlan:
+    decisions: dict
+
+    def code(self, module: str, step: int, branch: str = "cond") -> str:
+        d = self.decisions.get(module)
+        return COMPUTE if d is None else d[branch][step]

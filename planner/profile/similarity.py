@@ -1,0 +1,320 @@
+"""The similarity pass: how much each cacheable module's output changes across steps and between
+CFG branches, streamed (only the last ``k`` outputs of a module are ever held).
+
+Metrics, per calibration sample, with ``a`` the module's fresh output and ``b`` the value a reuse
+would put in its place (the output ``lag`` steps back, or the other CFG branch's output at the
+same step):
+
+* relative L1: ``mean|a - b| / mean|b|``
+* cosine similarity of ``a`` and ``b`` flattened
+
+both for the output and for the residual (output minus the input it updates), and the error a
+residual reuse puts on the output, ``mean|ra - rb| / mean|b|`` (comparable with the output's
+relative L1: which of output reuse and residual reuse errs less). The per-sample values are
+aggregated over the calibration inputs as mean, std, min and max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from planner.modules import CacheableModule
+from planner.profile.capture import (
+    COND,
+    ModuleWatch,
+    StepTracker,
+    UNCOND,
+    attach,
+    branches_for,
+    detach_hooks,
+    input_tensors,
+    output_tensors,
+    pair_residual_inputs,
+    resolve_modules,
+    split_branches,
+)
+from planner.runner import CFG_SEPARATE
+
+CFG_LAG = 0  # the ``lag`` value of rows comparing a branch with the other branch at the same step
+# Metrics, in the order of the statistics array's last axis:
+METRICS = (
+    "rel_l1",  # output: mean|a - b| / mean|b|
+    "cos",  # output: cosine similarity
+    "res_rel_l1",  # residual (output - input): mean|ra - rb| / mean|rb|
+    "res_cos",  # residual: cosine similarity
+    "res_reuse_rel_l1",  # error on the *output* when the residual is reused: mean|ra - rb| / mean|b|
+)
+AGGS = ("mean", "std", "min", "max")
+_EPS = 1e-12
+
+
+def similarity_columns() -> list[str]:
+    """The metric columns of the similarity table, e.g. ``rel_l1_mean``, ``res_cos_min``."""
+    return [f"{m}_{a}" for m in METRICS for a in AGGS]
+
+
+def pair_metrics(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample relative L1 ``mean|a-b|/mean|b|`` and cosine similarity of ``a`` and ``b``.
+
+    ``a`` is ``[n, F]`` (one flattened row per sample); ``b`` is ``[n, F]`` or ``[L, n, F]``
+    (several candidates at once); results have ``b``'s leading shape without ``F``. Computed in
+    float32 at least, whatever the model's dtype.
+    """
+    a = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    b = b.float() if b.dtype in (torch.float16, torch.bfloat16) else b
+    rel = (a - b).abs().mean(-1) / b.abs().mean(-1).clamp_min(_EPS)
+    cos = torch.nn.functional.cosine_similarity(a.expand_as(b), b, dim=-1, eps=1e-8)
+    return rel, cos
+
+
+class _Ring:
+    """The last ``k`` values of one (module, branch, target), newest first on read."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.buf: torch.Tensor | None = None
+        self.filled = 0
+        self.pos = 0  # next slot to write
+        self.last_step = -1
+
+    def lags(self) -> tuple[torch.Tensor | None, int]:
+        """``([L, n, F] newest first, L)`` of what is held."""
+        if self.buf is None or self.filled == 0:
+            return None, 0
+        idx = [(self.pos - j) % self.k for j in range(1, self.filled + 1)]
+        return self.buf[idx], self.filled
+
+    def newest(self) -> torch.Tensor | None:
+        return None if self.buf is None or self.filled == 0 else self.buf[(self.pos - 1) % self.k]
+
+    def push(self, x: torch.Tensor, step: int) -> None:
+        if self.buf is None or self.buf.shape[1:] != x.shape:
+            self.buf = torch.empty((self.k, *x.shape), dtype=x.dtype, device=x.device)
+            self.filled = self.pos = 0
+        self.buf[self.pos].copy_(x)
+        self.pos = (self.pos + 1) % self.k
+        self.filled = min(self.filled + 1, self.k)
+        self.last_step = step
+
+
+@dataclass
+class _Stats:
+    """Streaming sum, sum of squares, min, max and count for every table cell."""
+
+    sum: torch.Tensor
+    sq: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    n: torch.Tensor
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], device) -> "_Stats":
+        f64 = torch.float32 if torch.device(device).type == "mps" else torch.float64
+        z = torch.zeros(shape, dtype=f64, device=device)
+        return cls(z.clone(), z.clone(), torch.full_like(z, float("inf")), torch.full_like(z, float("-inf")), z.clone())
+
+
+class SimilarityCollector:
+    """Receives module outputs from the hooks and updates the statistics of every
+    (step, module, branch, lag, metric); holds only the last ``k`` outputs of each module and branch.
+
+    The statistics array has shape ``[steps, modules, branches, k + 1, len(METRICS)]``; slot ``0``
+    on the lag axis is the CFG comparison, slot ``j`` the comparison with ``j`` steps back.
+    """
+
+    def __init__(self, modules: Sequence[CacheableModule], layout: str, steps: int, k: int, device):
+        self.modules = list(modules)
+        self.layout = layout
+        self.branches = branches_for(layout)
+        self.steps = steps
+        self.k = k
+        self.device = torch.device(device)
+        self.stats = _Stats.zeros((steps, len(modules), len(self.branches), k + 1, len(METRICS)), self.device)
+        self.tracker: StepTracker | None = None
+        self.batch: int | None = None
+        self.skipped: set[str] = set()
+        self._new_run()
+
+    def _new_run(self) -> None:
+        self.rings = {
+            (m, b, t): _Ring(self.k) for m in range(len(self.modules)) for b in self.branches for t in range(2)
+        }
+
+    def _features(self, index: int, args: tuple, kwargs: dict, output: Any) -> dict[str, list[torch.Tensor | None]]:
+        """Per branch: ``[output features [n, F], residual features [n, F'] or None]``."""
+        kind = self.modules[index].kind
+        outs = output_tensors(output)
+        hidden, enc = input_tensors(args, kwargs)
+        pairs = pair_residual_inputs(kind, outs, hidden, enc)
+        expected = self.batch * (2 if self.layout not in ("none", CFG_SEPARATE) else 1)
+        keep = [(o, p) for o, p in zip(outs, pairs) if o.dim() >= 1 and o.shape[0] == expected]
+        if len(keep) < len(outs):
+            self.skipped.add(self.modules[index].name)
+        if not keep:
+            return {}
+        branch = self.tracker.branch
+        per_branch: dict[str, list[list[torch.Tensor]]] = {}
+        for o, p in keep:
+            o_parts = split_branches(o.detach(), self.layout, branch)
+            r_parts = split_branches((o - p).detach(), self.layout, branch) if p is not None else None
+            for b, ob in o_parts.items():
+                slot = per_branch.setdefault(b, [[], []])
+                slot[0].append(ob.reshape(ob.shape[0], -1))
+                if r_parts is not None:
+                    rb = r_parts[b]
+                    slot[1].append(rb.reshape(rb.shape[0], -1))
+        result = {}
+        for b, (os_, rs) in per_branch.items():
+            out = torch.cat(os_, 1) if len(os_) > 1 else os_[0]
+            res = (torch.cat(rs, 1) if len(rs) > 1 else rs[0]) if rs else None
+            result[b] = [out, res]
+        return result
+
+    def _record(self, step: int, m: int, b: str, slot: int | slice, col: int, *values: torch.Tensor) -> None:
+        """Add per-sample ``values`` (each ``[..., n]``) to metric columns ``col, col+1, ...``."""
+        bi = self.branches.index(b)
+        vals = torch.stack(values, -1).to(self.stats.sum.dtype)  # [..., n, len(values)]
+        cols = slice(col, col + len(values))
+        s = self.stats
+        s.sum[step, m, bi, slot, cols] += vals.sum(-2)
+        s.sq[step, m, bi, slot, cols] += (vals * vals).sum(-2)
+        s.min[step, m, bi, slot, cols] = torch.minimum(s.min[step, m, bi, slot, cols], vals.amin(-2))
+        s.max[step, m, bi, slot, cols] = torch.maximum(s.max[step, m, bi, slot, cols], vals.amax(-2))
+        s.n[step, m, bi, slot, cols] += vals.shape[-2]
+
+    def _compare(self, step: int, m: int, b: str, slot, out, res, ref_out, ref_res) -> None:
+        """Record how ``out``/``res`` differ from the stand-ins ``ref_out``/``ref_res`` (``[..., n, F]``)."""
+        rel, cos = pair_metrics(out, ref_out)
+        self._record(step, m, b, slot, 0, rel, cos)
+        if res is None or ref_res is None:
+            return
+        rel_r, cos_r = pair_metrics(res, ref_res)
+        # Reusing the residual puts (ref_res - res) on the output; measured against the output's size.
+        d = res.float() if res.dtype in (torch.float16, torch.bfloat16) else res
+        r = ref_res.float() if ref_res.dtype in (torch.float16, torch.bfloat16) else ref_res
+        o = ref_out.float() if ref_out.dtype in (torch.float16, torch.bfloat16) else ref_out
+        reuse = (d - r).abs().mean(-1) / o.abs().mean(-1).clamp_min(_EPS)
+        self._record(step, m, b, slot, 2, rel_r, cos_r, reuse)
+
+    @torch.no_grad()
+    def __call__(self, index: int, args: tuple, kwargs: dict, output: Any) -> None:
+        step = self.tracker.step
+        if not 0 <= step < self.steps:
+            return
+        feats = self._features(index, args, kwargs, output)
+        for b, (out, res) in feats.items():
+            ring_o, ring_r = self.rings[(index, b, 0)], self.rings[(index, b, 1)]
+            held_o, n_lags = ring_o.lags()
+            if n_lags:
+                held_r, n_res = ring_r.lags() if res is not None else (None, 0)
+                self._compare(step, index, b, slice(1, 1 + n_lags), out, res if n_res == n_lags else None,
+                              held_o, held_r if n_res == n_lags else None)
+            ring_o.push(out, step)
+            if res is not None:
+                ring_r.push(res, step)
+        if len(self.branches) == 2:
+            self._cfg(step, index, feats)
+
+    def _cfg(self, step: int, index: int, feats: dict) -> None:
+        # Batched CFG gives both branches in one call; with separate calls the cond output of this
+        # step is the newest entry of its ring when the uncond call arrives.
+        if self.layout == CFG_SEPARATE:
+            if self.tracker.branch != UNCOND or UNCOND not in feats:
+                return
+            ring_o, ring_r = self.rings[(index, COND, 0)], self.rings[(index, COND, 1)]
+            if ring_o.last_step != step:
+                return
+            cond = [ring_o.newest(), ring_r.newest() if ring_r.last_step == step else None]
+            uncond = feats[UNCOND]
+        else:
+            if COND not in feats or UNCOND not in feats:
+                return
+            cond, uncond = feats[COND], feats[UNCOND]
+        c_res, u_res = (cond[1], uncond[1]) if cond[1] is not None and uncond[1] is not None else (None, None)
+        self._compare(step, index, COND, 0, cond[0], c_res, uncond[0], u_res)  # cond replaced by uncond's
+        self._compare(step, index, UNCOND, 0, uncond[0], u_res, cond[0], c_res)
+
+    def table(self, timesteps: Sequence[float]) -> pd.DataFrame:
+        """The statistics as one row per step x module x branch x lag (dense; NaN where undefined)."""
+        s = self.stats
+        n = s.n.cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = s.sum.cpu().numpy() / n
+            var = s.sq.cpu().numpy() / n - mean**2
+            std = np.sqrt(np.clip(var, 0, None)) * np.sqrt(n / np.maximum(n - 1, 1))
+        mn, mx = s.min.cpu().numpy(), s.max.cpu().numpy()
+        empty = n == 0
+        for arr in (mean, std, mn, mx):
+            arr[empty] = np.nan
+        lag_slots = list(range(1, self.k + 1)) + ([CFG_LAG] if len(self.branches) == 2 else [])
+        S, M, B = self.steps, len(self.modules), len(self.branches)
+        grid = np.array(
+            [(st, mi, bi, lg) for st in range(S) for mi in range(M) for bi in range(B) for lg in lag_slots]
+        )
+        st, mi, bi, lg = grid.T
+        data: dict[str, Any] = {
+            "step": st,
+            "timestep": np.asarray(timesteps, dtype=float)[st],
+            "module": np.array([m.name for m in self.modules])[mi],
+            "kind": np.array([m.kind for m in self.modules])[mi],
+            "block": np.array([m.block for m in self.modules])[mi],
+            "branch": np.array(self.branches)[bi],
+            "lag": lg,
+            "n": n[st, mi, bi, lg, 0].astype(int),
+        }
+        for c, metric in enumerate(METRICS):
+            for agg, arr in zip(AGGS, (mean, std, mn, mx)):
+                data[f"{metric}_{agg}"] = arr[st, mi, bi, lg, c]
+        return pd.DataFrame(data)
+
+
+def similarity_pass(runner, modules: list[CacheableModule], sampler, conditions: list, seeds: list[int],
+                    *, k: int, batch_size: int, progress=None) -> tuple[pd.DataFrame, list[float], list[str]]:
+    """Run the calibration inputs in batches of ``batch_size`` with watching hooks on every cacheable
+    module; returns ``(similarity table, timesteps, warnings)``. The hooks are removed afterwards,
+    also on error."""
+    layout = runner.cfg_layout(sampler)
+    transformer = runner.transformer
+    targets = resolve_modules(transformer, modules)
+    collector = SimilarityCollector(modules, layout, sampler.steps, k, runner.device)
+    timesteps: list[float] = []
+    warnings: list[str] = []
+    for start in range(0, len(conditions), batch_size):
+        conds, sds = conditions[start:start + batch_size], seeds[start:start + batch_size]
+        collector.batch = len(conds)
+        collector._new_run()
+
+        def on_call(tr: StepTracker):
+            if progress is not None and (tr.branch in (None, COND)) and tr.step < sampler.steps:
+                progress.update(1)
+
+        tracker = StepTracker(layout, on_call=on_call)
+        collector.tracker = tracker
+        hooks = [(transformer, tracker, "step")]
+        hooks += [(mod, ModuleWatch(i, collector), f"watch.{m.name}") for i, (m, mod) in enumerate(zip(modules, targets))]
+        hs = attach(transformer, hooks)
+        try:
+            runner.run(conds, sds, sampler, output="latent")
+        finally:
+            detach_hooks(transformer, hs)
+        seen = tracker.step + 1
+        if seen != sampler.steps:
+            from planner.profile.artifact import ProfileError
+
+            raise ProfileError(
+                f"the pipeline made {tracker.calls} transformer calls in {seen} steps, expected {sampler.steps} steps "
+                "(schedulers with several model calls per step are not supported)"
+            )
+        timesteps = [float(t) for t in runner.pipe.scheduler.timesteps.flatten().tolist()][: sampler.steps]
+    if len(timesteps) < sampler.steps:
+        timesteps += [float("nan")] * (sampler.steps - len(timesteps))
+    if collector.skipped:
+        warnings.append(
+            "outputs without the batch dimension were left out of the similarity of: " + ", ".join(sorted(collector.skipped))
+        )
+    return collector.table(timesteps), timesteps, warnings
