@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "planner.commands.sample",
     "planner.commands.profile",
     "planner.commands.plan",
+    "planner.commands.search",
 ]
 
 

@@ -100,6 +100,24 @@ class PlanHandle:
         finally:
             eng.forced_step, eng.forced_token = None, None
 
+    def set_codes(self, module: str, codes: dict[str, str]) -> None:
+        """Replace ``module``'s decisions (``{branch: codes}``) in place, for searches that decide step by
+        step. The module must carry a hook (apply with ``hook_all=True``); the plan object is not changed."""
+        hook = self._engine.hooks.get(module)
+        if hook is None or hook.gate_col is not None:
+            raise PlannerError(f"{module!r} carries no plan hook: apply the plan with hook_all=True to edit it")
+        hook.set_codes(codes)
+
+    def snapshot(self) -> dict:
+        """The cache state of every hooked module. Cheap: it holds references, and stored tensors are
+        never written in place. :meth:`restore` brings it back (a search tries actions, then rewinds)."""
+        return {name: hook.snapshot() for name, hook in self._engine.hooks.items()}
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back a state taken by :meth:`snapshot` of this handle."""
+        for name, state in snapshot.items():
+            self._engine.hooks[name].restore(state)
+
     def remove(self) -> None:
         """Take every hook off and drop the caches; the modules are exactly as before. Idempotent."""
         if self._removed:
@@ -155,6 +173,7 @@ def apply_plan(
     gate_modules: Sequence[str] | None = None,
     detach_cache: bool = True,
     strict: bool = True,
+    hook_all: bool = False,
 ) -> PlanHandle:
     """Apply ``plan`` (a Plan or a plan file) to a pipeline, Runner or transformer; returns the handle.
 
@@ -166,6 +185,9 @@ def apply_plan(
     With ``gates`` (a ``[plan.steps, len(gate_modules)]`` tensor in [0, 1]) the plan must be
     all-compute and the listed modules (default: every attention/cross-attention/MLP sub-layer, in
     forward order) are soft-gated instead (see the module docstring).
+
+    ``hook_all`` hooks every module, all-compute ones too, ready for any action, so that a search
+    can change decisions during a run with :meth:`PlanHandle.set_codes`.
     """
     from diffusers.hooks import HookRegistry
 
@@ -214,9 +236,9 @@ def apply_plan(
         for name in plan.model.modules:
             if name in gate_cols:
                 hook = CacheHook(engine, name, modules[name], None, gate_cols[name])
-            elif not plan.is_all_compute(name):
+            elif hook_all or not plan.is_all_compute(name):
                 # all-compute modules get no hook at all: that is what keeps an identity plan nearly free
-                hook = CacheHook(engine, name, modules[name], plan.decisions[name], None)
+                hook = CacheHook(engine, name, modules[name], plan.decisions[name], None, ready_for_all=hook_all)
             else:
                 continue
             install(modules[name], hook, MODULE_HOOK)

@@ -21,7 +21,7 @@ import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from planner.executor import tree
-from planner.plan import BRANCHES, COMPUTE
+from planner.plan import BRANCHES, COMPUTE, module_kind
 
 if TYPE_CHECKING:
     from planner.executor.engine import Engine
@@ -103,16 +103,40 @@ class CacheHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, engine: "Engine", name: str, module: torch.nn.Module, codes: dict[str, str] | None, gate_col: int | None):
+    def __init__(self, engine: "Engine", name: str, module: torch.nn.Module, codes: dict[str, str] | None,
+                 gate_col: int | None, ready_for_all: bool = False):
         super().__init__()
         self.engine = engine
         self.name = name
         self.cls = type(module)
-        self.codes = codes
         self.gate_col = gate_col
-        self.keep = {b: (2 if codes and "F" in codes.get(b, "") else 1) for b in BRANCHES}
-        self.residual = tree.ResidualMap(self.cls) if codes and any("D" in c for c in codes.values()) else None
+        self.is_block = module_kind(name)[0] == "block"
+        self.keep = {b: 1 for b in BRANCHES}
+        self.residual = None
         self.caches: dict[str, _BranchCache] = {}
+        self.codes = None
+        if codes is not None:
+            self.set_codes(codes, ready_for_all)
+
+    def set_codes(self, codes: dict[str, str], ready_for_all: bool = False) -> None:
+        """Take ``codes`` as this module's decisions, keeping what forecast / residual reuse will need."""
+        self.codes = dict(codes)
+        for b in BRANCHES:
+            if ready_for_all or "F" in self.codes.get(b, ""):
+                self.keep[b] = 2
+        wants_residual = ready_for_all and self.is_block or any("D" in c for c in self.codes.values())
+        if wants_residual and self.residual is None:
+            self.residual = tree.ResidualMap(self.cls)
+
+    def snapshot(self) -> dict:
+        """References to this module's cache entries (entries are replaced, never mutated, on writes)."""
+        return {b: (e.outputs, e.inputs) for b, e in self.caches.items()}
+
+    def restore(self, state: dict) -> None:
+        self.caches = {}
+        for b, (outputs, inputs) in state.items():
+            entry = self.caches[b] = _BranchCache()
+            entry.outputs, entry.inputs = outputs, inputs
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.caches.clear()

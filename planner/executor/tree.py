@@ -38,9 +38,11 @@ def tree_map(fn: Callable[..., torch.Tensor], *trees: Any) -> Any:
 
 
 def first_tensor(tree: Any) -> torch.Tensor | None:
-    """The first tensor leaf of a tree, or ``None``."""
+    """The first tensor leaf of a tree (tuples, lists, dicts such as diffusers' ``BaseOutput``), or ``None``."""
     if isinstance(tree, torch.Tensor):
         return tree
+    if isinstance(tree, dict):
+        tree = list(tree.values())
     if isinstance(tree, (tuple, list)):
         for part in tree:
             t = first_tensor(part)

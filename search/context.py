@@ -1,0 +1,126 @@
+"""The search context: everything a strategy needs, and nothing model-specific.
+
+A strategy sees the runner and sampler, the calibration inputs, the full-compute reference
+outputs, the profile with its latency model, and ``evaluate(plan)``, which runs the
+calibration inputs through the executor and returns the error against the reference plus the
+predicted cost. Calibration and evaluation seeds come from disjoint ranges by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from planner.errors import PlannerError
+from planner.evaluate import EVAL_SEED_BASE, calibration_seeds
+from planner.metrics import rel_l1
+from planner.plan import Plan, Prediction
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A plan's figures on the calibration inputs."""
+
+    error: float  # relative L1 of the final output against full compute
+    predicted_speedup: float
+    predicted_fraction: float  # predicted run time / full run time
+    stats: dict = field(default_factory=dict, compare=False)
+
+
+class SearchContext:
+    """Calibration inputs, references and costs for one (model, sampler) pair."""
+
+    def __init__(self, runner, sampler, profile, conditions: list[Any], seeds: list[int], *, progress: bool = False):
+        if any(s >= EVAL_SEED_BASE for s in seeds):
+            raise PlannerError(f"calibration seeds must lie below {EVAL_SEED_BASE}")
+        self.runner = runner
+        self.sampler = runner.resolve(sampler)
+        self.profile = profile
+        self.latency = profile.latency_model()
+        self.conditions = conditions
+        self.seeds = list(seeds)
+        self.progress = progress
+        self.evaluations = 0
+        self._check_profile()
+        self.reference = self.run(None)
+
+    @classmethod
+    def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False) -> "SearchContext":
+        """A context with ``samples`` calibration inputs (conditions from seed 0, calibration seeds)."""
+        return cls(runner, sampler, profile, runner.conditions(samples, seed=0), calibration_seeds(samples), progress=progress)
+
+    def _check_profile(self) -> None:
+        meta = self.profile.meta
+        if meta.fingerprint != self.runner.fingerprint():
+            raise PlannerError(f"profile {meta.name} was made for another model (fingerprint {meta.fingerprint})")
+        if meta.steps != self.sampler.steps or abs(meta.sampler.guidance - self.sampler.guidance) > 1e-9:
+            raise PlannerError(
+                f"profile {meta.name} is for {meta.steps} steps at guidance {meta.sampler.guidance:g}, "
+                f"the search for {self.sampler.steps} steps at guidance {self.sampler.guidance:g}"
+            )
+
+    @property
+    def modules(self):
+        """The model's cacheable modules in forward order."""
+        return self.runner.modules()
+
+    @property
+    def steps(self) -> int:
+        return self.sampler.steps
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        return self.latency.branches
+
+    def run(self, plan: Plan | None) -> torch.Tensor:
+        """Final latents of the calibration inputs under ``plan`` (``None``: no caching)."""
+        if plan is None:
+            return self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
+        from planner.executor import apply_plan
+
+        with apply_plan(self.runner.pipe, plan):
+            return self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
+
+    def predict(self, plan: Plan) -> tuple[float, float]:
+        """``(predicted speedup, predicted run-time fraction)`` from the profile's latency model."""
+        speedup = self.latency.predict_speedup(plan)
+        return speedup, 1.0 / speedup
+
+    def evaluate(self, plan: Plan) -> Evaluation:
+        """Run the calibration inputs through the executor with ``plan``; error and predicted cost."""
+        from planner.executor import apply_plan
+
+        self.evaluations += 1
+        with apply_plan(self.runner.pipe, plan) as handle:
+            out = self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
+            stats = handle.stats()
+        speedup, fraction = self.predict(plan)
+        return Evaluation(rel_l1(out, self.reference), speedup, fraction, stats)
+
+    def max_speedup(self) -> float:
+        """The predicted speedup of reusing every block at every step but the first: no plan beats it."""
+        blocks = [m.name for m in self.modules if m.kind == "block"]
+        return self.predict(self.plan({b: "C" + "D" * (self.steps - 1) for b in blocks}))[0]
+
+    def plan(self, decisions: dict, strategy: str = "manual", params: dict | None = None,
+             evaluation: Evaluation | None = None) -> Plan:
+        """A Plan for this context's model and sampler, with provenance (and predictions when evaluated)."""
+        prediction = None
+        if evaluation is not None:
+            prediction = Prediction(
+                speedup=evaluation.predicted_speedup,
+                latency_fraction=evaluation.predicted_fraction,
+                calib_error=evaluation.error,
+                metric="rel_l1_final_latent",
+            )
+        return Plan.for_runner(
+            self.runner,
+            self.sampler,
+            decisions,
+            prediction=prediction,
+            strategy=strategy,
+            params=params or {},
+            profile_id=self.profile.meta.name,
+            calib_seeds=self.seeds,
+        )

@@ -1,0 +1,72 @@
+"""``smoothcache``: SmoothCache's calibration-driven schedules, one per module type.
+
+For each module type (attention, cross-attention, MLP; or blocks) the profile gives the relative L1
+change of its output against the output 1..k steps back, averaged over all blocks of that type.
+For a threshold alpha, walk the steps: compute at step i, then reuse for the longest run of
+following steps whose error against step i stays within alpha. One alpha for the whole model,
+the smallest that meets the budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from search import Strategy, register
+from search._common import choose_knob, on_levels
+
+LEVEL_KINDS = {"sublayer": ("attn", "cross_attn", "mlp"), "block": ("block",)}
+
+
+def smooth_schedule(curves: dict[int, np.ndarray], alpha: float) -> str:
+    """The code string for one module type: ``curves[k][j]`` is the error of step j's output against
+    step j-k's; after each computed step i reuse while ``curves[l][i+l] <= alpha`` for l = 1, 2, ..."""
+    steps = len(next(iter(curves.values())))
+    max_lag = max(curves)
+    codes, i = [], 0
+    while i < steps:
+        codes.append("C")
+        run = 0
+        while run < max_lag and i + run + 1 < steps and curves[run + 1][i + run + 1] <= alpha:
+            run += 1
+        codes.extend("R" * run)
+        i += run + 1
+    return "".join(codes)
+
+
+@register
+class SmoothCache(Strategy):
+    """Params: ``lags`` (default: what the profile has, at most 3) bounds how long a value is reused;
+    ``level`` as in ``uniform`` (blocks follow their residual's curves and reuse residuals)."""
+
+    name = "smoothcache"
+
+    def search(self, context, budget):
+        return on_levels(self.params.get("level", "auto"), lambda level: self._at_level(context, budget, level))
+
+    def _at_level(self, context, budget, level):
+        profile = context.profile
+        kinds = {m.name: m.kind for m in context.modules if m.kind in LEVEL_KINDS[level]}
+        lags = min(int(self.params.get("lags", 3)), profile.meta.lags)
+        residual = level == "block"
+        curves: dict[str, dict[int, np.ndarray]] = {}
+        for kind in set(kinds.values()):
+            names = [n for n, k in kinds.items() if k == kind]
+            # NaN (no such lag at the first steps) becomes inf: never reuse across it.
+            curves[kind] = {
+                lag: np.nan_to_num(profile.curve(lag=lag, residual=residual)[names].mean(axis=1).to_numpy(), nan=np.inf)
+                for lag in range(1, lags + 1)
+            }
+        finite = np.concatenate([c[c < np.inf] for per in curves.values() for c in per.values()])
+        alphas = np.unique(finite)  # schedules only change at these values
+        if budget.max_error is not None:  # each candidate costs a calibration run: sample the range
+            alphas = np.unique(alphas[np.linspace(0, len(alphas) - 1, 24).round().astype(int)])
+        action = "D" if residual else "R"
+
+        def decisions_for(alpha):
+            schedule = {kind: smooth_schedule(c, alpha).replace("R", action) for kind, c in curves.items()}
+            return {n: schedule[k] for n, k in kinds.items()}
+
+        return choose_knob(
+            context, budget, alphas, decisions_for, self.name,
+            lambda a: {"alpha": float(a), "lags": lags, "level": level}, f"of a SmoothCache schedule ({level} level)",
+        )
