@@ -12,8 +12,6 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-import torch
-
 # Lists of blocks, in the order a forward pass runs them.
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
 
@@ -42,8 +40,21 @@ class CacheableModule:
     cls: str
 
 
-def cacheable_modules(transformer: torch.nn.Module) -> list[CacheableModule]:
+def module_kind(name: str) -> tuple[str, str | None]:
+    """``(kind, parent block name)`` of a cacheable module name: ``("block", None)`` or e.g.
+    ``("attn", "transformer_blocks.3")``; other names give ``("unknown", None)``. Needs no model."""
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in BLOCK_LISTS and parts[-1].isdigit():
+        return "block", None
+    if len(parts) >= 3 and parts[-3] in BLOCK_LISTS and parts[-2].isdigit() and parts[-1] in SUBMODULE_KINDS:
+        return SUBMODULE_KINDS[parts[-1]], ".".join(parts[:-1])
+    return "unknown", None
+
+
+def cacheable_modules(transformer) -> list[CacheableModule]:
     """All cacheable modules of ``transformer`` in forward order: each block followed by its sub-layers."""
+    import torch  # here, so that plan files can be read without importing torch
+
     found: list[CacheableModule] = []
     block_index = 0
     for list_name in BLOCK_LISTS:
@@ -61,7 +72,7 @@ def cacheable_modules(transformer: torch.nn.Module) -> list[CacheableModule]:
     return found
 
 
-def model_fingerprint(transformer: torch.nn.Module) -> str:
+def model_fingerprint(transformer) -> str:
     """A short hash of the transformer's class, config and cacheable-module structure.
 
     Two models with equal fingerprints accept the same plans; weights are deliberately not

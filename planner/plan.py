@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping
 
 from planner.errors import PlannerError
 
+from planner.modules import module_kind  # noqa: F401  (re-exported: plan users ask for it here)
+
 SCHEMA_NAME = "dit-cache-plan"
 SCHEMA_VERSION = "1.0.0"
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "plan.schema.json"
@@ -47,35 +49,12 @@ CODE_OF = {name: code for code, name in ACTION_CODES.items()}
 COMPUTE = "C"
 BRANCHES = ("cond", "uncond")
 
-# Mirrors planner.runner.CFG_LAYOUTS (kept here so this module stays torch-free; a test checks they agree).
-CFG_NONE, CFG_COND_UNCOND, CFG_UNCOND_COND, CFG_SEPARATE = "none", "cond_uncond", "uncond_cond", "separate"
+# CFG layouts: how the two guidance branches reach the transformer.
+CFG_NONE = "none"  # one branch (guidance off, or guidance-distilled)
+CFG_COND_UNCOND = "cond_uncond"  # one batched call, [cond, uncond] halves (DiT)
+CFG_UNCOND_COND = "uncond_cond"  # one batched call, [uncond, cond] halves (PixArt, SD3)
+CFG_SEPARATE = "separate"  # two calls per step, cond then uncond (Flux true CFG, Wan)
 CFG_LAYOUTS = (CFG_NONE, CFG_COND_UNCOND, CFG_UNCOND_COND, CFG_SEPARATE)
-
-# Mirrors planner.modules.BLOCK_LISTS / SUBMODULE_KINDS, for the same reason.
-_BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks")
-_SUBMODULE_KINDS = {
-    "attn": "attn",
-    "attn1": "attn",
-    "attn2": "cross_attn",
-    "ff": "mlp",
-    "ffn": "mlp",
-    "ff_context": "mlp",
-    "proj_mlp": "mlp",
-}
-
-
-def module_kind(name: str) -> tuple[str, str | None]:
-    """``(kind, parent block name)`` of a cacheable module name: ``("block", None)`` or e.g. ``("attn", "transformer_blocks.3")``.
-
-    Unknown shapes of name give ``("unknown", None)``.
-    """
-    parts = name.split(".")
-    if len(parts) >= 2 and parts[-2] in _BLOCK_LISTS and parts[-1].isdigit():
-        return "block", None
-    if len(parts) >= 3 and parts[-3] in _BLOCK_LISTS and parts[-2].isdigit() and parts[-1] in _SUBMODULE_KINDS:
-        return _SUBMODULE_KINDS[parts[-1]], ".".join(parts[:-1])
-    return "unknown", None
-
 
 def json_path(*keys: str | int) -> str:
     """A JSONPath for error messages: ``$.decisions["transformer_blocks.3"].cond``."""

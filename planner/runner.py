@@ -20,12 +20,8 @@ import torch
 from planner.errors import PlannerError
 from planner.modules import CacheableModule, cacheable_modules, model_fingerprint
 
-# CFG layouts: how the two guidance branches reach the transformer.
-CFG_NONE = "none"  # one branch (guidance off, or guidance-distilled)
-CFG_COND_UNCOND = "cond_uncond"  # one batched call, [cond, uncond] halves (DiT)
-CFG_UNCOND_COND = "uncond_cond"  # one batched call, [uncond, cond] halves (PixArt, SD3)
-CFG_SEPARATE = "separate"  # two calls per step, cond then uncond (Flux true CFG, Wan)
-CFG_LAYOUTS = (CFG_NONE, CFG_COND_UNCOND, CFG_UNCOND_COND, CFG_SEPARATE)
+# CFG layouts (how the two guidance branches reach the transformer) are part of a plan's sampler.
+from planner.plan import CFG_COND_UNCOND, CFG_LAYOUTS, CFG_NONE, CFG_SEPARATE, CFG_UNCOND_COND  # noqa: E402,F401
 
 
 def _scheduler_classes() -> dict[str, type]:
@@ -168,6 +164,17 @@ class Runner:
         finally:
             self.pipe.scheduler = self._base_scheduler
         return self.family.to_tensor(getattr(result, self.family.output_field())).cpu()
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; a bad or unavailable name is a PlannerError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PlannerError(f"device {name!r} asked for, but no CUDA GPU is visible")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
+    return name
 
 
 def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: torch.dtype | None = None) -> Runner:

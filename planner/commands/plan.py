@@ -208,7 +208,7 @@ def cmd_validate(args) -> int:
         plan.check_steps(args.steps)
         checks.append("steps")
     if args.model is not None:
-        from planner.commands.sample import resolve_device
+        from planner.runner import resolve_device
         from planner.runner import Sampler, load_runner
 
         runner = load_runner(args.model, device=resolve_device(args.device))

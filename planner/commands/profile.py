@@ -57,7 +57,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
     from planner.profile import profile_model
     from planner.profile.artifact import default_profile_name
-    from planner.profile.core import resolve_device
+    from planner.runner import resolve_device
     from planner.profile.report import format_summary, summarize
     from planner.runner import load_runner
 

@@ -21,22 +21,11 @@ def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; other names are checked."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PlannerError(f"device {name!r} asked for, but no CUDA GPU is visible")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
-    return name
-
-
 def runner_and_sampler(args):
     """Load the runner the flags name and build the sampler (flags left unset take the model's defaults)."""
     from dataclasses import replace
 
-    from planner.runner import load_runner
+    from planner.runner import load_runner, resolve_device
 
     runner = load_runner(args.model, device=resolve_device(args.device))
     sampler = runner.family.default_sampler

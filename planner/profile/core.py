@@ -38,18 +38,7 @@ from planner.profile.timing import (
     quiet,
     time_runs,
 )
-from planner.runner import Runner, Sampler
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is a PlannerError."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PlannerError(f"device {name!r} asked for, but no CUDA GPU is visible")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
-    return name
+from planner.runner import Runner, Sampler, resolve_device
 
 
 def device_info(device: torch.device) -> dict:
