@@ -43,7 +43,7 @@ class SearchContext:
         self.progress = progress
         self.evaluations = 0
         self._check_profile()
-        self.reference = self.run(None)
+        self.reference = self.run_full()
 
     @classmethod
     def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False) -> "SearchContext":
@@ -73,14 +73,9 @@ class SearchContext:
     def branches(self) -> tuple[str, ...]:
         return self.latency.branches
 
-    def run(self, plan: Plan | None) -> torch.Tensor:
-        """Final latents of the calibration inputs under ``plan`` (``None``: no caching)."""
-        if plan is None:
-            return self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
-        from planner.executor import apply_plan
-
-        with apply_plan(self.runner.pipe, plan):
-            return self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
+    def run_full(self) -> torch.Tensor:
+        """Final latents of the calibration inputs with no caching (the reference)."""
+        return self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
 
     def predict(self, plan: Plan) -> tuple[float, float]:
         """``(predicted speedup, predicted run-time fraction)`` from the profile's latency model."""

@@ -181,7 +181,18 @@ class TinyPixArtFamily(_TextFamily):
         }
 
 
-class TinySD3Family(_TextFamily):
+class _PooledTextFamily(_TextFamily):
+    """Text families with a pooled prompt embedding next to the per-token one (SD3, Flux)."""
+
+    def _shapes(self, pipe):
+        cfg = pipe.transformer.config
+        return {
+            "prompt_embeds": (self.seq_len, int(cfg.joint_attention_dim)),
+            "pooled_prompt_embeds": (int(cfg.pooled_projection_dim),),
+        }
+
+
+class TinySD3Family(_PooledTextFamily):
     """``StableDiffusion3Pipeline``: prompt + pooled embeddings; CFG batched ``[uncond, cond]``."""
 
     name = "sd3"
@@ -191,19 +202,12 @@ class TinySD3Family(_TextFamily):
     def cfg_layout(self, sampler: Sampler) -> str:
         return CFG_UNCOND_COND if sampler.guidance > 1 else CFG_NONE
 
-    def _shapes(self, pipe):
-        cfg = pipe.transformer.config
-        return {
-            "prompt_embeds": (self.seq_len, int(cfg.joint_attention_dim)),
-            "pooled_prompt_embeds": (int(cfg.pooled_projection_dim),),
-        }
-
     def call_kwargs(self, pipe, conditions, sampler: Sampler) -> dict[str, Any]:
         size = int(pipe.transformer.config.sample_size) * pipe.vae_scale_factor
         return {**self._stack(pipe, conditions, sampler), "guidance_scale": sampler.guidance, "height": size, "width": size}
 
 
-class TinyFluxFamily(_TextFamily):
+class TinyFluxFamily(_PooledTextFamily):
     """``FluxPipeline``: guidance-distilled when ``guidance <= 1`` (one call), true CFG otherwise.
 
     True CFG passes ``true_cfg_scale=guidance`` and negative embeddings: two transformer calls per
@@ -217,13 +221,6 @@ class TinyFluxFamily(_TextFamily):
 
     def cfg_layout(self, sampler: Sampler) -> str:
         return CFG_SEPARATE if sampler.guidance > 1 else CFG_NONE
-
-    def _shapes(self, pipe):
-        cfg = pipe.transformer.config
-        return {
-            "prompt_embeds": (self.seq_len, int(cfg.joint_attention_dim)),
-            "pooled_prompt_embeds": (int(cfg.pooled_projection_dim),),
-        }
 
     def call_kwargs(self, pipe, conditions, sampler: Sampler) -> dict[str, Any]:
         # Flux has no transformer sample size; the VAE's is the image size it was built for.
