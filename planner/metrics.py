@@ -94,7 +94,6 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
     ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``, the formula of FID.
     """
-    from scipy import linalg
 
     a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or min(len(a), len(b)) < 2:

@@ -11,7 +11,6 @@ import torch
 from planner.cli import main
 from planner.errors import PlannerError
 from planner.plan import (
-    CFG_LAYOUTS,
     SCHEMA_NAME,
     Plan,
     load_plan,
