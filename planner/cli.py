@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "planner.commands.profile",
     "planner.commands.plan",
     "planner.commands.search",
+    "planner.commands.eval",
+    "planner.commands.bench",
 ]
 
 

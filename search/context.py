@@ -9,6 +9,7 @@ predicted cost. Calibration and evaluation seeds come from disjoint ranges by co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,8 @@ class Evaluation:
 class SearchContext:
     """Calibration inputs, references and costs for one (model, sampler) pair."""
 
-    def __init__(self, runner, sampler, profile, conditions: list[Any], seeds: list[int], *, progress: bool = False):
+    def __init__(self, runner, sampler, profile, conditions: list[Any], seeds: list[int], *, progress: bool = False,
+                 artifacts: Path | None = None):
         if any(s >= EVAL_SEED_BASE for s in seeds):
             raise PlannerError(f"calibration seeds must lie below {EVAL_SEED_BASE}")
         self.runner = runner
@@ -41,14 +43,19 @@ class SearchContext:
         self.conditions = conditions
         self.seeds = list(seeds)
         self.progress = progress
+        # Where a strategy may keep by-products of its search (a Pareto front, a router and its training
+        # curve, a resumable checkpoint): the CLI sets it to the folder named like the plan, next to it.
+        self.artifacts = Path(artifacts) if artifacts is not None else None
         self.evaluations = 0
         self._check_profile()
         self.reference = self.run_full()
 
     @classmethod
-    def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False) -> "SearchContext":
+    def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False,
+              artifacts: Path | None = None) -> "SearchContext":
         """A context with ``samples`` calibration inputs (conditions from seed 0, calibration seeds)."""
-        return cls(runner, sampler, profile, runner.conditions(samples, seed=0), calibration_seeds(samples), progress=progress)
+        return cls(runner, sampler, profile, runner.conditions(samples, seed=0), calibration_seeds(samples),
+                   progress=progress, artifacts=artifacts)
 
     def _check_profile(self) -> None:
         meta = self.profile.meta

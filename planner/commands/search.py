@@ -27,6 +27,12 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true", help="then measure realized speedup and PSNR/SSIM on held-out seeds")
     p.add_argument("--verify-samples", type=int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    run = p.add_argument_group("search runs (strategies that use them: optuna's study, learned routers' training)")
+    run.add_argument("--seed", type=int, default=None, help="random seed of the search (default: the strategy's, 0)")
+    run.add_argument("--n-trials", type=int, default=None, help="trials this process runs (optuna)")
+    run.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///f.db, postgresql://..., journal:FILE)")
+    run.add_argument("--study", default=None, help="study name in --storage (workers that name one study share it)")
+    run.add_argument("--resume", action="store_true", help="continue from the checkpoint next to the plan (learned routers)")
     add_sampler_args(p, steps=None, guidance=None)
     add_json_flag(p)
     p.set_defaults(func=cmd_search)
@@ -44,6 +50,24 @@ def parse_params(items: list[str]) -> dict:
         except json.JSONDecodeError:
             params[key] = value
     return params
+
+
+RUN_OPTIONS = ("seed", "n_trials", "storage", "study", "resume")
+
+
+def strategy_params(args) -> dict:
+    """``--param`` items plus the run options given on the command line (``--seed 3`` -> ``seed=3``)."""
+    params = parse_params(args.param)
+    for key in RUN_OPTIONS:
+        value = getattr(args, key, None)
+        if value not in (None, False):
+            params[key] = value
+    return params
+
+
+def artifacts_dir(plan_path: Path) -> Path:
+    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
+    return plan_path.with_suffix("")
 
 
 def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
@@ -75,7 +99,7 @@ def cmd_search(args) -> int:
     from search.context import SearchContext
 
     budget = Budget.parse(args.budget if args.budget or args.max_error is not None else "2x", args.max_error)
-    strategy = get_strategy(args.strategy)(**parse_params(args.param))
+    strategy = get_strategy(args.strategy)(**strategy_params(args))
     if args.calib_samples < 1:
         raise PlannerError(f"--calib-samples must be at least 1, got {args.calib_samples}")
     progress = not (args.quiet or args.json)
@@ -84,8 +108,10 @@ def cmd_search(args) -> int:
     profile = load_or_make_profile(runner, sampler, args.profile, args.calib_samples, str(runner.device), progress)
     profile_s = time.perf_counter() - start
 
+    out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
     start = time.perf_counter()
-    context = SearchContext.build(runner, sampler, profile, samples=args.calib_samples, progress=progress)
+    context = SearchContext.build(runner, sampler, profile, samples=args.calib_samples, progress=progress,
+                                  artifacts=artifacts_dir(out))
     if budget.speedup is not None and budget.speedup > context.max_speedup():
         raise PlannerError(
             f"budget {budget.label()} cannot be met: even reusing every block at every step but the first "
@@ -96,7 +122,6 @@ def cmd_search(args) -> int:
     pred = plan.prediction
     if not budget.met(pred.speedup, pred.calib_error):
         raise PlannerError(f"strategy {args.strategy} returned a plan that misses the budget ({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
-    out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
     save_plan(plan, out)
 
     payload = {
