@@ -35,17 +35,25 @@ Deviations from DiTFastAttn, and why (digits-dit, DDIM-50, guidance 3, 8 calibra
   most ``max_run`` steps in a row (SmoothCache reuses at most 3). By default the bound is the
   shortest that can meet the budget: it starts at ``max(1, floor(2 s) - 2)`` for a budget of s,
   skips bounds whose periodic pattern (compute every bound + 1 steps) cannot reach s on the
-  latency model, and grows when the passes miss. Measured at 2x (calibration error):
-  max_run 3 -> 0.056, max_run 2 -> 0.047; at 1.5x: max_run 2 -> 0.038, max_run 1 -> 0.019
-  (uniform: 0.023 at 1.64x).
+  latency model, and grows when the passes miss. Measured at 2x (calibration error, forecast
+  first): max_run 3 -> 0.0275, max_run 2 -> 0.0219; at 1.5x: max_run 2 -> 0.0224, max_run 1 ->
+  0.0071 (uniform: 0.0234 at 1.64x).
 * **Fewer candidates.** Every trial is a full model call (about 50 ms here for 8 samples x 2
   branches), and the old default (blocks: residual reuse and forecast, sub-layers: reuse and
   forecast, plus CFG sharing: up to 72 trials per step) took about 100 s per pass and 597 s for a
-  2x search. METHODS.md: block residual reuse beats output reuse on every block and is what
-  reaches 2x and beyond (sub-layer reuse keeps norms and modulation, which caps its speed), so
-  the default tries blocks only, residual reuse then forecast (``actions={"block": "DF"}``,
-  ``share_cfg=false``); with the run bound most (step, block) pairs are forced computes that need
-  no trial. Sub-layer reuse and CFG sharing remain available through ``actions`` / ``share_cfg``.
+  2x search. METHODS.md: block-level skipping beats sub-layer reuse (sub-layer reuse keeps norms
+  and modulation, which caps its speed), so the default tries blocks only
+  (``actions={"block": "FD"}``, ``share_cfg=false``); with the run bound most (step, block) pairs
+  are forced computes that need no trial. Sub-layer reuse and CFG sharing remain available through
+  ``actions`` / ``share_cfg``.
+* **Forecast first.** Candidates go from most to least saving by the profile's costs; actions whose
+  costs differ by under 5% of the module's compute save the same and keep the order ``actions``
+  gives (:func:`by_saving`). Forecast and residual reuse both skip the block, and forecast goes
+  first: the per-step error prefers residual reuse (picking the least per-step error among the
+  two gave 0.0415 at 2x), but its stale residual biases every step of a run the same way, while a
+  forecast follows the trend; the final error says forecast (uniform schedules, calibration error:
+  every 2nd step 0.0098 forecast vs 0.0234 residual reuse, every 3rd 0.0235 vs 0.0518; greedy at
+  2x 0.0219 vs 0.0474 with residual reuse first).
 * **Fewer passes.** Every trial's error divided by its threshold weight is the smallest delta at
   which that trial would have been accepted. From one pass those numbers predict, for any
   delta, which (step, module) pairs reuse, and so (through the latency model) the delta that just
@@ -57,7 +65,7 @@ Deviations from DiTFastAttn, and why (digits-dit, DDIM-50, guidance 3, 8 calibra
   its final latents give the plan's calibration error; the search returns the pass that meets
   the budget with the least calibration error.
 
-Measured on the error view and the step weight (2x, max_run 3): guided error + profile weight
+Measured on the error view and the step weight (2x, max_run 3, residual reuse first): guided error + profile weight
 0.058, raw error + profile weight 0.056, guided error + constant threshold 0.063: the error view
 is a wash here, the step weight helps.
 
@@ -84,7 +92,7 @@ from search import Strategy, register
 from search._common import unreachable
 
 GREEDY_HOOK = "planner_greedy_search"
-DEFAULT_ACTIONS = {"block": "DF", "attn": "", "cross_attn": "", "mlp": ""}
+DEFAULT_ACTIONS = {"block": "FD", "attn": "", "cross_attn": "", "mlp": ""}
 
 
 def first_acceptable(candidates: Sequence, error_of: Callable, threshold: float):
@@ -97,6 +105,18 @@ def first_acceptable(candidates: Sequence, error_of: Callable, threshold: float)
         if errors[-1] <= threshold:
             return i, errors
     return None, errors
+
+
+def by_saving(codes: str, compute_s: float, action_s: dict[str, float], tie: float = 0.05) -> str:
+    """Action ``codes`` from most to least saving (least predicted cost ``action_s`` first). Codes whose
+    costs differ by at most ``tie`` times the module's compute cost save the same: they keep the order
+    given (residual reuse and forecast both skip a block; the order of ``actions`` says which goes first)."""
+    out: list[str] = []
+    for code in codes:
+        cost = action_s.get(code, 0.0)
+        at = next((i for i, c in enumerate(out) if action_s.get(c, 0.0) > cost + tie * compute_s), len(out))
+        out.insert(at, code)
+    return "".join(out)
 
 
 def step_weights(profile, blocks: Iterable[str], steps: int) -> np.ndarray:
@@ -116,6 +136,16 @@ def step_weights(profile, blocks: Iterable[str], steps: int) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(np.isfinite(curve) & (curve > 0), m / curve, 1.0)
     return np.clip(w, 0.0, 1.0)
+
+
+def module_costs(latency) -> dict[str, tuple[float, dict[str, float]]]:
+    """``{module: (seconds to compute it with everything inside, {action: seconds})}`` from a latency model."""
+    inside: dict[str, float] = {}
+    for m in latency.modules:
+        inside[m.name] = inside.get(m.name, 0.0) + m.self_s
+        if m.parent:
+            inside[m.parent] = inside.get(m.parent, 0.0) + m.self_s
+    return {m.name: (inside[m.name], dict(m.reuse_s)) for m in latency.modules}
 
 
 class _StepSearchHook(ModelHook):
@@ -142,6 +172,7 @@ class _GreedyPass:
         self.layout = context.runner.cfg_layout(context.sampler)
         self.branches = branches_of(self.layout)
         self.modules = context.modules
+        self.costs = module_costs(context.latency)
         self.blocks = 1 + max(m.block for m in self.modules)
         self.parent = {m.name: m.name.rsplit(".", 1)[0] for m in self.modules if m.kind != "block"}
         self.actions = actions
@@ -178,8 +209,13 @@ class _GreedyPass:
             self.codes[module][b][step] = code
         self.handle.set_codes(module, {b: "".join(c) for b, c in self.codes[module].items()})
 
-    def _candidates(self, kind: str, active: tuple[str, ...]) -> list[dict[str, str]]:
-        out = [{b: code for b in active} for code in self.actions.get(kind, "")]
+    def _candidates(self, module, active: tuple[str, ...]) -> list[dict[str, str]]:
+        """The module's candidate choices, most saving first (see :func:`by_saving`); CFG sharing (the
+        module runs on one half) saves least, so it comes last."""
+        codes = self.actions.get(module.kind, "")
+        if module.name in self.costs:
+            codes = by_saving(codes, *self.costs[module.name])
+        out = [{b: code for b in active} for code in codes]
         if self.share_cfg and "uncond" in active:
             out.append({b: ("S" if b == "uncond" else "C") for b in active})
         return out
@@ -236,7 +272,7 @@ class _GreedyPass:
             parent = self.parent.get(m.name)
             if parent is not None and any(self.codes[parent][b][step] != "C" for b in active):
                 continue  # the block does not run, so neither do its sub-layers
-            candidates = self._candidates(m.kind, active)
+            candidates = self._candidates(m, active)
             if not candidates or self._run_length(m.name, step, active) >= (self.max_run or math.inf):
                 self._set(m.name, step, {b: "C" for b in active})
                 continue
@@ -265,7 +301,7 @@ def decisions_from_records(records, modules: Iterable[str], branches: Sequence[s
 @register
 class Greedy(Strategy):
     """Params: ``delta`` (a fixed threshold scale: no budget search), ``actions`` (per kind, e.g.
-    ``{"block": "DF", "mlp": "R"}``; default blocks ``DF`` only), ``share_cfg`` (default false),
+    ``{"block": "FD", "mlp": "R"}``; default blocks ``FD`` only: forecast, else residual reuse), ``share_cfg`` (default false),
     ``max_run`` (longest run of reuses; default: the shortest that meets the budget, 3 otherwise),
     ``error`` (``guided`` or ``raw``), ``step_weight`` (``profile``, ``square`` or ``none``), ``position``
     (``linear`` = DiTFastAttn's block scaling, or ``none``), ``max_passes``

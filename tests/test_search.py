@@ -21,7 +21,7 @@ from planner.runner import Sampler, load_runner
 from search import get_strategy, strategy_names
 from search.budget import Budget
 from search.context import SearchContext
-from search.greedy import _GreedyPass, decisions_from_records, first_acceptable, step_weights
+from search.greedy import _GreedyPass, decisions_from_records, by_saving, first_acceptable, step_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
@@ -103,6 +103,15 @@ def test_first_acceptable_takes_the_first_candidate_under_the_threshold():
     assert first_acceptable(["D", "F"], table.get, 0.01) == (None, [0.30, 0.04])
     assert first_acceptable(["D"], table.get, 0.30) == (0, [0.30])  # at the threshold counts
     assert first_acceptable([], table.get, 1.0) == (None, [])
+
+
+def test_candidates_go_from_most_to_least_saving_and_ties_keep_their_order():
+    costs = {"D": 0.010, "F": 0.012, "R": 0.30, "S": 0.5}
+    assert by_saving("RFD", 1.0, costs) == "FDR"  # F costs 0.2% of the block more than D: a tie
+    assert by_saving("RDF", 1.0, costs) == "DFR"
+    assert by_saving("RFD", 1.0, costs, tie=0.0) == "DFR"
+    assert by_saving("SRF", 0.01, costs) == "FRS"
+    assert by_saving("", 1.0, costs) == ""
 
 
 def test_records_predict_the_plan_of_another_delta():
