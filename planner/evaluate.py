@@ -1,15 +1,32 @@
 """What a plan really gives on held-out seeds: wall-clock speedup and quality against full compute.
 
 Seeds: calibration uses seeds below ``EVAL_SEED_BASE``, evaluation seeds from it on, so a plan is
-never judged on the inputs it was searched on. Timing interleaves the runs (A B A B ...) after a
-warm-up and takes medians, so drifting machine load hits both sides alike.
+never judged on the inputs it was searched on (``check_held_out`` refuses overlaps unless forced).
+
+Timing (``time_against_reference``): warm-up first, then the reference (full compute) and the
+contenders run interleaved, ``R A R A ...`` or with several contenders ``R A B C R A B C R ...``;
+each contender's run is paired with the mean of the reference runs just before and after it, and
+its speedup is the median of those per-run ratios, with their min-max spread. Drifting machine
+load (other jobs on a shared box) so hits both sides of every ratio alike. Set-up such as
+installing a plan's hooks happens outside the timer; on a GPU every run is fenced by
+``torch.cuda.synchronize``.
+
+Quality (``quality``): PSNR, SSIM, MSE and relative L1 against the full run from the same seeds;
+for digits-dit also the digit classifier's accuracy and the Frechet distance of classifier
+features to the real digits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import re
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -17,6 +34,7 @@ from planner.errors import PlannerError
 
 CALIB_SEED_BASE = 0
 EVAL_SEED_BASE = 1_000_000
+REFERENCE = "full"
 
 
 def calibration_seeds(n: int) -> list[int]:
@@ -31,10 +49,56 @@ def evaluation_seeds(n: int, start: int = EVAL_SEED_BASE) -> list[int]:
     return list(range(start, start + n))
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"100..131"`` (inclusive), ``"7"``, or a comma list of both (``"1,5..7"``) -> sorted distinct seeds."""
+    seeds: set[int] = set()
+    for part in str(text).replace(" ", "").split(","):
+        if m := re.fullmatch(r"(\d+)\.\.(\d+)", part):
+            lo, hi = int(m.group(1)), int(m.group(2))
+            if hi < lo:
+                raise PlannerError(f"seed range {part!r} runs backwards")
+            seeds.update(range(lo, hi + 1))
+        elif re.fullmatch(r"\d+", part):
+            seeds.add(int(part))
+        else:
+            raise PlannerError(f"cannot read seeds {text!r}: write a range such as 100..131, a seed, or a comma list")
+    return sorted(seeds)
+
+
+def format_seeds(seeds: Iterable[int]) -> str:
+    """The inverse of :func:`parse_seeds`: ``[1, 2, 3, 7]`` -> ``"1..3,7"``."""
+    seeds = sorted({int(s) for s in seeds})
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}..{seeds[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def check_held_out(seeds: Iterable[int], calib_seeds: Iterable[int], force: bool = False) -> None:
+    """PlannerError when ``seeds`` share any seed with the plan's calibration seeds (unless ``force``)."""
+    overlap = sorted(set(seeds) & set(calib_seeds))
+    if overlap and not force:
+        raise PlannerError(
+            f"evaluation seeds overlap the plan's calibration seeds ({format_seeds(overlap)}): a plan must be judged "
+            f"on held-out seeds (default from {EVAL_SEED_BASE}); --force evaluates anyway"
+        )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync_for(device: torch.device | str) -> Callable[[], None]:
+    return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+
 def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1,
                      device: torch.device | str = "cpu") -> dict[str, list[float]]:
     """Seconds of each run, ``repeats`` times, interleaved in the order given, after ``warmup`` rounds."""
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync = _sync_for(device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + repeats):
         for name, fn in runs.items():
@@ -47,32 +111,252 @@ def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 3, wa
     return times
 
 
-def verify_plan(runner, sampler, plan, samples: int = 8, repeats: int = 3, seed_start: int = EVAL_SEED_BASE) -> dict:
-    """Realized speedup (median of interleaved runs, with min-max spread) and PSNR/SSIM/relative L1
-    of ``plan`` against full compute on ``samples`` held-out seeds."""
-    from planner.executor import apply_plan
+@dataclass
+class Contender:
+    """One way of sampling the evaluation inputs: ``run()`` returns its output; ``context`` (optional) is
+    entered just before and left just after each run, outside the timer (e.g. installing a plan's hooks)."""
+
+    run: Callable[[], Any]
+    context: Callable[[], AbstractContextManager] | None = None
+
+
+@dataclass
+class Timing:
+    """A contender's timed runs, each paired with the reference time around it (mean of the reference
+    runs just before and after)."""
+
+    seconds: list[float]
+    reference_seconds: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        return [r / s for r, s in zip(self.reference_seconds, self.seconds)]
+
+    @property
+    def speedup(self) -> float:
+        """Median over runs of reference time / contender time."""
+        return statistics.median(self.ratios)
+
+    @property
+    def speedup_range(self) -> tuple[float, float]:
+        """Min and max of the per-run ratios."""
+        return min(self.ratios), max(self.ratios)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    def to_dict(self) -> dict:
+        lo, hi = self.speedup_range
+        return {"median_s": self.median_s, "min_s": min(self.seconds), "max_s": max(self.seconds),
+                "speedup": self.speedup, "speedup_range": [lo, hi], "runs": len(self.seconds)}
+
+
+@dataclass
+class TimedRuns:
+    """What :func:`time_against_reference` measured: timings, the last output of every run, the call order."""
+
+    timings: dict[str, Timing]
+    reference_seconds: list[float]
+    outputs: dict[str, Any]
+    order: list[str] = field(default_factory=list)
+
+
+def interleaved_order(names: list[str], repeats: int, reference_every: int) -> list[str]:
+    """The timed sequence: the reference first, then ``repeats`` rounds of the contenders in turn, the
+    reference again after every ``reference_every`` contenders and at the end: ``R A B R A B R``."""
+    order = [REFERENCE]
+    for _ in range(repeats):
+        for i, name in enumerate(names):
+            order.append(name)
+            if (i + 1) % reference_every == 0 or i == len(names) - 1:
+                order.append(REFERENCE)
+    return order
+
+
+def time_against_reference(reference: Contender, contenders: dict[str, Contender], repeats: int = 5,
+                           warmup: int = 1, reference_every: int = 4, device: torch.device | str = "cpu",
+                           progress: Callable[[str], None] | None = None,
+                           clock: Callable[[], float] = time.perf_counter) -> TimedRuns:
+    """Time every contender against ``reference``, interleaved (see the module docstring).
+
+    ``warmup`` untimed rounds of all runs come first. Each contender's ``Timing`` pairs its runs with
+    the mean of the reference runs bracketing them. Outputs are the last run's of each (runs are
+    deterministic, so any run's would do). ``progress(name)`` is called after every run.
+    """
+    if REFERENCE in contenders:
+        raise PlannerError(f"a contender may not be named {REFERENCE!r}")
+    if repeats < 1 or warmup < 0:
+        raise PlannerError(f"repeats must be at least 1 and warm-up rounds at least 0, got {repeats} and {warmup}")
+    runs = {REFERENCE: reference, **contenders}
+    sync = _sync_for(device)
+    outputs: dict[str, Any] = {}
+
+    def timed(name: str) -> float:
+        contender = runs[name]
+        with contender.context() if contender.context else contextlib.nullcontext():
+            sync()
+            start = clock()
+            outputs[name] = contender.run()
+            sync()
+            seconds = clock() - start
+        if progress:
+            progress(name)
+        return seconds
+
+    for _ in range(warmup):
+        for name in runs:
+            timed(name)
+    order = interleaved_order(list(contenders), repeats, max(1, reference_every))
+    seconds = [timed(name) for name in order]
+    ref_positions = [i for i, name in enumerate(order) if name == REFERENCE]
+    timings: dict[str, Timing] = {name: Timing([], []) for name in contenders}
+    for i, name in enumerate(order):
+        if name == REFERENCE:
+            continue
+        before = max(p for p in ref_positions if p < i)
+        after = min(p for p in ref_positions if p > i)
+        timings[name].seconds.append(seconds[i])
+        timings[name].reference_seconds.append((seconds[before] + seconds[after]) / 2)
+    return TimedRuns(timings, [seconds[p] for p in ref_positions], outputs, order)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+def quality(output: torch.Tensor, reference: torch.Tensor, conditions: list[Any] | None = None,
+            digits: bool = False) -> dict[str, float | None]:
+    """PSNR, SSIM, MSE and relative L1 of ``output`` against ``reference`` (images in [0, 1]); with
+    ``digits`` also the classifier's accuracy on ``conditions`` and the Frechet distance to real digits."""
     from planner.metrics import compare
 
-    seeds = evaluation_seeds(samples, seed_start)
-    if set(seeds) & set(plan.provenance.calib_seeds):
-        raise PlannerError("evaluation seeds overlap the plan's calibration seeds")
-    conditions = runner.conditions(samples, seed=seed_start)
-    outputs: dict[str, torch.Tensor] = {}
+    scores: dict[str, float | None] = dict(compare(output, reference))
+    if digits:
+        scores.update(digit_scores(output, conditions))
+    return scores
 
-    def full():
-        outputs["full"] = runner.run(conditions, seeds, sampler)
 
-    def planned():
-        with apply_plan(runner.pipe, plan):
-            outputs["plan"] = runner.run(conditions, seeds, sampler)
+def digit_scores(images: torch.Tensor, conditions: list[Any] | None) -> dict[str, float | None]:
+    """Digit classifier accuracy (intended labels = ``conditions``) and Frechet distance (``None`` below 2 images)."""
+    from planner.metrics import digit_accuracy, digit_frechet_distance
 
-    times = time_interleaved({"full": full, "plan": planned}, repeats=repeats, device=runner.device)
-    full_s, plan_s = statistics.median(times["full"]), statistics.median(times["plan"])
     return {
-        "seeds": [seeds[0], seeds[-1]],
-        "full_s": full_s,
-        "plan_s": plan_s,
-        "speedup": full_s / plan_s,
-        "speedup_range": [min(times["full"]) / max(times["plan"]), max(times["full"]) / min(times["plan"])],
-        **compare(outputs["plan"], outputs["full"]),
+        "accuracy": digit_accuracy(images, conditions) if conditions is not None else None,
+        "frechet": digit_frechet_distance(images) if len(images) >= 2 else None,
     }
+
+
+def is_digits(runner) -> bool:
+    """Whether the runner drives digits-dit (whose outputs the digit classifier can read)."""
+    return getattr(runner.family, "name", None) == "digits"
+
+
+# --------------------------------------------------------------------------- one plan
+
+
+def evaluate_plan(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
+                  force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+    """Realized speedup and quality of ``plan`` against full compute on held-out ``seeds``.
+
+    Refuses seeds overlapping the plan's calibration seeds unless ``force`` (before any model runs).
+    Returns a JSON-ready report: ``seeds`` (compact text), ``n``, ``full_s`` / ``plan_s`` (medians)
+    with ``full_range_s`` / ``plan_range_s``, ``speedup`` (median of interleaved per-run ratios),
+    ``speedup_range`` (their min and max), ``repeats``, PSNR/SSIM/MSE/rel. L1, ``executor`` stats,
+    and for digits-dit ``digits`` = ``{"full": ..., "plan": ...}``, each the classifier's accuracy and
+    the Frechet distance to the real digits.
+    """
+    return evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats, warmup, force, progress)[0]
+
+
+def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
+                               force: bool = False, progress: Callable[[str], None] | None = None
+                               ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """:func:`evaluate_plan`'s report plus the full and planned outputs (images) it compared."""
+    from planner.executor import apply_plan
+
+    if not seeds:
+        raise PlannerError("no evaluation seeds given")
+    check_held_out(seeds, plan.provenance.calib_seeds, force)
+    sampler = runner.resolve(sampler)
+    plan.check_sampler(runner, sampler)
+    conditions = runner.conditions(len(seeds), seed=seeds[0])
+    handles = []
+
+    def install():
+        handles.append(apply_plan(runner.pipe, plan))
+        return handles[-1]
+
+    timed = time_against_reference(
+        Contender(lambda: runner.run(conditions, seeds, sampler)),
+        {"plan": Contender(lambda: runner.run(conditions, seeds, sampler), context=install)},
+        repeats=repeats, warmup=warmup, reference_every=1, device=runner.device, progress=progress,
+    )
+    full, planned = timed.outputs[REFERENCE], timed.outputs["plan"]
+    t, ref = timed.timings["plan"], timed.reference_seconds
+    report = {
+        "plan_strategy": plan.provenance.strategy,
+        "seeds": format_seeds(seeds),
+        "n": len(seeds),
+        "repeats": repeats,
+        "full_s": statistics.median(ref),
+        "full_range_s": [min(ref), max(ref)],
+        "plan_s": t.median_s,
+        "plan_range_s": [min(t.seconds), max(t.seconds)],
+        "speedup": t.speedup,
+        "speedup_range": list(t.speedup_range),
+        "predicted_speedup": plan.prediction.speedup,
+        **quality(planned, full),
+        "executor": _executor_summary(handles[-1].stats()),
+    }
+    if is_digits(runner):
+        report["digits"] = {"full": digit_scores(full, conditions), "plan": digit_scores(planned, conditions)}
+    return report, full, planned
+
+
+def _executor_summary(stats: dict) -> dict:
+    """What the executor reports about the plan's last run: share of module calls computed, fallbacks."""
+    return {"computed_fraction": stats.get("computed_fraction"), "fallbacks": stats.get("fallbacks")}
+
+
+def verify_plan(runner, sampler, plan, samples: int = 8, repeats: int = 3, seed_start: int = EVAL_SEED_BASE) -> dict:
+    """:func:`evaluate_plan` on ``samples`` held-out seeds from ``seed_start`` (``planner search --verify``)."""
+    return evaluate_plan(runner, sampler, plan, evaluation_seeds(samples, seed_start), repeats=repeats)
+
+
+def eval_markdown(report: dict) -> str:
+    """A markdown table of an :func:`evaluate_plan` report: full compute vs the plan."""
+    def num(x, fmt):
+        if x is None:
+            return "-"
+        return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
+
+    digits = report.get("digits")
+    head = "| run | time s (median, min-max) | speedup (min-max) | PSNR dB | SSIM | rel. L1 |"
+    sep = "|---|---|---|---|---|---|"
+    if digits:
+        head += " digit accuracy | Frechet distance |"
+        sep += "---|---|"
+    lo, hi = report["full_range_s"]
+    full = f"| full compute | {report['full_s']:.3f} ({lo:.3f}-{hi:.3f}) | 1.00x | | | |"
+    lo, hi = report["plan_range_s"]
+    slo, shi = report["speedup_range"]
+    plan = (f"| plan ({report['plan_strategy']}) | {report['plan_s']:.3f} ({lo:.3f}-{hi:.3f}) | "
+            f"{report['speedup']:.2f}x ({slo:.2f}-{shi:.2f}) | {num(report['psnr'], '.2f')} | "
+            f"{num(report['ssim'], '.4f')} | {num(report['rel_l1'], '.4f')} |")
+    if digits:
+        full += f" {num(digits['full']['accuracy'], '.3f')} | {num(digits['full']['frechet'], '.1f')} |"
+        plan += f" {num(digits['plan']['accuracy'], '.3f')} | {num(digits['plan']['frechet'], '.1f')} |"
+    note = (f"\n\n{report['n']} held-out seeds {report['seeds']}, {report['repeats']} interleaved timed runs per side "
+            "after a warm-up; speedup = median of per-run ratios.")
+    return f"{head}\n{sep}\n{full}\n{plan}{note}"
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has none)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

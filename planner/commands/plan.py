@@ -44,6 +44,12 @@ def register(sub) -> None:
     add_json_flag(val)
     val.set_defaults(func=cmd_validate)
 
+    pareto = psub.add_parser("pareto", help="draw a search's Pareto front (run time vs error) with the baselines (PNG)")
+    pareto.add_argument("front", help="the front folder beside an optuna plan (or the plan file)")
+    pareto.add_argument("--out", default=None, help="PNG to write (default: DIR/front.png)")
+    add_json_flag(pareto)
+    pareto.set_defaults(func=cmd_pareto)
+
 
 def _usage(parser: argparse.ArgumentParser) -> int:
     parser.print_help()
@@ -226,4 +232,28 @@ def cmd_validate(args) -> int:
     payload = {"plan": args.plan, "valid": True, "checks": checks, "model": plan.model.cls, "steps": plan.steps}
     text = f"{args.plan}: valid ({', '.join(checks)})"
     report(args, payload, text)
+    return 0
+
+
+def cmd_pareto(args) -> int:
+    """Draw the front folder's time-vs-error plot and report the front, the chosen plan and which
+    front point dominates each baseline."""
+    from search._pareto import front_folder, load_front, plot_front, summarize_front
+
+    folder = front_folder(args.front)
+    doc = load_front(folder)
+    out = Path(args.out) if args.out else folder / "front.png"
+    plot_front(doc, out, folder / "trials.csv")
+    s = {"front": str(folder), "out": str(out), **summarize_front(doc)}
+    best = next((p for p in s["points"] if p["trial"] == s["best"]), None)
+    lines = [f"{folder}: {len(s['points'])} front points from {s['trials_complete']} trials -> {out}"]
+    if best is not None:
+        lines.append(f"chosen plan: trial {best['trial']}, predicted {best['speedup']:.2f}x, error {best['error']:.4f}")
+    for b in s["baselines"]:
+        if "failed" in b:
+            lines.append(f"{b['name']}: {b['failed']}")
+            continue
+        by = "not dominated" if b["dominated_by"] is None else f"dominated by trial {b['dominated_by']}"
+        lines.append(f"{b['name']}: predicted {b['speedup']:.2f}x, error {b['error']:.4f}, {by}")
+    report(args, s, "\n".join(lines))
     return 0

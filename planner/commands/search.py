@@ -146,7 +146,7 @@ def cmd_search(args) -> int:
         v = verify_plan(runner, sampler, plan, samples=args.verify_samples)
         payload["verify"] = v
         text += (
-            f"\nheld-out seeds {v['seeds'][0]}..{v['seeds'][1]}: realized speedup {v['speedup']:.2f}x "
+            f"\nheld-out seeds {v['seeds']}: realized speedup {v['speedup']:.2f}x "
             f"(range {v['speedup_range'][0]:.2f}-{v['speedup_range'][1]:.2f}), PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}"
         )
     report(args, payload, text)

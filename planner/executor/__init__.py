@@ -31,7 +31,9 @@ Soft gates (learned strategies, L2C/HarmoniCa): ``apply_plan(target, plan, gates
 :func:`apply_gates` make every gated module compute and return ``s * fresh + (1 - s) * cached``
 with ``s = g[step, j]`` read at call time (so an optimizer may update ``g`` between steps),
 differentiable with respect to ``g``. The stored entry is the mixed output, detached unless
-``detach_cache=False``. With all gates 1 the outputs equal the compute path exactly.
+``detach_cache=False``. With all gates 1 the outputs equal the compute path exactly. A gated
+*block* mixes with residual reuse instead, ``s * fresh + (1 - s) * (x_now + stored residual)``, and
+stores ``(mixed, x_now)``, so that gates of 0 behave as ``D`` does.
 """
 
 from __future__ import annotations

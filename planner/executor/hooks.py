@@ -113,6 +113,8 @@ class CacheHook(ModelHook):
         self.is_block = module_kind(name)[0] == "block"
         self.keep = {b: 1 for b in BRANCHES}
         self.residual = None
+        if gate_col is not None and self.is_block:  # a gated block's reuse side is residual reuse (D)
+            self.residual = tree.ResidualMap(self.cls)
         self.caches: dict[str, _BranchCache] = {}
         self.codes = None
         if codes is not None:
@@ -247,14 +249,20 @@ class CacheHook(ModelHook):
         mixed = []
         for b, fresh in zip(active, parts):
             entry = self.caches.get(b)
+            now = self._branch_inputs(b, active, args, kwargs) if self.residual is not None else None
             if entry is None or not entry.outputs:  # first step: fresh
                 m = fresh
             else:
-                m = tree.tree_map(lambda f, c: s * f + (1 - s) * c, fresh, entry.outputs[-1][1])
+                cached = entry.outputs[-1][1]
+                if now is not None:  # blocks: this step's input + the stored residual, what "D" returns
+                    cached = self.residual.apply(cached, entry.inputs, now)
+                m = tree.tree_map(lambda f, c: s * f + (1 - s) * c, fresh, cached)
             mixed.append(m)
             stored = tree.tree_map(torch.Tensor.detach, m) if eng.detach_cache else m
             entry = self.caches.setdefault(b, _BranchCache())
             entry.outputs = [(step, stored)]
+            if now is not None:  # stored residual = m - now: with s = 0 the old residual carries on, as with "D"
+                entry.inputs = {k: v.detach() if eng.detach_cache and v is not None else v for k, v in now.items()}
             eng.log(self.name, b, step, COMPUTE)
         return tree.cat(mixed)
 

@@ -1,0 +1,255 @@
+"""The bench itself: build every method's contender, time them all against full compute, score them."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlannerError
+from planner.evaluate import (
+    REFERENCE,
+    Contender,
+    check_held_out,
+    digit_scores,
+    evaluation_seeds,
+    is_digits,
+    quality,
+    time_against_reference,
+)
+
+KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
+# Registered strategies that re-implement other people's methods: baselines, not ours.
+BASELINE_STRATEGIES = {"uniform": "FORA", "smoothcache": "SmoothCache"}
+# Their block level (residual reuse), as in benchmarks/search_bench.py: on digits-dit sub-layer reuse
+# cannot reach 2x, and at 1.5x uniform's sub-layer plan errs five times more (calibration error 0.126
+# vs 0.023), so the baselines are shown at their best. ``--param uniform:level=auto`` restores the
+# strategies' own default.
+# HarmoniCa trains at a third of its default rollouts on half its beta grid, so that the whole
+# default bench fits in 30 minutes on 2 CPU cores (its defaults took 574 s per budget there);
+# ``--param harmonica:rounds=12`` and the like restore them.
+DEFAULT_PARAMS = {
+    "uniform": {"level": "block"},
+    "smoothcache": {"level": "block"},
+    "harmonica": {"rounds": 4, "betas": [0.01, 0.03]},
+}
+FEWER_STEPS = "fewer steps"
+NO_CACHE = "no cache"
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``strategies=None`` means every registered strategy; ``params`` maps a strategy to its
+    search parameters; ``peers``/``sweeps`` select peer tools and their knob values."""
+
+    budgets: list[str] = field(default_factory=lambda: ["1.5x", "2x", "3x"])
+    strategies: list[str] | None = None
+    params: dict[str, dict] = field(default_factory=dict)
+    peers: list[str] | None = None
+    sweeps: dict[str, list[float]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: evaluation_seeds(32))
+    calib_samples: int = 8
+    repeats: int = 5
+    warmup: int = 1
+    reference_every: int = 4
+    fewer_steps: bool = True
+    profile: str | None = None
+    out: Path | None = None
+    progress: bool = True
+
+
+@dataclass
+class Point:
+    """One method at one setting, before and after it is measured."""
+
+    method: str
+    kind: str
+    setting: str
+    budget: str | None = None
+    status: str = "ok"
+    contender: Contender | None = None
+    predicted_speedup: float | None = None
+    calib_error: float | None = None
+    search_s: float | None = None
+    plan: str | None = None
+    params: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.method} | {self.setting}"
+
+
+@dataclass
+class BenchResult:
+    """The measured rows (one dict per point, the columns of the CSV), peers skipped and why, and run facts."""
+
+    rows: list[dict]
+    skipped: dict[str, str]
+    info: dict[str, Any]
+
+
+def _say(config: BenchConfig, text: str) -> None:
+    if config.progress:
+        print(text, file=sys.stderr, flush=True)
+
+
+def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
+    """Run the whole bench on ``runner``/``sampler`` (see the package docstring); nothing is written here."""
+    from planner.bench.peers import PEERS, peer_runs
+
+    start = time.perf_counter()
+    sampler = runner.resolve(sampler)
+    seeds = list(config.seeds)
+    if not seeds:
+        raise PlannerError("no evaluation seeds given")
+    check_held_out(seeds, range(config.calib_samples))
+    conditions = runner.conditions(len(seeds), seed=seeds[0])
+
+    points = strategy_points(runner, sampler, conditions, seeds, config)
+    if config.fewer_steps:
+        points += fewer_steps_points(runner, sampler, conditions, seeds, config.budgets)
+    peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps)
+    for name, why in skipped.items():
+        _say(config, f"peer {name} skipped: {why}")
+    for p in peers:
+        points.append(Point(p.method, KIND_PEER, p.setting,
+                            contender=Contender(lambda run=p.run: run(conditions, seeds, sampler))))
+
+    timed = _time_all(runner, sampler, conditions, seeds, points, config)
+    rows = _rows(runner, conditions, points, timed, sampler)
+    strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
+    given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
+    info = {"search_params": {n: v for n, v in given.items() if v}, "model": runner.spec, "seeds": seeds, "n": len(seeds), "repeats": config.repeats, "warmup": config.warmup,
+            "sampler": sampler.to_dict(), "budgets": config.budgets, "wall_s": time.perf_counter() - start}
+    return BenchResult(rows, skipped, info)
+
+
+# --------------------------------------------------------------------------- ours and baselines
+
+
+def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> list[Point]:
+    """One point per (budget, strategy): the plan searched on the calibration inputs (failures become
+    points carrying their message), saved under ``config.out/plans`` when ``out`` is set."""
+    from planner.commands.search import load_or_make_profile
+    from planner.executor import apply_plan
+    from planner.plan import save_plan
+    from search import get_strategy, strategy_names
+    from search.budget import Budget
+    from search.context import SearchContext
+
+    names = strategy_names() if config.strategies is None else list(config.strategies)
+    for name in names:
+        get_strategy(name)  # an unknown name is bad input: refuse before anything runs
+    unknown = sorted(set(config.params) - set(names))
+    if unknown:
+        raise PlannerError(f"--param names strategy {unknown[0]!r}, which this bench does not run")
+    if not names:
+        return []
+    budgets = [Budget.parse(b) for b in config.budgets]
+    profile = load_or_make_profile(runner, sampler, config.profile, config.calib_samples, str(runner.device),
+                                   config.progress)
+    # The searches run quietly: one summary line each (their own progress bars would bury the bench log).
+    context = SearchContext.build(runner, sampler, profile, samples=config.calib_samples, progress=False)
+    points = []
+    for budget in budgets:
+        for name in names:
+            kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
+            point = Point(name, kind, budget.label(), budget=budget.label())
+            if config.out is not None:
+                context.artifacts = Path(config.out) / "plans" / f"{name}-{budget.label()}"
+            t0 = time.perf_counter()
+            try:
+                if budget.speedup is not None and budget.speedup > context.max_speedup():
+                    raise PlannerError(f"budget {budget.label()} cannot be met (at most {context.max_speedup():.2f}x)")
+                point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
+                plan = get_strategy(name)(**point.params).search(context, budget)
+            except Exception as exc:  # noqa: BLE001 - one failing strategy must not end a 30-minute bench
+                point.status = str(exc) if isinstance(exc, PlannerError) else f"failed: {type(exc).__name__}: {exc}"
+                point.search_s = time.perf_counter() - t0
+                _say(config, f"{name} {budget.label()}: {point.status}")
+                points.append(point)
+                continue
+            point.search_s = time.perf_counter() - t0
+            point.params = plan.provenance.params
+            pred = plan.prediction
+            point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
+            if not budget.met(pred.speedup or 0.0, pred.calib_error if pred.calib_error is not None else math.inf):
+                point.status = f"missed its budget (predicted {pred.speedup:.2f}x)"
+            if config.out is not None:
+                point.plan = str(save_plan(plan, Path(config.out) / "plans" / f"{name}-{budget.label()}.json"))
+            point.contender = Contender(
+                lambda: runner.run(conditions, seeds, sampler),
+                context=lambda plan=plan: apply_plan(runner.pipe, plan),
+            )
+            _say(config, f"{name} {budget.label()}: searched in {point.search_s:.1f} s, predicted {pred.speedup:.2f}x, "
+                         f"calibration error {pred.calib_error:.4f}")
+            points.append(point)
+    return points
+
+
+def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -> list[Point]:
+    """Plain sampling with ``round(steps / s)`` steps for each speed budget ``s`` (same cost, no cache)."""
+    from search.budget import Budget
+
+    points = []
+    for label in budgets:
+        budget = Budget.parse(label)
+        if budget.speedup is None:
+            continue
+        steps = max(1, round(sampler.steps / budget.speedup))
+        if steps >= sampler.steps:
+            continue
+        fewer = replace(sampler, steps=steps)
+        points.append(Point(FEWER_STEPS, KIND_BASELINE, f"{steps} steps", budget=budget.label(),
+                            predicted_speedup=sampler.steps / steps,
+                            contender=Contender(lambda s=fewer: runner.run(conditions, seeds, s))))
+    return points
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: BenchConfig):
+    from tqdm.auto import tqdm
+
+    contenders = {p.key: p.contender for p in points if p.contender is not None}
+    k = len(contenders)
+    total = config.warmup * (k + 1) + 1 + config.repeats * (k + math.ceil(k / max(1, config.reference_every)))
+    bar = tqdm(total=total, desc="bench runs", disable=not config.progress, file=sys.stderr)
+    try:
+        return time_against_reference(
+            Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
+            warmup=config.warmup, reference_every=config.reference_every, device=runner.device,
+            progress=lambda name: bar.update(1),
+        )
+    finally:
+        bar.close()
+
+
+def _rows(runner, conditions, points: list[Point], timed, sampler) -> list[dict]:
+    full = timed.outputs[REFERENCE]
+    digits = is_digits(runner)
+    ref = timed.reference_seconds
+    reference = {"method": NO_CACHE, "kind": KIND_REFERENCE, "setting": f"{sampler.steps} steps", "budget": None,
+                 "status": "ok", "speedup": 1.0, "speedup_min": None, "speedup_max": None,
+                 "median_s": statistics.median(ref), "predicted_speedup": 1.0, "calib_error": 0.0, "search_s": None,
+                 **quality(full, full), **(digit_scores(full, conditions) if digits else {}), "plan": None,
+                 "params": None}
+    rows = [reference]
+    for p in points:
+        row = {"method": p.method, "kind": p.kind, "setting": p.setting, "budget": p.budget, "status": p.status,
+               "speedup": None, "speedup_min": None, "speedup_max": None, "median_s": None,
+               "predicted_speedup": p.predicted_speedup, "calib_error": p.calib_error, "search_s": p.search_s}
+        if p.key in timed.timings:
+            t = timed.timings[p.key]
+            lo, hi = t.speedup_range
+            row.update(speedup=t.speedup, speedup_min=lo, speedup_max=hi, median_s=t.median_s)
+            row.update(quality(timed.outputs[p.key], full, conditions, digits))
+        row["plan"], row["params"] = p.plan, json.dumps(p.params, sort_keys=True) if p.params else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,113 @@
+"""``planner bench``: every strategy, the baselines and the peer tools on one model, sampler and set of
+held-out seeds; writes a results table (CSV, markdown), a Pareto plot and the environment."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from planner.cli import add_json_flag, report
+from planner.commands.sample import add_sampler_args
+from planner.errors import PlannerError
+
+BENCH_DIR = Path("bench")
+DEFAULT_SAMPLES = 32
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="all strategies, baselines and peer tools side by side at matched realized speedup")
+    p.add_argument("--budgets", default="1.5x,2x,3x", help="speed budgets of the searches and the fewer-steps baseline")
+    p.add_argument("--strategies", default="all", help="comma list of registered strategies, 'all' or 'none'")
+    p.add_argument("--param", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
+                   help="a strategy's search parameter (VALUE read as JSON when it parses), repeatable")
+    p.add_argument("--peers", default="all", help="comma list of peer tools, 'all' or 'none' "
+                   "(diffusers-fbcache, diffusers-taylorseer, cache-dit-dbcache, cache-dit-dbcache-taylorseer)")
+    p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
+                   help="knob values traced for a peer (threshold, or TaylorSeer's cache interval), repeatable")
+    p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
+    p.add_argument("--calib-samples", type=int, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
+    p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of every method, interleaved with full compute")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every method first")
+    p.add_argument("--reference-every", type=int, default=4, help="a full-compute run after every N method runs")
+    p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-sampling-steps baseline")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/<model>)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_sampler_args(p, steps=None, guidance=None)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_bench)
+
+
+def parse_strategy_params(items: list[str]) -> dict[str, dict]:
+    """``["l2c:iterations=200", "uniform:level=block"]`` -> ``{"l2c": {"iterations": 200}, "uniform": {"level": "block"}}``."""
+    params: dict[str, dict] = {}
+    for item in items:
+        strategy, sep, rest = item.partition(":")
+        key, eq, value = rest.partition("=")
+        if not sep or not strategy or not eq or not key:
+            raise PlannerError(f"--param takes STRATEGY:KEY=VALUE, got {item!r}")
+        try:
+            params.setdefault(strategy, {})[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params.setdefault(strategy, {})[key] = value
+    return params
+
+
+def _names(text: str) -> list[str] | None:
+    """``all`` -> ``None`` (every one), ``none`` -> ``[]``, else the comma list."""
+    text = text.strip()
+    if text == "all":
+        return None
+    if text in ("none", ""):
+        return []
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from planner.bench import BenchConfig, run_bench
+    from planner.bench.peers import parse_sweeps
+    from planner.bench.report import environment, write_outputs
+    from planner.commands.sample import runner_and_sampler
+    from planner.evaluate import evaluation_seeds, format_seeds, parse_seeds
+    from planner.profile.artifact import slug
+    from search.budget import Budget
+
+    for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--calib-samples", args.calib_samples, 1), ("--reference-every", args.reference_every, 1)):
+        if value < least:
+            raise PlannerError(f"{flag} must be at least {least}, got {value}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PlannerError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    budgets = [Budget.parse(b).label() for b in args.budgets.split(",") if b.strip()]
+    targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
+    config = BenchConfig(
+        budgets=budgets, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
+        peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
+        seeds=parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES),
+        calib_samples=args.calib_samples, repeats=args.repeats, warmup=args.warmup,
+        reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps, profile=args.profile,
+        progress=not (args.quiet or args.json),
+    )
+    runner, sampler = runner_and_sampler(args)
+    out = Path(args.out) if args.out else BENCH_DIR / slug(Path(args.model).name if Path(args.model).is_dir() else args.model)
+    config.out = out
+    result = run_bench(runner, sampler, config)
+    env = environment(runner)
+    title = (f"{runner.spec}, {sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}; "
+             f"{len(config.seeds)} held-out seeds, {env['device']}, {env['torch_threads']} threads")
+    files = write_outputs(result, env, out, targets, title)
+
+    payload = {"out": str(out), "files": files, "wall_s": round(result.info["wall_s"], 1), "skipped": result.skipped,
+               "info": {**result.info, "seeds": format_seeds(result.info["seeds"])}, "environment": env,
+               "rows": result.rows}
+    text = Path(files["results.md"]).read_text()
+    text += f"\nbench took {result.info['wall_s']:.0f} s -> {out}/ (results.csv, results.md, pareto.png, environment.json)"
+    from planner.evaluate import json_safe
+
+    report(args, json_safe(payload), text)
+    return 0

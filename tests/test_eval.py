@@ -1,0 +1,287 @@
+"""Tests of ``planner eval`` and ``planner bench``: held-out seeds, the interleaved timing harness, an
+all-compute plan reporting ~1x and infinite PSNR, the peer tools (run for real, isolated from the
+model, skipped with a clear message when the ``[bench]`` extra is missing), the report shapes, and a
+bench run on a tiny setting that writes its CSV, markdown, plot and environment."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from planner.bench.peers import PEERS, parse_sweeps, peer_runs
+from planner.bench.report import pareto_front, psnr_at
+from planner.cli import main
+from planner.commands.bench import parse_strategy_params
+from planner.errors import PlannerError
+from planner.evaluate import (
+    EVAL_SEED_BASE,
+    REFERENCE,
+    Contender,
+    check_held_out,
+    eval_markdown,
+    evaluate_plan,
+    format_seeds,
+    interleaved_order,
+    json_safe,
+    parse_seeds,
+    time_against_reference,
+)
+from planner.plan import Plan, save_plan
+from planner.profile import TimingConfig, profile_model
+from planner.runner import Sampler, load_runner
+
+STEPS = 6
+FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    runner = load_runner("digits-dit")
+    return runner, runner.resolve(Sampler("ddim", STEPS, 3.0))
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``planner ARGS`` in this process (a subprocess would spend seconds importing torch) inside ``cwd``."""
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_seed_syntax_round_trips_and_refuses_nonsense():
+    assert parse_seeds("100..103") == [100, 101, 102, 103]
+    assert parse_seeds("7, 1..2,2") == [1, 2, 7]
+    assert format_seeds([1, 2, 3, 7, 9, 10]) == "1..3,7,9..10"
+    assert parse_seeds(format_seeds([5, 6, 8])) == [5, 6, 8]
+    for bad in ("", "a..b", "5..3", "1-4", "-3"):
+        with pytest.raises(PlannerError):
+            parse_seeds(bad)
+
+
+def test_seeds_overlapping_the_calibration_seeds_are_refused_unless_forced(digits):
+    runner, sampler = digits
+    plan = Plan.all_compute(runner, sampler, calib_seeds=[0, 1, 2, 3])
+    with pytest.raises(PlannerError, match=r"overlap the plan's calibration seeds \(2\.\.3\)"):
+        check_held_out([2, 3, 4], plan.provenance.calib_seeds)
+    check_held_out([2, 3, 4], plan.provenance.calib_seeds, force=True)  # no error
+    # refused before any model runs: the runner is never touched
+    with pytest.raises(PlannerError, match="overlap"):
+        evaluate_plan(None, None, plan, [3, 4])
+    out = evaluate_plan(runner, sampler, plan, [3, 4], repeats=1, warmup=0, force=True)
+    assert out["seeds"] == "3..4" and out["n"] == 2
+
+
+def test_eval_cli_refuses_calibration_seeds_in_one_line(digits, cli, tmp_path):
+    runner, sampler = digits
+    path = save_plan(Plan.all_compute(runner, sampler, calib_seeds=list(range(8))), tmp_path / "plan.json")
+    proc = cli("eval", "--plan", str(path), "--seeds", "0..3", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "overlap" in lines[0] and "--force" in lines[0]
+
+
+# --------------------------------------------------------------------------- the timing harness
+
+
+def test_timing_interleaves_runs_and_pairs_each_with_the_reference_around_it():
+    calls, now = [], [0.0]
+    cost = {REFERENCE: 2.0, "a": 1.0, "b": 4.0}
+
+    def clock():
+        return now[0]
+
+    def runner(name):
+        def run():
+            calls.append(name)
+            now[0] += cost[name]
+            return name
+        return run
+
+    @contextlib.contextmanager
+    def hooks():
+        calls.append("install")
+        yield
+        calls.append("remove")
+
+    timed = time_against_reference(
+        Contender(runner(REFERENCE)), {"a": Contender(runner("a"), context=hooks), "b": Contender(runner("b"))},
+        repeats=2, warmup=1, reference_every=1, clock=clock,
+    )
+    runs = [c for c in calls if c not in ("install", "remove")]
+    assert runs[:3] == [REFERENCE, "a", "b"]  # warm-up round first
+    assert runs[3:] == ["full", "a", "full", "b", "full", "a", "full", "b", "full"] == timed.order
+    assert calls[calls.index("a") - 1] == "install" and calls[calls.index("a") + 1] == "remove"
+    assert timed.timings["a"].speedup == pytest.approx(2.0) and timed.timings["b"].speedup == pytest.approx(0.5)
+    assert timed.timings["a"].speedup_range == pytest.approx((2.0, 2.0)) and len(timed.timings["a"].seconds) == 2
+    assert timed.outputs == {REFERENCE: REFERENCE, "a": "a", "b": "b"}
+    assert interleaved_order(["a", "b", "c"], 1, 2) == ["full", "a", "b", "full", "c", "full"]
+
+
+def test_drift_hits_both_sides_of_each_ratio():
+    # the machine slows down 10 % per run: bracketing references keep the ratio near the truth (2x)
+    now, factor = [0.0], [1.0]
+
+    def run(cost):
+        def f():
+            now[0] += cost * factor[0]
+            factor[0] *= 1.1
+        return f
+
+    timed = time_against_reference(Contender(run(2.0)), {"a": Contender(run(1.0))}, repeats=4, warmup=0,
+                                   reference_every=1, clock=lambda: now[0])
+    assert timed.timings["a"].speedup == pytest.approx(2.0, rel=0.01)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits):
+    runner, sampler = digits
+    plan = Plan.all_compute(runner, sampler, calib_seeds=[0, 1])
+    seeds = list(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 4))
+    out = evaluate_plan(runner, sampler, plan, seeds, repeats=3, warmup=1)
+    assert 0.5 < out["speedup"] < 2.0
+    assert out["speedup_range"][0] <= out["speedup"] <= out["speedup_range"][1]
+    assert math.isinf(out["psnr"]) and out["ssim"] == pytest.approx(1.0) and out["rel_l1"] == 0.0
+    assert out["executor"]["computed_fraction"] == 1.0 and out["executor"]["fallbacks"] == 0
+    assert out["digits"]["full"] == out["digits"]["plan"] and 0.0 <= out["digits"]["full"]["accuracy"] <= 1.0
+    md = eval_markdown(out)
+    assert md.splitlines()[0].startswith("| run |") and "| inf |" in md and "digit accuracy" in md
+    assert json_safe(out)["psnr"] == "inf"
+
+
+def test_eval_cli_writes_json_markdown_and_png(digits, cli, tmp_path):
+    runner, sampler = digits
+    plan_path = save_plan(Plan.for_runner(runner, sampler, {"transformer_blocks.3": "CDDCDD"}, calib_seeds=[0, 1]),
+                          tmp_path / "plan.json")
+    proc = cli("eval", "--plan", str(plan_path), "--seeds", "1000000..1000003", "--repeats", "1", "--json",
+                "--out", "report.json", "--png", "grid.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert payload["plan"] == str(plan_path) and payload["model"] == "digits-dit" and payload["n"] == 4
+    assert {"speedup", "speedup_range", "full_s", "plan_s", "psnr", "ssim", "rel_l1", "digits"} <= set(payload)
+    assert 0 < payload["psnr"] < 200 and payload["executor"]["computed_fraction"] < 1.0
+    assert json.loads((tmp_path / "report.json").read_text())["seeds"] == "1000000..1000003"
+    md = (tmp_path / "report.md").read_text()
+    assert "| plan (manual) |" in md and "| full compute |" in md
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def test_peers_are_skipped_with_a_clear_message_when_the_extra_is_missing(digits, monkeypatch):
+    runner, sampler = digits
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # makes `import cache_dit` raise ImportError
+    runs, skipped = peer_runs(runner, sampler, ["cache-dit-dbcache", "cache-dit-dbcache-taylorseer"],
+                              {"cache-dit-dbcache": [0.1], "cache-dit-dbcache-taylorseer": [0.1]})
+    assert runs == []
+    assert set(skipped) == {"cache-dit-dbcache", "cache-dit-dbcache-taylorseer"}
+    for why in skipped.values():
+        assert "cache-dit is not installed" in why and "pip install 'dit-cache-planner[bench]'" in why
+        assert "\n" not in why
+
+
+@pytest.mark.parametrize("peer, value", [("diffusers-fbcache", 0.3), ("diffusers-taylorseer", 2),
+                                         ("cache-dit-dbcache", 0.3), ("cache-dit-dbcache-taylorseer", 0.3)])
+def test_peers_run_for_real_on_their_own_copy(digits, peer, value):
+    if peer.startswith("cache-dit"):
+        pytest.importorskip("cache_dit")
+    runner, sampler = digits
+    sampler = runner.resolve(Sampler("ddim", 20, 3.0))  # enough steps for cache-dit's 8 warm-up steps
+    seeds = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
+    conditions = runner.conditions(2, seed=seeds[0])
+    before = runner.run(conditions, seeds, sampler)
+    runs, skipped = peer_runs(runner, sampler, [peer], {peer: [value]})
+    assert not skipped and len(runs) == 1 and runs[0].method == peer
+    first = runs[0].run(conditions, seeds, sampler)
+    again = runs[0].run(conditions, seeds, sampler)
+    assert torch.equal(first, again)  # the peer's state is reset between calls
+    assert torch.isfinite(first).all() and not torch.equal(first, before)  # it cached something
+    assert (first - before).abs().mean() < 0.2  # and still draws the same digits
+    assert torch.equal(runner.run(conditions, seeds, sampler), before)  # the original model is untouched
+    assert not hasattr(runner.transformer, "_diffusers_hook") and not hasattr(type(runner.pipe), "_is_cached")
+
+
+def test_peer_and_param_flags_refuse_bad_input():
+    assert parse_sweeps(["diffusers-fbcache=0.05,0.1"]) == {"diffusers-fbcache": [0.05, 0.1]}
+    for bad in (["nope=1"], ["diffusers-fbcache"], ["diffusers-fbcache=a"], ["diffusers-taylorseer=2.5"]):
+        with pytest.raises(PlannerError):
+            parse_sweeps(bad)
+    assert parse_strategy_params(["l2c:iterations=200", "uniform:level=block"]) == {
+        "l2c": {"iterations": 200}, "uniform": {"level": "block"}}
+    with pytest.raises(PlannerError, match="STRATEGY:KEY=VALUE"):
+        parse_strategy_params(["iterations=200"])
+    with pytest.raises(PlannerError, match="unknown peer"):
+        peer_runs(None, None, ["no-such-peer"])
+    assert len(PEERS) == 4
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def test_psnr_at_matched_speedup_interpolates_on_the_pareto_front():
+    points = [(1.5, 40.0), (2.5, 30.0), (2.0, 20.0), (1.2, 39.0)]  # (2.0, 20) and (1.2, 39) are dominated
+    assert pareto_front(points) == [(1.5, 40.0), (2.5, 30.0)]
+    assert psnr_at(points, 2.0) == (pytest.approx(35.0), "")
+    assert psnr_at(points, 2.7) == (30.0, "2.50x")  # nearest point within 10 %
+    assert psnr_at(points, 3.0) is None and psnr_at([], 2.0) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(digits, tmp_path_factory):
+    runner, sampler = digits
+    out = tmp_path_factory.mktemp("profile") / "digits"
+    profile_model(runner, sampler, samples=2, lags=2, timing=FAST, flops=False, out=out)
+    return out
+
+
+def test_bench_on_a_tiny_setting_writes_table_plot_and_environment(tiny_profile, cli, tmp_path):
+    proc = cli("bench", "--steps", str(STEPS), "--budgets", "2x,50x", "--strategies", "uniform",
+                "--param", "uniform:level=block", "--peers", "diffusers-fbcache", "--sweep", "diffusers-fbcache=0.2,0.5",
+                "--seeds", "1000000..1000003", "--repeats", "1", "--calib-samples", "2", "--profile", str(tiny_profile),
+                "--threads", "1", "--out", "out", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    out = tmp_path / "out"
+    assert {Path(f).name for f in payload["files"].values()} == {
+        "results.csv", "results.md", "results.json", "pareto.png", "environment.json"}
+    rows = {(r["method"], r["setting"]): r for r in payload["rows"]}
+    assert rows[("no cache", f"{STEPS} steps")]["psnr"] == "inf"
+    uniform = rows[("uniform", "2x")]
+    assert uniform["status"] == "ok" and uniform["speedup"] > 0 and 0 < uniform["psnr"] < 200
+    assert (out / "plans" / "uniform-2x.json").is_file() and uniform["plan"].endswith("uniform-2x.json")
+    assert "cannot be met" in rows[("uniform", "50x")]["status"] and rows[("uniform", "50x")]["speedup"] is None
+    assert rows[("fewer steps", "3 steps")]["budget"] == "2x"
+    assert {k for k in rows if k[0] == "diffusers-fbcache"} == {("diffusers-fbcache", "threshold=0.2"),
+                                                               ("diffusers-fbcache", "threshold=0.5")}
+    import pandas as pd
+
+    csv = pd.read_csv(out / "results.csv")
+    assert list(csv.columns[:6]) == ["method", "kind", "setting", "budget", "status", "speedup"] and len(csv) == len(rows)
+    md = (out / "results.md").read_text()
+    assert "| method | kind | 2x | 50x |" in md and "| uniform | baseline |" in md
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    env = json.loads((out / "environment.json").read_text())
+    assert env["torch_threads"] == 1 and env["device"] == "cpu" and env["versions"]["diffusers"]
