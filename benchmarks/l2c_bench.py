@@ -30,6 +30,15 @@ sys.path.insert(0, str(ROOT))
 BASELINES = ("greedy", "uniform", "smoothcache")
 
 
+def add_run_arguments(ap, verify_samples: int) -> None:
+    """The options these benchmarks share: sample counts, timed repeats, torch threads, ``--json``."""
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--verify-samples", type=int, default=verify_samples)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+
+
 def profile_for(runner, sampler):
     """The committed profile for ``sampler`` (made with ``planner profile``'s defaults when missing)."""
     from planner.profile import default_profile_name, load_profile, profile_model
@@ -126,11 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default=",".join(BASELINES))
     ap.add_argument("--level", default="block", help="level param of uniform/smoothcache (l2c's default level is block)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="l2c parameter (JSON value)")
-    ap.add_argument("--calib-samples", type=int, default=8)
-    ap.add_argument("--verify-samples", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", action="store_true")
+    add_run_arguments(ap, verify_samples=8)
     args = ap.parse_args(argv)
 
     import torch

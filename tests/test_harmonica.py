@@ -228,11 +228,25 @@ def test_strategy_writes_plan_router_curve_and_proxy(digits8, tmp_path):
     assert (tmp_path / "plan" / "proxy.csv").read_text().splitlines()[0] == "iteration,theta,step,cached_fraction,raw,lambda"
 
 
+def test_a_run_cap_bounds_consecutive_reuses_and_the_saved_router_reproduces_the_plan(digits8, tmp_path):
+    ctx = _context(digits8, artifacts=tmp_path / "plan")
+    strategy = get_strategy("harmonica")(batch=2, rounds=1, betas=[0.3], init=-3.0, max_runs=[1])
+    plan = strategy.search(ctx, Budget.parse("1.3x"))
+    assert plan.provenance.params["max_run"] == 1 and plan.provenance.params["max_runs"] == [1]
+    router, _ = load_router(tmp_path / "plan")
+    codes = {m: plan.codes(m, "cond") for m in router.modules}
+    assert any("D" in c for c in codes.values())  # low gates: the plan caches ...
+    assert all("DD" not in c for c in codes.values())  # ... but never two steps in a row
+    assert router.max_run == 1 and router.decisions(plan.provenance.params["theta"]) == codes
+
+
 @pytest.mark.parametrize("params, message", [
     ({"proxy": "bogus"}, "proxy must be one of"),
     ({"betas": [-1]}, "non-negative"),
     ({"rounds": "many"}, "wrong type"),
     ({"gamma": 1}, "no parameter 'gamma'"),
+    ({"level": "auto"}, "level must be block or sublayer"),
+    ({"max_runs": [0]}, "max_runs must be"),
     ({"n_trials": 3}, "does not use --n-trials"),
 ])
 def test_bad_parameters_are_refused(params, message):
