@@ -16,6 +16,8 @@ from planner.errors import PlannerError
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
 _NOT_STRATEGIES = {"budget", "context"}
+# What `planner search` passes to every strategy as params beside ``--param`` (``--seed 3`` -> ``seed=3``).
+RUN_OPTIONS = ("seed", "n_trials", "storage", "study", "resume")
 
 
 class Strategy(abc.ABC):

@@ -1,11 +1,62 @@
-"""Shared by strategies whose plans come from one knob (an interval, a threshold)."""
+"""Shared by strategies: checked config from params, and the plan of the best value of one knob (an
+interval, a threshold)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+import dataclasses
+import typing
+from typing import Any, Callable, Iterable, Sequence
 
 from planner.errors import PlannerError
 from planner.plan import Plan
+from search import RUN_OPTIONS
+
+# Run options a strategy without a study or storage refuses when they are given.
+STUDY_OPTIONS = ("n_trials", "storage", "study")
+
+
+def check_params(params: dict, allowed: Sequence[str], strategy: str) -> None:
+    """PlannerError naming the first parameter ``strategy`` does not know."""
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise PlannerError(f"{strategy} has no parameter {unknown[0]!r}; it takes {', '.join(sorted(set(allowed)))}")
+
+
+def config_from_params(cls, params: dict, strategy: str, aliases: dict[str, str] | None = None):
+    """The config dataclass ``cls`` from a strategy's params, converted to each field's type and checked
+    (``cls.check()``); PlannerError for an unknown key, a study option (``--n-trials``, ``--storage``,
+    ``--study``), a value of the wrong type or one ``check`` refuses. ``aliases`` maps a one-value key
+    onto a tuple field (``beta`` -> ``betas``); run options that are not fields (``resume``) are left out."""
+    aliases = aliases or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    check_params(params, [*fields, *aliases, *RUN_OPTIONS], strategy)
+    for key in STUDY_OPTIONS:
+        if params.get(key) is not None and key not in fields:
+            raise PlannerError(f"{strategy} does not use --{key.replace('_', '-')}")
+    values = {k: v for k, v in params.items() if k in fields}
+    values.update({field: [params[alias]] for alias, field in aliases.items() if alias in params})
+    try:
+        values = {k: _as_type(v, hints[k], k) for k, v in values.items()}
+    except (TypeError, ValueError) as e:
+        raise PlannerError(f"{strategy} parameter has the wrong type: {e}") from None
+    cfg = cls(**values)
+    cfg.check()
+    return cfg
+
+
+def _as_type(value, hint, name: str):
+    """``value`` as ``hint`` says: int, float, a strict bool, ``X | None``, ``tuple[X, ...]`` (a list or one value)."""
+    args = typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise PlannerError(f"{name} must be true or false, got {value!r}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        return tuple(_as_type(x, args[0], name) for x in (value if isinstance(value, (list, tuple)) else [value]))
+    if type(None) in args:
+        return None if value is None else _as_type(value, next(a for a in args if a is not type(None)), name)
+    return hint(value) if hint in (int, float) else value
 
 
 def unreachable(budget, best_speedup: float, how: str) -> PlannerError:

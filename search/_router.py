@@ -321,11 +321,7 @@ def choose_plan(context, budget, candidates: Sequence[Gates], strategy: str, how
 def gate_costs(latency, modules: Sequence[str]) -> torch.Tensor:
     """Each module's compute time in the latency model (a block with everything inside it),
     normalised to mean 1: weights for a penalty that counts time saved rather than modules."""
-    inside: dict[str, float] = {}
-    for m in latency.modules:
-        inside[m.name] = inside.get(m.name, 0.0) + m.self_s
-        if m.parent:
-            inside[m.parent] = inside.get(m.parent, 0.0) + m.self_s
+    inside = latency.compute_s
     missing = [m for m in modules if m not in inside]
     if missing:
         raise PlannerError(f"the profile has no cost for {missing[0]!r}")
@@ -530,11 +526,3 @@ def progress_bar(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
-
-
-def check_params(params: dict, allowed: Sequence[str], strategy: str) -> None:
-    """PlannerError naming the first parameter ``strategy`` does not know."""
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise PlannerError(f"{strategy} has no parameter {unknown[0]!r}; it takes {', '.join(sorted(allowed))}")
-

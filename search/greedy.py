@@ -140,11 +140,7 @@ def step_weights(profile, blocks: Iterable[str], steps: int) -> np.ndarray:
 
 def module_costs(latency) -> dict[str, tuple[float, dict[str, float]]]:
     """``{module: (seconds to compute it with everything inside, {action: seconds})}`` from a latency model."""
-    inside: dict[str, float] = {}
-    for m in latency.modules:
-        inside[m.name] = inside.get(m.name, 0.0) + m.self_s
-        if m.parent:
-            inside[m.parent] = inside.get(m.parent, 0.0) + m.self_s
+    inside = latency.compute_s
     return {m.name: (inside[m.name], dict(m.reuse_s)) for m in latency.modules}
 
 

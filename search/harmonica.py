@@ -68,6 +68,7 @@ from planner.evaluate import EVAL_SEED_BASE
 from planner.io import write_atomic
 from planner.runner import CFG_SEPARATE
 from search import Strategy, register
+from search._common import config_from_params
 from search._harmonica_proxy import PROXIES, normalise, raw_proxy, summary
 from search._harmonica_sdt import StepwiseDistillation
 from search._router import (
@@ -75,7 +76,6 @@ from search._router import (
     Gates,
     Router,
     TrainingCurve,
-    check_params,
     choose_plan,
     decisions_from_gates,
     frozen,
@@ -92,7 +92,6 @@ from search._router import (
 
 CHECKPOINT_FORMAT = "harmonica-checkpoint/1"
 PROXY_FILE = "proxy.csv"
-RUN_KEYS = ("seed", "resume", "n_trials", "storage", "study")
 # Training noise comes from seeds in [TRAIN_SEED_MIN, EVAL_SEED_BASE): never a calibration seed
 # (0..N-1 for any sensible N) nor an evaluation seed.
 TRAIN_SEED_MIN = 100_000
@@ -120,36 +119,7 @@ class HarmoniCaConfig:
     @classmethod
     def from_params(cls, params: dict) -> HarmoniCaConfig:
         """Check ``params`` (PlannerError naming the first bad one) and fill the defaults."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        check_params(params, [*fields, "beta", *RUN_KEYS], "harmonica")
-        for key in ("n_trials", "storage", "study"):
-            if params.get(key) is not None:
-                raise PlannerError(f"harmonica does not use --{key.replace('_', '-')}")
-        values = {k: v for k, v in params.items() if k in fields}
-        if "beta" in params:
-            values["betas"] = [params["beta"]]
-        try:
-            if "betas" in values:
-                betas = values["betas"]
-                values["betas"] = tuple(float(x) for x in (betas if isinstance(betas, (list, tuple)) else [betas]))
-            for key in ("rounds", "batch", "proxy_every", "checkpoint_every", "seed"):
-                if key in values:
-                    values[key] = int(values[key])
-            if "max_runs" in values:
-                runs = values["max_runs"]
-                values["max_runs"] = tuple(None if r is None else int(r) for r in (runs if isinstance(runs, (list, tuple)) else [runs]))
-            for key in ("lr", "init", "proxy_floor"):
-                if key in values:
-                    values[key] = float(values[key])
-            if values.get("theta") is not None:
-                values["theta"] = float(values["theta"])
-        except (TypeError, ValueError) as e:
-            raise PlannerError(f"harmonica parameter has the wrong type: {e}") from None
-        if "cost_weighted" in values and not isinstance(values["cost_weighted"], bool):
-            raise PlannerError(f"cost_weighted must be true or false, got {values['cost_weighted']!r}")
-        cfg = cls(**values)
-        cfg.check()
-        return cfg
+        return config_from_params(cls, params, "harmonica", aliases={"beta": "betas"})
 
     def check(self) -> None:
         if self.level not in ("sublayer", "block"):

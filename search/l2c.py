@@ -77,13 +77,13 @@ import torch
 from planner.errors import PlannerError
 from planner.runner import CFG_COND_UNCOND, CFG_NONE, CFG_SEPARATE
 from search import Strategy, register
+from search._common import config_from_params
 from search._router import (
     CHECKPOINT_FILE,
     Gates,
     Router,
     StepCalls,
     TrainingCurve,
-    check_params,
     choose_plan,
     every_other_step,
     frozen,
@@ -99,7 +99,6 @@ from search._router import (
 )
 
 CHECKPOINT_FORMAT = "l2c-checkpoint/1"
-RUN_KEYS = ("seed", "resume", "n_trials", "storage", "study")
 
 
 @dataclass(frozen=True)
@@ -124,33 +123,7 @@ class L2CConfig:
     @classmethod
     def from_params(cls, params: dict) -> L2CConfig:
         """Check ``params`` (PlannerError naming the first bad one) and fill the defaults."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        check_params(params, [*fields, "lambda", *RUN_KEYS], "l2c")
-        for key in ("n_trials", "storage", "study"):
-            if params.get(key) is not None:
-                raise PlannerError(f"l2c does not use --{key.replace('_', '-')}")
-        values = {k: v for k, v in params.items() if k in fields}
-        if "lambda" in params:
-            values["lambdas"] = [params["lambda"]]
-        try:
-            if "lambdas" in values:
-                lams = values["lambdas"]
-                values["lambdas"] = tuple(float(x) for x in (lams if isinstance(lams, (list, tuple)) else [lams]))
-            for key in ("max_distance", "iterations", "checkpoint_every", "log_every", "seed"):
-                if key in values:
-                    values[key] = int(values[key])
-            for key in ("lr", "init"):
-                if key in values:
-                    values[key] = float(values[key])
-            if values.get("theta") is not None:
-                values["theta"] = float(values["theta"])
-        except (TypeError, ValueError) as e:
-            raise PlannerError(f"l2c parameter has the wrong type: {e}") from None
-        if "cost_weighted" in values and not isinstance(values["cost_weighted"], bool):
-            raise PlannerError(f"cost_weighted must be true or false, got {values['cost_weighted']!r}")
-        cfg = cls(**values)
-        cfg.check()
-        return cfg
+        return config_from_params(cls, params, "l2c", aliases={"lambda": "lambdas"})
 
     def check(self) -> None:
         if self.level not in ("sublayer", "block"):

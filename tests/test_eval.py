@@ -41,12 +41,7 @@ STEPS = 6
 FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # see conftest.py
 
 
 @pytest.fixture(scope="module")

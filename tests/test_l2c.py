@@ -36,12 +36,7 @@ FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 SMALL = {"lambdas": [0.01, 0.1], "iterations": 6, "checkpoint_every": 2, "log_every": 2, "max_distance": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 2  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import numpy as np
 import optuna
 import pandas as pd
 import pytest
-import torch
 from optuna.trial import TrialState
 
 from planner.cli import main
@@ -38,12 +37,7 @@ FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 STEPS, GUIDANCE = 10, 3.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 1  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS_PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 2  # see conftest.py
 
 
 def _mods(*pairs):

@@ -28,12 +28,7 @@ DIGITS_PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
 FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(min(2, before))
-    yield
-    torch.set_num_threads(before)
+TORCH_THREADS = 2  # see conftest.py
 
 
 # --------------------------------------------------------------------------- budgets

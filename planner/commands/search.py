@@ -9,6 +9,7 @@ from pathlib import Path
 from planner.cli import add_json_flag, report
 from planner.commands.sample import add_sampler_args, runner_and_sampler
 from planner.errors import PlannerError
+from search import RUN_OPTIONS
 
 PROFILES_DIR = Path("profiles")
 PLANS_DIR = Path("plans")
@@ -50,9 +51,6 @@ def parse_params(items: list[str]) -> dict:
         except json.JSONDecodeError:
             params[key] = value
     return params
-
-
-RUN_OPTIONS = ("seed", "n_trials", "storage", "study", "resume")
 
 
 def strategy_params(args) -> dict:

@@ -64,6 +64,16 @@ class LatencyModel:
     def module_names(self) -> list[str]:
         return [m.name for m in self.modules]
 
+    @property
+    def compute_s(self) -> dict[str, float]:
+        """Seconds to compute each module with everything inside it (a block includes its sub-layers)."""
+        inside: dict[str, float] = {}
+        for m in self.modules:
+            inside[m.name] = inside.get(m.name, 0.0) + m.self_s
+            if m.parent:
+                inside[m.parent] = inside.get(m.parent, 0.0) + m.self_s
+        return inside
+
     @classmethod
     def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0) -> "LatencyModel":
         """Build the model from a profile's cost table (module rows plus the ``fixed`` rows); modules
