@@ -95,22 +95,6 @@ def _sync_for(device: torch.device | str) -> Callable[[], None]:
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def time_interleaved(runs: dict[str, Callable[[], object]], repeats: int = 3, warmup: int = 1,
-                     device: torch.device | str = "cpu") -> dict[str, list[float]]:
-    """Seconds of each run, ``repeats`` times, interleaved in the order given, after ``warmup`` rounds."""
-    sync = _sync_for(device)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + repeats):
-        for name, fn in runs.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 @dataclass
 class Contender:
     """One way of sampling the evaluation inputs: ``run()`` returns its output; ``context`` (optional) is

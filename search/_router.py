@@ -221,6 +221,13 @@ class Gates:
     def decisions(self, theta: float) -> dict[str, str]:
         return decisions_from_gates(self.gates, self.modules, self.level, theta, self.fixed, self.max_run)
 
+    def router(self, max_run: int | None = None) -> Router:
+        """A router with these gates (scores = logit of the gates, clamped) and run cap ``max_run``: what is saved
+        beside a plan, so that its ``decisions(theta)`` give the plan again."""
+        router = Router(self.modules, self.gates.shape[0], self.level, self.fixed, max_run=max_run)
+        router.load_scores(torch.logit(self.gates.double()).clamp(-5, 5).float())
+        return router
+
 
 def predicted_speedup(context, gates: Gates | Router, theta: float) -> float:
     """The latency model's speedup of the hard plan of ``gates`` at ``theta``."""
@@ -313,6 +320,20 @@ def choose_plan(context, budget, candidates: Sequence[Gates], strategy: str, how
         theta, evaluation, g = max(results, key=lambda r: r[1].predicted_speedup)
     params = {**g.params, "theta": float(theta), "max_run": g.max_run}
     return context.plan(g.decisions(theta), strategy=strategy, params=params, evaluation=evaluation)
+
+
+def plan_at_theta(context, budget, candidates: Sequence[Gates], theta: float, strategy: str, how: str):
+    """The least-error hard plan at a fixed ``theta`` over ``candidates`` (each evaluated on the calibration
+    inputs); PlannerError when none meets ``budget``. The candidate's params plus ``theta`` go into the provenance."""
+    best = None
+    for g in candidates:
+        evaluation = context.evaluate(context.plan(g.decisions(theta)))
+        if budget.met(evaluation.predicted_speedup, evaluation.error) and (best is None or evaluation.error < best[1].error):
+            best = (g, evaluation)
+    if best is None:
+        raise PlannerError(f"no plan {how} at theta {theta:g} meets {budget.label()}: leave theta out to search it")
+    g, evaluation = best
+    return context.plan(g.decisions(theta), strategy=strategy, params={**g.params, "theta": theta}, evaluation=evaluation)
 
 
 # --------------------------------------------------------------------------- training helpers

@@ -83,6 +83,7 @@ from search._router import (
     gated_modules,
     load_checkpoint,
     optimizer_tensors,
+    plan_at_theta,
     progress_bar,
     restore_optimizer,
     save_checkpoint,
@@ -369,24 +370,11 @@ class HarmoniCa(Strategy):
             g.params = {**common, **g.params}
         how = f"of a harmonica router ({level} level, {cfg.proxy} proxy)"
         if cfg.theta is not None:
-            plan = self._fixed_theta(context, budget, snapshots, cfg.theta, how)
+            plan = plan_at_theta(context, budget, snapshots, cfg.theta, self.name, how)
         else:
             plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=cfg.max_runs)
         self._save(trainer, plan)
         return plan
-
-    def _fixed_theta(self, context, budget, snapshots: list[Gates], theta: float, how: str):
-        """The least-error hard plan at ``theta`` over the kept gates; it must meet the budget."""
-        best = None
-        for g in snapshots:
-            evaluation = context.evaluate(context.plan(g.decisions(theta)))
-            if budget.met(evaluation.predicted_speedup, evaluation.error) and (best is None or evaluation.error < best[1].error):
-                best = (g, evaluation)
-        if best is None:
-            raise PlannerError(f"no plan {how} at theta {theta:g} meets {budget.label()}: leave theta out to search it")
-        g, evaluation = best
-        return context.plan(g.decisions(theta), strategy=self.name, params={**g.params, "theta": theta},
-                            evaluation=evaluation)
 
     def _save(self, trainer: Trainer, plan) -> None:
         """The chosen router, the training curve and the proxy history beside the plan (when there is a folder)."""
@@ -396,8 +384,7 @@ class HarmoniCa(Strategy):
 
         params = plan.provenance.params
         chosen = next(g for g in trainer.state.snapshots if g.params["beta"] == params["beta"])
-        router = Router(trainer.names, trainer.router.steps, trainer.level, trainer.router.fixed, max_run=params.get("max_run"))
-        router.load_scores(torch.logit(chosen.gates.double()).clamp(-5, 5).float())  # the scores behind the gates
+        router = chosen.router(max_run=params.get("max_run"))
         save_router(trainer.folder.parent, router, {
             "beta": params["beta"], "theta": params["theta"], "iterations": chosen.params["iterations"],
             "lr": params["lr"], "seed": params["seed"], "proxy": params["proxy"],

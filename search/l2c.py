@@ -91,6 +91,7 @@ from search._router import (
     gated_modules,
     load_checkpoint,
     optimizer_tensors,
+    plan_at_theta,
     progress_bar,
     record_calls,
     restore_optimizer,
@@ -386,30 +387,15 @@ class L2C(Strategy):
                   "cost_weighted": cfg.cost_weighted, "init": cfg.init, "train_s": round(trainer.state.elapsed_s, 2)}
         for g in snapshots:
             g.params = {**common, **g.params}
+        how = f"of an l2c router ({level} level, {cfg.mode} mode)"
         if cfg.theta is not None:
-            plan = self._fixed_theta(context, budget, snapshots, cfg.theta)
+            plan = plan_at_theta(context, budget, snapshots, cfg.theta, self.name, how)
         else:
             # every cap up to the trained window length: a cached value is never staler than trained
             runs = [None] if cfg.mode == "paper" else range(1, cfg.max_distance + 1)
-            plan = choose_plan(context, budget, snapshots, self.name, f"of an l2c router ({level} level, {cfg.mode} mode)",
-                               max_runs=runs)
+            plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=runs)
         self._save(trainer, plan)
         return plan
-
-    def _fixed_theta(self, context, budget, snapshots: list[Gates], theta: float):
-        """The hard plan at ``theta`` with the least calibration error among the lambdas; it must meet the budget."""
-        best = None
-        for g in snapshots:
-            plan = context.plan(g.decisions(theta))
-            evaluation = context.evaluate(plan)
-            met = budget.met(evaluation.predicted_speedup, evaluation.error)
-            if met and (best is None or evaluation.error < best[1].error):
-                best = (g, evaluation)
-        if best is None:
-            raise PlannerError(f"no l2c plan at theta {theta:g} meets {budget.label()}: leave theta out to search it")
-        g, evaluation = best
-        return context.plan(g.decisions(theta), strategy=self.name, params={**g.params, "theta": theta},
-                            evaluation=evaluation)
 
     def _save(self, trainer: Trainer, plan) -> None:
         """The chosen router and the training curve beside the plan (when the context has a folder)."""
@@ -417,8 +403,7 @@ class L2C(Strategy):
             return
         params = plan.provenance.params
         chosen = next(g for g in trainer.state.snapshots if g.params["lambda"] == params["lambda"])
-        router = Router(trainer.names, trainer.router.steps, trainer.level, trainer.router.fixed, max_run=params.get("max_run"))
-        router.load_scores(torch.logit(chosen.gates.double()).clamp(-5, 5).float())  # the scores behind the gates
+        router = chosen.router(max_run=params.get("max_run"))
         save_router(trainer.folder.parent, router, {"lambda": params["lambda"], "theta": params["theta"],
                                                    "iterations": chosen.params["iterations"], "lr": params["lr"],
                                                    "seed": params["seed"]})

@@ -17,7 +17,10 @@ from planner.plan import Plan
 from planner.profile import load_profile
 from planner.profile.latency import plan_from_codes
 from planner.runner import CFG_COND_UNCOND, Sampler, load_runner
+from search.budget import Budget
 from search._router import (
+    Gates,
+    plan_at_theta,
     SCORE_LIMIT,
     Router,
     TrainingCurve,
@@ -122,6 +125,32 @@ def test_theta_search_meets_the_budget_with_the_least_reuse():
     # the cost weights: blocks all cost about the same, mean 1
     w = gate_costs(lm, names)
     assert w.mean().item() == pytest.approx(1.0) and (w > 0.5).all()
+
+
+def test_plan_at_a_fixed_theta_is_the_least_error_candidate_that_meets_the_budget():
+    steps, names = 4, ["b0", "b1"]
+
+    def candidate(name, b0, b1):
+        gates = torch.tensor([[b0, b1]] * steps)
+        return Gates(gates, names, "block", torch.zeros(steps, 2, dtype=torch.bool), {"name": name})
+
+    def reuses(decisions):
+        return sum(codes.count("D") for codes in decisions.values())
+
+    ctx = SimpleNamespace(  # one reuse: +0.25x predicted speedup, +0.1 error
+        plan=lambda decisions, **made: SimpleNamespace(decisions=decisions, **made),
+        evaluate=lambda plan: SimpleNamespace(predicted_speedup=1 + 0.25 * reuses(plan.decisions),
+                                              error=0.1 * reuses(plan.decisions)),
+    )
+    every, one, none = candidate("every", 0.2, 0.2), candidate("one", 0.2, 0.9), candidate("none", 0.9, 0.9)
+    plan = plan_at_theta(ctx, Budget.parse("1.5x"), [every, one, none], 0.5, "l2c", "of a test router")
+    assert plan.params == {"name": "one", "theta": 0.5} and plan.strategy == "l2c"
+    assert plan.decisions == {"b0": "CDDD", "b1": "CCCC"} and plan.evaluation.error == pytest.approx(0.3)
+    with pytest.raises(PlannerError, match="no plan of a test router at theta 0.5 meets"):
+        plan_at_theta(ctx, Budget.parse("3x"), [every, one, none], 0.5, "l2c", "of a test router")
+    # the router saved beside a plan gives the plan again, with its run cap
+    capped = Gates(every.gates, names, "block", every.fixed, max_run=1)
+    assert every.router(max_run=1).decisions(0.5) == capped.decisions(0.5) == {"b0": "CDCD", "b1": "CDCD"}
 
 
 def test_checkpoint_restores_the_optimizer_exactly(tmp_path):
