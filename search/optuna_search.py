@@ -217,12 +217,17 @@ def open_storage(url: str | None):
         except OSError as e:
             raise PlannerError(f"cannot open storage {url}: {_reason(e)}") from None
     dialect = make_url(url).get_backend_name()
-    # SQLite: wait for a busy database instead of failing (several workers write to one file);
-    # other databases: check pooled connections before use (long studies outlive idle timeouts).
-    engine = {"connect_args": {"timeout": 60}} if dialect == "sqlite" else {"pool_pre_ping": True}
+    # SQLite: wait for a busy database instead of failing (several workers write to one file), and
+    # leave BEGIN to us (see serialize_sqlite_transactions); other databases: check pooled
+    # connections before use (long studies outlive idle timeouts).
+    engine = {"connect_args": {"timeout": 60, "isolation_level": None}} if dialect == "sqlite" \
+        else {"pool_pre_ping": True}
     for attempt in range(SCHEMA_RETRIES + 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
+            if dialect == "sqlite":
+                serialize_sqlite_transactions(storage.engine)
+            return storage
         except ImportError:
             raise PlannerError(f"cannot open storage {redact(url)}: the {dialect} database driver is not installed "
                                f"(for PostgreSQL: pip install psycopg2-binary)") from None
@@ -234,6 +239,20 @@ def open_storage(url: str | None):
                 raise PlannerError(f"cannot open storage {redact(url)}: {_reason(e)}") from None
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+def serialize_sqlite_transactions(engine) -> None:
+    """Make every transaction on ``engine`` take SQLite's write lock when it begins.
+
+    Optuna claims a queued (WAITING) trial by reading its state and writing RUNNING in one
+    transaction, with SELECT ... FOR UPDATE, which SQLite ignores; and Python's sqlite3 begins a
+    transaction only at the first write. Two workers could both read WAITING and both run the
+    trial (the second then fails on a finished trial). BEGIN IMMEDIATE makes the read and the
+    write one step per worker; the connection's busy timeout queues the others.
+    """
+    from sqlalchemy import event
+
+    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 
 def _reason(e: BaseException) -> str:
