@@ -266,10 +266,13 @@ def max_speedup(context, gates: Gates | Router) -> float:
 
 
 def _theta_for_error(context, g: Gates, max_error: float, evaluations: int = 8):
-    """The largest threshold (most reuse) whose calibration error stays within ``max_error``:
-    bisection over the candidates, ``evaluations`` calibration runs at most. ``None`` when none does."""
+    """``(theta, evaluation)`` of the fastest plan found within ``max_error``, ``None`` when none is:
+    a bisection for the largest threshold (most reuse) that keeps the calibration error within,
+    ``evaluations`` calibration runs at most. The fastest of the plans it tried within the error is
+    kept, not the last: more reuse is not always faster (each hooked module pays the hook's cost
+    at every step)."""
     thetas = theta_candidates(g.gates, g.fixed)
-    best = None
+    within = []
     lo, hi = 0, len(thetas) - 1
     for _ in range(evaluations):
         if lo > hi:
@@ -277,11 +280,11 @@ def _theta_for_error(context, g: Gates, max_error: float, evaluations: int = 8):
         mid = (lo + hi + 1) // 2
         evaluation = context.evaluate(context.plan(g.decisions(thetas[mid])))
         if evaluation.error <= max_error:
-            best = (thetas[mid], evaluation)
+            within.append((thetas[mid], evaluation))
             lo = mid + 1
         else:
             hi = mid - 1
-    return best
+    return max(within, key=lambda r: r[1].predicted_speedup, default=None)
 
 
 def choose_plan(context, budget, candidates: Sequence[Gates], strategy: str, how: str = "of a learned router",

@@ -20,6 +20,7 @@ from planner.runner import CFG_COND_UNCOND, Sampler, load_runner
 from search.budget import Budget
 from search._router import (
     Gates,
+    choose_plan,
     plan_at_theta,
     SCORE_LIMIT,
     Router,
@@ -151,6 +152,27 @@ def test_plan_at_a_fixed_theta_is_the_least_error_candidate_that_meets_the_budge
     # the router saved beside a plan gives the plan again, with its run cap
     capped = Gates(every.gates, names, "block", every.fixed, max_run=1)
     assert every.router(max_run=1).decisions(0.5) == capped.decisions(0.5) == {"b0": "CDCD", "b1": "CDCD"}
+
+
+def test_an_error_target_takes_the_fastest_plan_within_it_not_the_one_with_most_reuse():
+    # one block, gates falling over the steps: theta 0.5 reuses 2 steps, 0.7 three; past two reuses
+    # each more one is slower (as when a hook's cost outweighs what a reuse saves)
+    gates = torch.tensor([[1.0], [0.8], [0.6], [0.4], [0.2]])
+    fixed = torch.zeros(5, 1, dtype=torch.bool)
+    fixed[0] = True  # the first step always computes
+    g = Gates(gates, ["b0"], "block", fixed)
+    speedups = {0: 1.0, 1: 1.3, 2: 1.5, 3: 1.2, 4: 1.1}
+
+    def reuses(decisions):
+        return decisions["b0"].count("D")
+
+    ctx = SimpleNamespace(
+        plan=lambda decisions, **made: SimpleNamespace(decisions=decisions, **made),
+        evaluate=lambda plan: SimpleNamespace(predicted_speedup=speedups[reuses(plan.decisions)],
+                                              error=0.1 * reuses(plan.decisions)),
+    )
+    plan = choose_plan(ctx, Budget.parse(None, max_error=0.35), [g], "l2c")
+    assert reuses(plan.decisions) == 2 and plan.evaluation.predicted_speedup == 1.5  # not 3 reuses at 1.2x
 
 
 def test_checkpoint_restores_the_optimizer_exactly(tmp_path):

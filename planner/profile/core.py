@@ -325,7 +325,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
     cost["hook_ms"] = np.where(cost.kind == "fixed", np.nan, hook_ms)
     hook_method = "bare diffusers hook (pass-through) per call"
     if want_executor:
-        per_group, w = executor_hook_overhead(runner, modules, sampler, conds, seeds, ctx.modules)
+        per_group, w = executor_hook_overhead(runner, modules, sampler, conds, seeds)
         warnings += w
         for group, ms in per_group.items():
             rows = cost.kind.isin(HOOK_GROUPS[group])
@@ -334,7 +334,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
                 ms = hook_ms
             cost.loc[rows, "hook_ms"] = ms
         if per_group:
-            hook_method = "planner.executor: stopwatch around its hooks vs plain calls, median per call, per group: " + ", ".join(
+            hook_method = "planner.executor: fastest hooked call minus fastest plain call, median over modules, per group: " + ", ".join(
                 f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms)
     predicted = model.predict_run(None)

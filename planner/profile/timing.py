@@ -403,15 +403,17 @@ HOOK_GROUPS = {"block": ("block",), "sublayer": ("attn", "cross_attn", "mlp")}
 
 
 def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, conds, seeds,
-                           baseline: list[list[float]]) -> tuple[dict[str, float], list[str]]:
+                           rounds: int = 2) -> tuple[dict[str, float], list[str]]:
     """Per-call overhead, in ms, of ``planner.executor``'s cache hook, per group (``block``, ``sublayer``).
 
-    The group's modules are split in two interleaved halves; in each of two runs a plan hooks one
-    half (reusing only at the last step), and every module of the group carries a stopwatch outside
-    any executor hook. The unhooked half says how fast the machine runs *now* relative to
-    ``baseline`` (the in-context timings, whose speed drifts on a shared machine); the overhead is
-    the median over hooked modules of ``hooked call - drift x baseline call``, per-call medians.
-    Returns ``({}, [reason])`` when the executor is missing or cannot run the model.
+    The group's modules are split in two interleaved halves, and each round has two runs, each
+    hooking one half with a plan that reuses only at the last step; every module of the group
+    carries a stopwatch outside any executor hook. So each module is timed both hooked and plain,
+    over the same steps (the last one, a reuse, left out). Its overhead is its fastest hooked call
+    minus its fastest plain call: a shared machine only adds time, and on 2 loaded cores the
+    medians of one run were seen off by milliseconds (a tenth of that is the real figure). The
+    group's figure is the median over its modules. Returns ``({}, [reason])`` when the executor
+    is missing or cannot run the model.
     """
     try:
         from planner.executor import apply_plan
@@ -421,7 +423,6 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     transformer = runner.transformer
     clock = _Clock(runner.device)
     targets = resolve_modules(transformer, modules)
-    base_med = [median(b) for b in baseline]
     out: dict[str, float] = {}
     if sampler.steps < 2:
         return out, []
@@ -429,28 +430,31 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
         base = Plan.all_compute(runner, sampler)
         codes = COMPUTE_CODE * (sampler.steps - 1) + "R"
         for group, kinds in HOOK_GROUPS.items():
-            idx = [i for i, m in enumerate(modules) if m.kind in kinds and np.isfinite(base_med[i]) and base_med[i] > 0]
+            idx = [i for i, m in enumerate(modules) if m.kind in kinds]
             if not idx:
                 continue
-            halves = [idx[0::2], idx[1::2]] if len(idx) > 1 else [idx]
-            diffs = []
-            for hooked in halves:
-                others = [i for i in idx if i not in hooked]
-                handle = apply_plan(runner, base.with_decisions({modules[i].name: codes for i in hooked}))
-                try:
-                    watches = {i: _Stopwatch(clock) for i in idx}
-                    # attached after the executor's hooks, so each stopwatch sits outside the cache hook
-                    hs = attach(transformer, [(targets[i], w, f"stopwatch.exec.{modules[i].name}") for i, w in watches.items()])
+            hooked_s = {i: [] for i in idx}
+            plain_s = {i: [] for i in idx}
+            for _ in range(rounds):
+                for half in (idx[0::2], idx[1::2]):  # the second is empty for a lone module: a plain run
+                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes for i in half}))
                     try:
-                        runner.run(conds, seeds, sampler, output="latent")
+                        watches = {i: _Stopwatch(clock) for i in idx}
+                        # attached after the executor's hooks, so each stopwatch sits outside the cache hook
+                        hs = attach(transformer, [(targets[i], w, f"stopwatch.exec.{modules[i].name}") for i, w in watches.items()])
+                        try:
+                            runner.run(conds, seeds, sampler, output="latent")
+                        finally:
+                            detach_hooks(transformer, hs)
                     finally:
-                        detach_hooks(transformer, hs)
-                finally:
-                    handle.remove()
-                now = {i: median([clock.seconds(a, b) for a, b in w.marks]) for i, w in watches.items()}
-                drift = median([now[i] / base_med[i] for i in others]) if others else 1.0
-                diffs += [now[i] - drift * base_med[i] for i in hooked]
-            out[group] = median(diffs) * 1e3
+                        handle.remove()
+                    for i, w in watches.items():
+                        per_step = len(w.marks) // sampler.steps
+                        times = [clock.seconds(a, b) for a, b in w.marks[: len(w.marks) - per_step]]
+                        (hooked_s if i in half else plain_s)[i] += times
+            diffs = [min(hooked_s[i]) - min(plain_s[i]) for i in idx if hooked_s[i] and plain_s[i]]
+            if diffs:
+                out[group] = median(diffs) * 1e3
     except Exception as exc:  # the executor cannot run this model: keep the bare-hook estimate
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
     return out, []
