@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from planner.errors import PlannerError
+from planner.profile.timing import gc_paused
 
 CALIB_SEED_BASE = 0
 EVAL_SEED_BASE = 1_000_000
@@ -192,7 +193,8 @@ def time_against_reference(reference: Contender, contenders: dict[str, Contender
         for name in runs:
             timed(name)
     order = interleaved_order(list(contenders), repeats, max(1, reference_every))
-    seconds = [timed(name) for name in order]
+    with gc_paused():
+        seconds = [timed(name) for name in order]
     ref_positions = [i for i, name in enumerate(order) if name == REFERENCE]
     timings: dict[str, Timing] = {name: Timing([], []) for name in contenders}
     for i, name in enumerate(order):

@@ -302,6 +302,72 @@ def test_executor_hook_overhead_is_recovered_under_bursts_of_load(monkeypatch):
         assert extra_s * 1e3 * 0.9 < ms < (extra_s + burst_s / 4) * 1e3, (group, ms)  # a burst is 3 ms
 
 
+def test_no_garbage_collection_lands_in_the_timed_runs(monkeypatch):
+    # a full collection in a big process takes hundreds of ms; one inside the single timed run of a
+    # fast profile was once counted as the run's fixed cost (0.45 s against a 70 ms run)
+    import gc
+
+    import planner.profile.core as core
+    from planner.runner import load_runner
+
+    runner = load_runner("digits-dit")
+    sampler = runner.resolve(Sampler("ddim", 4, 3.0))
+    state = {"timing": False, "collections": 0, "elsewhere": 0}
+    cost_pass = core._cost_pass
+
+    def watched(*args, **kwargs):
+        state["timing"] = True
+        try:
+            return cost_pass(*args, **kwargs)
+        finally:
+            state["timing"] = False
+
+    def on_collection(phase, info):
+        if phase == "start":
+            state["collections" if state["timing"] else "elsewhere"] += 1
+
+    def litter(module, args):  # cyclic garbage at every call: enough for the collector to run often
+        for _ in range(300):
+            cycle = []
+            cycle.append(cycle)
+
+    monkeypatch.setattr(core, "_cost_pass", watched)
+    hook = runner.transformer.register_forward_pre_hook(litter)
+    gc.callbacks.append(on_collection)
+    try:
+        profile_model(runner, sampler, samples=2, lags=1, timing=FAST, flops=False)
+    finally:
+        gc.callbacks.remove(on_collection)
+        hook.remove()
+    assert state["elsewhere"] > 0  # the litter does make the collector run (in the similarity pass) ...
+    assert state["collections"] == 0  # ... but never while timing
+    assert gc.isenabled()
+
+
+def test_a_latency_model_that_misses_the_plain_runs_is_flagged(monkeypatch):
+    # load that hits only the stopwatched runs: every transformer call there is 20 ms slower
+    import time
+
+    import planner.profile.core as core
+    from planner.runner import load_runner
+
+    runner = load_runner("digits-dit")
+    sampler = runner.resolve(Sampler("ddim", 4, 3.0))
+    time_in_context = core.time_in_context
+
+    def loaded(*args, **kwargs):
+        hook = runner.transformer.register_forward_pre_hook(lambda module, a: time.sleep(0.02))
+        try:
+            return time_in_context(*args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(core, "time_in_context", loaded)
+    profile = profile_model(runner, sampler, samples=2, lags=1, timing=FAST, flops=False)
+    assert profile.meta.latency["relative_error"] > core.LATENCY_CHECK_TOLERANCE
+    assert any("predicted speedups are unreliable" in w for w in profile.meta.warnings)
+
+
 def test_latency_model_arithmetic_batched():
     cost, names = _cost_table()
     m = LatencyModel.from_cost_table(cost, CFG_COND_UNCOND, steps=4)

@@ -33,12 +33,17 @@ from planner.profile.timing import (
     time_modules,
     HOOK_GROUPS,
     executor_hook_overhead,
+    gc_paused,
     time_in_context,
     time_reuse_ops,
     quiet,
     time_runs,
 )
 from planner.runner import Runner, Sampler, resolve_device
+
+
+# How far the latency model's full run may miss the measured plain runs before the profile warns.
+LATENCY_CHECK_TOLERANCE = 0.25
 
 
 def device_info(device: torch.device) -> dict:
@@ -146,9 +151,10 @@ def profile_model(
     t_sim = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cost, latency, flops_meta, w, t_flops = _cost_pass(
-        runner, modules, sampler, conditions[:batch], seeds[:batch], cfg, flops, progress, calibrate_executor
-    )
+    with gc_paused():
+        cost, latency, flops_meta, w, t_flops = _cost_pass(
+            runner, modules, sampler, conditions[:batch], seeds[:batch], cfg, flops, progress, calibrate_executor
+        )
     warnings += w
     t_cost = time.perf_counter() - t0 - t_flops
 
@@ -338,6 +344,10 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
                 f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms)
     predicted = model.predict_run(None)
+    if clean_s > 0 and abs(predicted / clean_s - 1) > LATENCY_CHECK_TOLERANCE:
+        warnings.append(f"the latency model predicts a full run at {predicted * 1e3:.1f} ms, the plain runs took "
+                        f"{clean_s * 1e3:.1f} ms ({predicted / clean_s - 1:+.0%}; machine load?): predicted speedups "
+                        f"are unreliable, profile again on a quiet machine")
     latency = {
         "call_ms": call_ms,
         "step_ms": median(ctx.step) * 1e3 if ctx.step else float("nan"),
