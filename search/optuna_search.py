@@ -58,6 +58,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
@@ -250,8 +251,6 @@ def serialize_sqlite_transactions(engine) -> None:
     trial (the second then fails on a finished trial). BEGIN IMMEDIATE makes the read and the
     write one step per worker; the connection's busy timeout queues the others.
     """
-    from sqlalchemy import event
-
     event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
 
 

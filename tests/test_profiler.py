@@ -258,16 +258,23 @@ def _cost_table(self_ms=(1.0, 2.0, 3.0), half=(0.6, 1.2, 1.6), fixed=(0.5, 0.25,
     return pd.DataFrame(rows), names
 
 
-def test_executor_hook_overhead_is_recovered_under_bursts_of_load(monkeypatch):
+@pytest.fixture(scope="module")
+def digits_runner():
+    """digits-dit for the timing tests (each removes whatever it attaches)."""
+    from planner.runner import load_runner
+
+    return load_runner("digits-dit")
+
+
+def test_executor_hook_overhead_is_recovered_under_bursts_of_load(digits_runner, monkeypatch):
     # a known 2 ms added by every executor hook call, and "load" that slows two calls in three of
     # every block (inside its stopwatch, hooked or not) by 3 ms: the estimate must find the 2 ms
     import time
 
     from planner.executor.hooks import CacheHook
     from planner.profile.timing import executor_hook_overhead
-    from planner.runner import load_runner
 
-    runner = load_runner("digits-dit")
+    runner = digits_runner
     sampler = runner.resolve(Sampler("ddim", 6, 3.0))
     extra_s, burst_s = 2e-3, 3e-3
     original = CacheHook.new_forward
@@ -302,15 +309,14 @@ def test_executor_hook_overhead_is_recovered_under_bursts_of_load(monkeypatch):
         assert extra_s * 1e3 * 0.9 < ms < (extra_s + burst_s / 4) * 1e3, (group, ms)  # a burst is 3 ms
 
 
-def test_no_garbage_collection_lands_in_the_timed_runs(monkeypatch):
+def test_no_garbage_collection_lands_in_the_timed_runs(digits_runner, monkeypatch):
     # a full collection in a big process takes hundreds of ms; one inside the single timed run of a
     # fast profile was once counted as the run's fixed cost (0.45 s against a 70 ms run)
     import gc
 
     import planner.profile.core as core
-    from planner.runner import load_runner
 
-    runner = load_runner("digits-dit")
+    runner = digits_runner
     sampler = runner.resolve(Sampler("ddim", 4, 3.0))
     state = {"timing": False, "collections": 0, "elsewhere": 0}
     cost_pass = core._cost_pass
@@ -344,15 +350,14 @@ def test_no_garbage_collection_lands_in_the_timed_runs(monkeypatch):
     assert gc.isenabled()
 
 
-def test_a_latency_model_that_misses_the_plain_runs_is_flagged(monkeypatch):
+def test_a_latency_model_that_misses_the_plain_runs_is_flagged(digits_runner, monkeypatch):
     # load that hits only the stopwatched runs: every transformer call there is 100 ms slower (a
     # plain run takes about 30 ms, so even a loaded machine's noise cannot hide it)
     import time
 
     import planner.profile.core as core
-    from planner.runner import load_runner
 
-    runner = load_runner("digits-dit")
+    runner = digits_runner
     sampler = runner.resolve(Sampler("ddim", 4, 3.0))
     time_in_context = core.time_in_context
 

@@ -344,9 +344,10 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
                 f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms)
     predicted = model.predict_run(None)
-    if clean_s > 0 and abs(predicted / clean_s - 1) > LATENCY_CHECK_TOLERANCE:
+    relative_error = (predicted - clean_s) / clean_s if clean_s > 0 else float("nan")
+    if abs(relative_error) > LATENCY_CHECK_TOLERANCE:
         warnings.append(f"the latency model predicts a full run at {predicted * 1e3:.1f} ms, the plain runs took "
-                        f"{clean_s * 1e3:.1f} ms ({predicted / clean_s - 1:+.0%}; machine load?): predicted speedups "
+                        f"{clean_s * 1e3:.1f} ms ({relative_error:+.0%}; machine load?): predicted speedups "
                         f"are unreliable, profile again on a quiet machine")
     latency = {
         "call_ms": call_ms,
@@ -363,7 +364,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
         "rounds_used": f"{used_full} of {cfg.run_repeats}",
         "quiet_tolerance": cfg.quiet_tolerance,
         "predicted_run_s": predicted,
-        "relative_error": (predicted - clean_s) / clean_s if clean_s > 0 else float("nan"),
+        "relative_error": relative_error,
         "fixed_notes": {name: note for name, _, _, note in fixed_rows},
         "half_batch_method": half_method,
         "hook_method": hook_method,
