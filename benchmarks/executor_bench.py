@@ -90,7 +90,7 @@ def half_block_plan(runner, sampler) -> Plan:
     """Every block reuses its residual at steps 1, 3, 5, ...: half of all block computes skipped."""
     codes = "".join("D" if k % 2 else "C" for k in range(sampler.steps))
     blocks = [m.name for m in runner.modules() if m.kind == "block"]
-    return Plan.for_runner(runner, sampler, {b: codes for b in blocks}, strategy="benchmark:half-blocks")
+    return plan_for_runner(runner, sampler, {b: codes for b in blocks}, strategy="benchmark:half-blocks")
 
 
 def mixed_plan(runner, sampler) -> Plan:
@@ -105,7 +105,7 @@ def mixed_plan(runner, sampler) -> Plan:
         subs[0]: alt,
         subs[-1]: {"cond": "C" * n, "uncond": "C" + "S" * (n - 2) + "C"} if runner.cfg_layout(sampler) != "none" else alt,
     }
-    return Plan.for_runner(runner, sampler, dec, strategy="benchmark:mixed")
+    return plan_for_runner(runner, sampler, dec, strategy="benchmark:mixed")
 
 
 def _predict(runner, sampler, conds, seeds, plan, batch):
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
     _timed(runner, conds, seeds, sampler)  # warm-up
 
     # 1. overhead of an all-compute plan
-    identity = Plan.all_compute(runner, sampler)
+    identity = plan_for_runner(runner, sampler)
     base, planned = _interleaved(runner, conds, seeds, sampler, identity, args.repeats)
     reference = runner.run(conds[:2], seeds[:2], sampler, output="latent")
     with apply_plan(runner, identity):

@@ -36,8 +36,8 @@ PROXIES = {"harmonica": "paper", "harmonica-released": "released"}
 def search_timed(strategy: str, params: dict, context, label: str, folder: Path | None = None):
     """``(plan or error text, seconds)`` of one search; ``folder`` holds the training's artifacts."""
     from planner.errors import PlannerError
-    from search import get_strategy
-    from search.budget import Budget
+    from planner.search import get_strategy
+    from planner.search.budget import Budget
 
     context.artifacts = folder
     start = time.perf_counter()
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     from planner.commands.search import parse_params
     from planner.evaluate import evaluation_seeds
     from planner.runner import Sampler, load_runner
-    from search.context import SearchContext
+    from planner.search.context import SearchContext
 
     torch.set_num_threads(args.threads)
     params = parse_params(args.param)

@@ -52,9 +52,9 @@ def profile_for(runner, sampler):
 def l2c_plans(context, budgets, params: dict, folder: Path) -> dict:
     """``{budget label: (plan or error text, seconds)}``; one training per level, shared by resuming."""
     from planner.errors import PlannerError
-    from search import get_strategy
-    from search.budget import Budget
-    from search.l2c import L2CConfig
+    from planner.search import get_strategy
+    from planner.search.budget import Budget
+    from planner.search.l2c import L2CConfig
 
     out = {}
     trained: set[str] = set()
@@ -144,9 +144,9 @@ def main(argv=None) -> int:
     from planner.errors import PlannerError
     from planner.evaluate import evaluation_seeds, verify_plan
     from planner.runner import Sampler, load_runner
-    from search import get_strategy
-    from search.budget import Budget
-    from search.context import SearchContext
+    from planner.search import get_strategy
+    from planner.search.budget import Budget
+    from planner.search.context import SearchContext
 
     torch.set_num_threads(args.threads)
     params = parse_params(args.param)

@@ -53,10 +53,10 @@ def main(argv=None) -> int:
     from planner.evaluate import verify_plan
     from planner.profile import load_profile
     from planner.runner import Sampler, load_runner
-    from search import get_strategy
-    from search._pareto import Point, dominating, load_front, plot_front
-    from search.budget import Budget
-    from search.context import SearchContext
+    from planner.search import get_strategy
+    from planner.search._pareto import Point, dominating, load_front, plot_front
+    from planner.search.budget import Budget
+    from planner.search.context import SearchContext
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)

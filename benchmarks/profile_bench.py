@@ -98,7 +98,7 @@ def _plan(runner, sampler, names):
     from planner.plan import Plan
 
     codes = "C" + "R" * (sampler.steps - 1)
-    return Plan.all_compute(runner, sampler).with_decisions({n: codes for n in names})
+    return plan_for_runner(runner, sampler).with_decisions({n: codes for n in names})
 
 
 def _timed_with(runner, conds, seeds, sampler, names, method) -> float:

@@ -68,9 +68,9 @@ def main(argv=None) -> int:
     from planner.metrics import digit_accuracy
     from planner.profile import load_profile
     from planner.runner import Sampler, load_runner
-    from search import get_strategy
-    from search.budget import Budget
-    from search.context import SearchContext
+    from planner.search import get_strategy
+    from planner.search.budget import Budget
+    from planner.search.context import SearchContext
 
     torch.set_num_threads(args.threads)
     profile = load_profile(args.profile)

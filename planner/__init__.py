@@ -18,6 +18,10 @@ _LAZY = {
     "load_profile": "planner.profile",
     "Profile": "planner.profile",
     "LatencyModel": "planner.profile",
+    "search_plan": "planner.search.api",
+    "Budget": "planner.search.budget",
+    "strategy_names": "planner.search",
+    "evaluate_plan": "planner.evaluate",
 }
 
 

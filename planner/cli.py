@@ -15,6 +15,7 @@ from typing import Any
 
 import planner
 from planner.errors import PlannerError
+from planner.io import json_safe
 
 COMMAND_MODULES = [
     "planner.commands.zoo",
@@ -58,7 +59,7 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
 def report(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None:
     """Print ``payload`` as one JSON object when ``--json`` was given, else ``text``."""
     if getattr(args, "json", False):
-        print(json.dumps(payload, default=_json_default))
+        print(json.dumps(json_safe(payload), default=_json_default, allow_nan=False))
     else:
         print(text)
 

@@ -1,7 +1,7 @@
 """What a plan really gives on held-out seeds: wall-clock speedup and quality against full compute.
 
-Seeds: calibration uses seeds below ``EVAL_SEED_BASE``, evaluation seeds from it on, so a plan is
-never judged on the inputs it was searched on (``check_held_out`` refuses overlaps unless forced).
+Seeds: evaluation runs on held-out seeds (:mod:`planner.seeds`), never on a plan's calibration seeds
+unless forced.
 
 Timing (``time_against_reference``): warm-up first, then the reference (full compute) and the
 contenders run interleaved, ``R A R A ...`` or with several contenders ``R A B C R A B C R ...``;
@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,61 +31,9 @@ import torch
 
 from planner.errors import PlannerError
 from planner.profile.timing import gc_paused
+from planner.seeds import EVAL_SEED_BASE, check_held_out, evaluation_seeds, format_seeds
 
-CALIB_SEED_BASE = 0
-EVAL_SEED_BASE = 1_000_000
 REFERENCE = "full"
-
-
-def calibration_seeds(n: int) -> list[int]:
-    """The ``n`` calibration seeds."""
-    return list(range(CALIB_SEED_BASE, CALIB_SEED_BASE + n))
-
-
-def evaluation_seeds(n: int, start: int = EVAL_SEED_BASE) -> list[int]:
-    """``n`` held-out seeds from ``start`` (which must lie in the evaluation range)."""
-    if start < EVAL_SEED_BASE:
-        raise PlannerError(f"evaluation seeds start at {EVAL_SEED_BASE}, got {start}")
-    return list(range(start, start + n))
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"100..131"`` (inclusive), ``"7"``, or a comma list of both (``"1,5..7"``) -> sorted distinct seeds."""
-    seeds: set[int] = set()
-    for part in str(text).replace(" ", "").split(","):
-        if m := re.fullmatch(r"(\d+)\.\.(\d+)", part):
-            lo, hi = int(m.group(1)), int(m.group(2))
-            if hi < lo:
-                raise PlannerError(f"seed range {part!r} runs backwards")
-            seeds.update(range(lo, hi + 1))
-        elif re.fullmatch(r"\d+", part):
-            seeds.add(int(part))
-        else:
-            raise PlannerError(f"cannot read seeds {text!r}: write a range such as 100..131, a seed, or a comma list")
-    return sorted(seeds)
-
-
-def format_seeds(seeds: Iterable[int]) -> str:
-    """The inverse of :func:`parse_seeds`: ``[1, 2, 3, 7]`` -> ``"1..3,7"``."""
-    seeds = sorted({int(s) for s in seeds})
-    parts, i = [], 0
-    while i < len(seeds):
-        j = i
-        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
-            j += 1
-        parts.append(str(seeds[i]) if i == j else f"{seeds[i]}..{seeds[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-def check_held_out(seeds: Iterable[int], calib_seeds: Iterable[int], force: bool = False) -> None:
-    """PlannerError when ``seeds`` share any seed with the plan's calibration seeds (unless ``force``)."""
-    overlap = sorted(set(seeds) & set(calib_seeds))
-    if overlap and not force:
-        raise PlannerError(
-            f"evaluation seeds overlap the plan's calibration seeds ({format_seeds(overlap)}): a plan must be judged "
-            f"on held-out seeds (default from {EVAL_SEED_BASE}); --force evaluates anyway"
-        )
 
 
 # --------------------------------------------------------------------------- timing
@@ -335,14 +282,3 @@ def eval_markdown(report: dict) -> str:
     note = (f"\n\n{report['n']} held-out seeds {report['seeds']}, {report['repeats']} interleaved timed runs per side "
             "after a warm-up; speedup = median of per-run ratios.")
     return f"{head}\n{sep}\n{full}\n{plan}{note}"
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has none)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj

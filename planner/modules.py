@@ -28,6 +28,10 @@ SUBMODULE_KINDS = {
 }
 
 KINDS = ("block", "attn", "cross_attn", "mlp")
+SUBLAYER_KINDS = ("attn", "cross_attn", "mlp")
+# The granularity a strategy caches at: whole blocks, or the attention/MLP sub-layers inside them.
+LEVEL_KINDS = {"block": ("block",), "sublayer": SUBLAYER_KINDS}
+LEVELS = tuple(LEVEL_KINDS)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,21 @@ def cacheable_modules(transformer) -> list[CacheableModule]:
                     found.append(CacheableModule(f"{name}.{child_name}", kind, block_index, type(child).__name__))
             block_index += 1
     return found
+
+
+def modules_at_level(modules, level: str) -> list[str]:
+    """Names of ``modules`` (``CacheableModule``-like: ``.name``, ``.kind``) at ``level`` (``block`` or ``sublayer``)."""
+    return [m.name for m in modules if m.kind in LEVEL_KINDS[level]]
+
+
+def transformer_of(obj):
+    """The transformer inside a Runner or pipeline, or ``obj`` itself (a transformer)."""
+    if hasattr(obj, "pipe") and hasattr(obj, "family"):  # Runner
+        obj = obj.pipe
+    inner = getattr(obj, "transformer", None)
+    if inner is not None and not isinstance(obj, type) and hasattr(inner, "named_modules"):
+        return getattr(inner, "_orig_mod", inner)  # torch.compile wraps a module: the module inside is the model
+    return getattr(obj, "_orig_mod", obj)
 
 
 def model_fingerprint(transformer) -> str:

@@ -17,11 +17,9 @@ from typing import Any, Callable
 
 import torch
 
+from planner.cfg import CfgLayout
 from planner.errors import PlannerError
 from planner.modules import CacheableModule, cacheable_modules, model_fingerprint
-
-# CFG layouts (how the two guidance branches reach the transformer) are part of a plan's sampler.
-from planner.plan import CFG_COND_UNCOND, CFG_LAYOUTS, CFG_NONE, CFG_SEPARATE, CFG_UNCOND_COND  # noqa: E402,F401
 
 
 def _scheduler_classes() -> dict[str, type]:
@@ -59,8 +57,8 @@ class Family:
     schedulers: tuple[str, ...] = ("default",)
     default_sampler: Sampler = Sampler()
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        """Which of ``CFG_LAYOUTS`` the pipeline uses under ``sampler``."""
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        """How the CFG branches reach the transformer under ``sampler``."""
         raise NotImplementedError
 
     def make_conditions(self, pipe, n: int, seed: int) -> list[Any]:
@@ -116,14 +114,15 @@ class Runner:
             raise PlannerError(f"steps must be at least 1, got {sampler.steps}")
         return sampler
 
-    def cfg_layout(self, sampler: Sampler | None = None) -> str:
-        return self.family.cfg_layout(self.resolve(sampler))
+    def cfg_layout(self, sampler: Sampler | None = None) -> CfgLayout:
+        return CfgLayout(self.family.cfg_layout(self.resolve(sampler)))
 
     def conditions(self, n: int, seed: int = 0) -> list[Any]:
         """``n`` deterministic conditions for calibration or evaluation."""
         return self.family.make_conditions(self.pipe, n, seed)
 
-    def _scheduler_for(self, sampler: Sampler):
+    def scheduler_for(self, sampler: Sampler):
+        """A fresh scheduler for ``sampler`` (the model's own for ``default``), configured like the model's."""
         if sampler.scheduler == "default":
             return copy.deepcopy(self._base_scheduler)
         cls = _scheduler_classes()[sampler.scheduler]
@@ -149,7 +148,7 @@ class Runner:
         if output not in ("image", "latent"):
             raise PlannerError(f"output must be 'image' or 'latent', got {output!r}")
         sampler = self.resolve(sampler)
-        self.pipe.scheduler = self._scheduler_for(sampler)
+        self.pipe.scheduler = self.scheduler_for(sampler)
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         kwargs = self.family.call_kwargs(self.pipe, conditions, sampler)
         kwargs.update(
@@ -175,6 +174,18 @@ def resolve_device(name: str) -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise PlannerError(f"unknown device {name!r}: use cpu, cuda, cuda:N or auto")
     return name
+
+
+def as_runner(model, device: str = "auto") -> Runner:
+    """A Runner for ``model``: a Runner as it is, a spec loaded on ``device``, or a diffusers pipeline
+    whose family the zoo knows (the pipeline stays on its own device)."""
+    if isinstance(model, Runner):
+        return model
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        return load_runner(str(model), device=resolve_device(device))
+    from planner.zoo import family_of
+
+    return Runner(model, family_of(model), spec=type(model).__name__)
 
 
 def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: torch.dtype | None = None) -> Runner:

@@ -1,8 +1,10 @@
 """Search strategies: one small interface, many implementations found by name.
 
-A strategy is a class with a ``name`` and ``search(context, budget) -> Plan``. It lives in
-its own module in this package and registers itself with ``@register``; ``get_strategy(name)``
-imports the package's modules on first use, so adding a strategy is adding one file.
+A strategy is a class with a ``name``, a ``summary``, a declared ``Settings`` model
+(:mod:`planner.search.settings`) and ``search(context, budget) -> Plan``. It lives in its own
+module of this package and registers itself with ``@register``; :func:`get_strategy` imports the
+package's modules on first use, so adding a strategy is adding one file. :func:`search_plan` is
+the one-line entry point.
 """
 
 from __future__ import annotations
@@ -10,26 +12,37 @@ from __future__ import annotations
 import abc
 import importlib
 import pkgutil
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from planner.errors import PlannerError
+from planner.search.settings import RUN_OPTIONS, StrategySettings, parse_settings
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
+    from planner.search.budget import Budget
+    from planner.search.context import SearchContext
 
 _REGISTRY: dict[str, type["Strategy"]] = {}
-_NOT_STRATEGIES = {"budget", "context"}
-# What `planner search` passes to every strategy as params beside ``--param`` (``--seed 3`` -> ``seed=3``).
-RUN_OPTIONS = ("seed", "n_trials", "storage", "study", "resume")
+_NOT_STRATEGIES = {"api", "budget", "context", "settings"}
 
 
 class Strategy(abc.ABC):
-    """Turns a search context and a budget into a Plan. Parameters go to ``__init__`` as keywords."""
+    """Turns a search context and a budget into a Plan.
+
+    Construct with keyword settings (``Greedy(max_run=2)``) or a ready ``Settings`` object; bad
+    settings raise PlannerError before anything runs."""
 
     name: ClassVar[str]
+    summary: ClassVar[str]
+    Settings: ClassVar[type[StrategySettings]] = StrategySettings
 
-    def __init__(self, **params: Any):
-        self.params = params
+    def __init__(self, settings: StrategySettings | None = None, /, **params: Any):
+        if settings is not None and params:
+            raise TypeError("give a Settings object or keyword settings, not both")
+        self.settings = settings if settings is not None else parse_settings(self.Settings, params, self.name)
 
     @abc.abstractmethod
-    def search(self, context, budget):
+    def search(self, context: "SearchContext", budget: "Budget") -> "Plan":
         """Return a Plan meeting ``budget`` on ``context``, or raise PlannerError saying why none does."""
 
 
@@ -59,3 +72,20 @@ def get_strategy(name: str) -> type[Strategy]:
     if name not in _REGISTRY:
         raise PlannerError(f"unknown strategy {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
+
+
+def make_strategy(name: str, params: dict[str, Any] | None = None) -> Strategy:
+    """The strategy ``name`` with its settings parsed from ``params`` (PlannerError on any bad one)."""
+    return get_strategy(name)(**(params or {}))
+
+
+def __getattr__(name: str):
+    if name == "search_plan":  # lazily: the entry point pulls in the runner and the profiler
+        from planner.search.api import search_plan
+
+        return search_plan
+    raise AttributeError(f"module 'planner.search' has no attribute {name!r}")
+
+
+__all__ = ["RUN_OPTIONS", "Strategy", "StrategySettings", "get_strategy", "make_strategy", "register",
+           "search_plan", "strategy_names"]

@@ -80,11 +80,3 @@ def normalise(raw: torch.Tensor, floor: float = 0.1) -> torch.Tensor:
     if len(free) and float(free.mean()) > 0:
         lam[1:] = (floor + (1 - floor) * free / free.mean()).float()
     return lam
-
-
-def summary(lam: torch.Tensor) -> str:
-    """A short text of the weights over steps 1..: ``min-max, argmax``, for the progress bar."""
-    free = lam[1:]
-    if not len(free):
-        return "-"
-    return f"{float(free.min()):.2f}-{float(free.max()):.2f}@{int(free.argmax()) + 1}"

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -64,9 +65,12 @@ import torch
 
 from planner.errors import PlannerError
 from planner.io import write_atomic
+from planner.modules import LEVEL_KINDS, modules_at_level
+from planner.search.budget import Budget, first_true, unreachable
 
 SCORE_LIMIT = 5.0
-LEVEL_KINDS = {"sublayer": ("attn", "cross_attn", "mlp"), "block": ("block",)}
+# A threshold above every gate: every free entry reuses.
+THETA_ALL_REUSE = 1.0 + 1e-9
 REUSE_CODE = {"sublayer": "R", "block": "D"}
 ROUTER_FILE = "router.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -82,7 +86,7 @@ def gated_modules(modules: Sequence[Any], level: str) -> list[str]:
     ``modules`` are ``CacheableModule``-like objects (``.name``, ``.kind``), e.g. ``context.modules``."""
     if level not in LEVEL_KINDS:
         raise PlannerError(f"router level must be sublayer or block, got {level!r}")
-    names = [m.name for m in modules if m.kind in LEVEL_KINDS[level]]
+    names = modules_at_level(modules, level)
     if not names:
         raise PlannerError(f"this model has no {level} modules to gate")
     return names
@@ -198,7 +202,7 @@ def theta_candidates(gates: torch.Tensor, fixed: torch.Tensor | None = None) -> 
     free = gates.detach() if fixed is None else gates.detach()[~fixed]
     values = np.unique(free.double().numpy())
     mids = ((values[:-1] + values[1:]) / 2).tolist() if len(values) > 1 else []
-    return [0.0, *mids, 1.0 + 1e-9]
+    return [0.0, *mids, THETA_ALL_REUSE]
 
 
 @dataclass
@@ -241,28 +245,15 @@ def theta_for_speedup(context, gates: Gates | Router, speedup: float) -> tuple[f
     the largest misses."""
     g = gates if isinstance(gates, Gates) else Gates.of(gates)
     thetas = theta_candidates(g.gates, g.fixed)
-    cache: dict[int, float] = {}
-
-    def at(i: int) -> float:
-        if i not in cache:
-            cache[i] = predicted_speedup(context, g, thetas[i])
-        return cache[i]
-
-    lo, hi = 0, len(thetas) - 1
-    if at(hi) < speedup - 1e-9:
-        return None
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if at(mid) >= speedup - 1e-9:
-            hi = mid
-        else:
-            lo = mid + 1
-    return thetas[lo], at(lo)
+    target = Budget(speedup=speedup)
+    at = functools.cache(lambda i: predicted_speedup(context, g, thetas[i]))
+    i = first_true(len(thetas), lambda j: target.speed_met(at(j)))
+    return None if i is None else (thetas[i], at(i))
 
 
 def max_speedup(context, gates: Gates | Router) -> float:
     """The predicted speedup when every free entry reuses: no threshold does better."""
-    return predicted_speedup(context, gates, 1.0 + 1e-9)
+    return predicted_speedup(context, gates, THETA_ALL_REUSE)
 
 
 def _theta_for_error(context, g: Gates, max_error: float, evaluations: int = 8):
@@ -313,8 +304,6 @@ def choose_plan(context, budget, candidates: Sequence[Gates], strategy: str, how
                 results.append((*found, g))
     if not results:
         if budget.speedup is not None:
-            from search._common import unreachable
-
             raise unreachable(budget, best_max, how)
         raise PlannerError(f"no plan {how} keeps the calibration error within {budget.max_error:g}")
     if budget.speedup is not None:

@@ -7,7 +7,7 @@ One boolean per (step, module) would give an optimizer thousands of dimensions; 
   block output) or ``R`` (reuse of attention/MLP outputs; the block's norms still run);
 * ``interval``: compute once every N steps (1 = never reuse), as in FORA / DeepCache;
 * ``warmup`` / ``cooldown``: steps at the start / end that always compute (the late steps are the
-  sensitive ones, METHODS.md);
+  sensitive ones: their outputs change most);
 * ``tolerance``: a percentile p: a reuse k steps after the last compute is allowed only at steps
   where the profile's lag-k change of the module's group is within its p-th percentile
   (SmoothCache's threshold on the lag curves, per group; 100 = everywhere);

@@ -9,15 +9,17 @@ predicted cost. Calibration and evaluation seeds come from disjoint ranges by co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from planner.cfg import CfgLayout
 from planner.errors import PlannerError
-from planner.evaluate import EVAL_SEED_BASE, calibration_seeds
 from planner.metrics import rel_l1
-from planner.plan import Plan, Prediction
+from planner.plan import Plan, Prediction, plan_for_runner
+from planner.seeds import EVAL_SEED_BASE, calibration_seeds
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -67,7 +69,7 @@ class SearchContext:
                 f"the search for {self.sampler.steps} steps at guidance {self.sampler.guidance:g}"
             )
 
-    @property
+    @cached_property
     def modules(self):
         """The model's cacheable modules in forward order."""
         return self.runner.modules()
@@ -77,8 +79,13 @@ class SearchContext:
         return self.sampler.steps
 
     @property
+    def layout(self) -> CfgLayout:
+        """How the CFG branches reach the transformer under this context's sampler."""
+        return self.runner.cfg_layout(self.sampler)
+
+    @property
     def branches(self) -> tuple[str, ...]:
-        return self.latency.branches
+        return self.layout.branches
 
     def run_full(self) -> torch.Tensor:
         """Final latents of the calibration inputs with no caching (the reference)."""
@@ -116,7 +123,7 @@ class SearchContext:
                 calib_error=evaluation.error,
                 metric="rel_l1_final_latent",
             )
-        return Plan.for_runner(
+        return plan_for_runner(
             self.runner,
             self.sampler,
             decisions,

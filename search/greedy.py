@@ -24,7 +24,7 @@ Deviations from DiTFastAttn, and why (digits-dit, DDIM-50, guidance 3, 8 calibra
   error is measured on the guided prediction (``error="guided"``, default; ``"raw"`` is
   DiTFastAttn's). With separate CFG calls (Flux true CFG) each call is compared raw.
 * **Step-dependent threshold.** DiTFastAttn's threshold is the same at every step, but errors
-  compound and the late steps are the sensitive ones (METHODS.md; the profile's median lag-1
+  compound and the late steps are the sensitive ones (on digits-dit the profile's median lag-1
   residual change of the blocks is about 0.05 up to step 45 and 0.11, 0.17, 0.33 at steps 47-49).
   ``w_t = clip(m / c_t, 0, 1)``, with ``c_t`` that median at step t and ``m`` its median over
   steps: steps that change more than usual get a proportionally tighter threshold
@@ -41,7 +41,7 @@ Deviations from DiTFastAttn, and why (digits-dit, DDIM-50, guidance 3, 8 calibra
 * **Fewer candidates.** Every trial is a full model call (about 50 ms here for 8 samples x 2
   branches), and the old default (blocks: residual reuse and forecast, sub-layers: reuse and
   forecast, plus CFG sharing: up to 72 trials per step) took about 100 s per pass and 597 s for a
-  2x search. METHODS.md: block-level skipping beats sub-layer reuse (sub-layer reuse keeps norms
+  2x search. Block-level skipping beats sub-layer reuse here (sub-layer reuse keeps norms
   and modulation, which caps its speed), so the default tries blocks only
   (``actions={"block": "FD"}``, ``share_cfg=false``); with the run bound most (step, block) pairs
   are forced computes that need no trial. Sub-layer reuse and CFG sharing remain available through
@@ -76,23 +76,53 @@ target by doubling then bisection of delta in log space.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from pydantic import Field, field_validator
 
+from planner.cfg import BRANCHES, CfgLayout, cfg_halves, guided
 from planner.errors import PlannerError
-from planner.executor import apply_plan
+from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
 from planner.metrics import rel_l1
-from planner.plan import BRANCHES, branches_of
-from planner.runner import CFG_COND_UNCOND, CFG_SEPARATE, CFG_UNCOND_COND
-from search import Strategy, register
-from search._common import unreachable
+from planner.search import Strategy, StrategySettings, register
+from planner.search.budget import first_true, unreachable
 
 GREEDY_HOOK = "planner_greedy_search"
 DEFAULT_ACTIONS = {"block": "FD", "attn": "", "cross_attn": "", "mlp": ""}
+Kind = Literal["block", "attn", "cross_attn", "mlp"]
+
+
+class GreedySettings(StrategySettings):
+    delta: float | None = Field(None, gt=0, description="a fixed threshold scale: one pass, no budget search")
+    actions: dict[Kind, str] = Field(
+        default_factory=lambda: {"block": "FD"},
+        description='candidate actions per module kind, in order of preference, e.g. {"block": "FD", "mlp": "R"}')
+    share_cfg: bool = Field(False, description="also try sharing a module's output across the CFG branches")
+    max_run: int | None = Field(None, ge=1, description="longest run of reuses (default: the shortest that meets the budget)")
+    error: Literal["guided", "raw"] = Field(
+        "guided", description="measure each trial on the CFG-guided prediction (batched CFG) or the raw output")
+    step_weight: Literal["profile", "square", "none"] = Field(
+        "profile", description="per-step threshold weight from the profile's change curve (or its square, or none)")
+    position: Literal["linear", "none"] = Field(
+        "linear", description="DiTFastAttn's (block + 1) / blocks scaling of the threshold, or none")
+    max_passes: int | None = Field(
+        None, ge=1, description="passes at most (default: 6 for a speed budget, 10 for an error target)")
+    delta0: float = Field(0.1, gt=0, description="threshold scale of the first pass")
+    step_up: float = Field(0.1, gt=0, description="least relative raise of delta after a pass that misses the budget")
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, actions: dict[str, str]) -> dict[str, str]:
+        for kind, codes in actions.items():
+            if set(codes) - set("RDF"):
+                raise ValueError(f"actions for {kind} must be letters of R, D, F, got {codes!r}")
+            if "D" in codes and kind != "block":
+                raise ValueError(f"reuse_residual (D) applies to blocks only, not to {kind}")
+        return actions
 
 
 def first_acceptable(candidates: Sequence, error_of: Callable, threshold: float):
@@ -166,7 +196,7 @@ class _GreedyPass:
         self.ctx = context
         self.delta = delta
         self.layout = context.runner.cfg_layout(context.sampler)
-        self.branches = branches_of(self.layout)
+        self.branches = self.layout.branches
         self.modules = context.modules
         self.costs = module_costs(context.latency)
         self.blocks = 1 + max(m.block for m in self.modules)
@@ -176,7 +206,7 @@ class _GreedyPass:
         self.codes = {m.name: {b: ["C"] * context.steps for b in self.branches} for m in self.modules}
         self.weights = np.ones(context.steps) if weights is None else weights
         self.guidance = float(context.sampler.guidance)
-        self.guided = guided and self.layout in (CFG_COND_UNCOND, CFG_UNCOND_COND)
+        self.guided = guided and self.layout.batched
         self.max_run = max_run
         self.position = True  # DiTFastAttn's (block + 1) / blocks threshold scaling
         self.calls = 0
@@ -187,7 +217,7 @@ class _GreedyPass:
     def run(self):
         ctx = self.ctx
         base = ctx.plan({})
-        self.handle = apply_plan(ctx.runner.pipe, base, hook_all=True)
+        self.handle = open_session(ctx.runner.pipe, base, editable=True)
         registry = HookRegistry.check_if_exists_or_initialize(ctx.runner.transformer)
         registry.register_hook(_StepSearchHook(self), GREEDY_HOOK)
         try:
@@ -228,12 +258,10 @@ class _GreedyPass:
         t = first_tensor(out)
         if not self.guided:
             return t
-        first, second = t.float().chunk(2)
-        cond, uncond = (first, second) if self.layout == CFG_COND_UNCOND else (second, first)
-        return uncond + self.guidance * (cond - uncond)
+        return guided(*cfg_halves(t.float(), self.layout), self.guidance)
 
     def on_call(self, forward):
-        separate = self.layout == CFG_SEPARATE
+        separate = self.layout is CfgLayout.SEPARATE
         step = self.calls // (2 if separate else 1)
         active = (BRANCHES[self.calls % 2],) if separate else self.branches
         self.calls += 1
@@ -296,163 +324,153 @@ def decisions_from_records(records, modules: Iterable[str], branches: Sequence[s
 
 @register
 class Greedy(Strategy):
-    """Params: ``delta`` (a fixed threshold scale: no budget search), ``actions`` (per kind, e.g.
-    ``{"block": "FD", "mlp": "R"}``; default blocks ``FD`` only: forecast, else residual reuse), ``share_cfg`` (default false),
-    ``max_run`` (longest run of reuses; default: the shortest that meets the budget, 3 otherwise),
-    ``error`` (``guided`` or ``raw``), ``step_weight`` (``profile``, ``square`` or ``none``), ``position``
-    (``linear`` = DiTFastAttn's block scaling, or ``none``), ``max_passes``
-    (default 6), ``delta0`` (first pass, default 0.1), ``step_up`` (default 0.1)."""
+    """DiTFastAttn's greedy search over every executor action (see the module docstring)."""
 
     name = "greedy"
+    summary = "DiTFastAttn's greedy search, steps outer, modules inner, over every executor action"
+    Settings = GreedySettings
 
-    def _pass(self, context, delta: float):
+    def search(self, context, budget):
+        return _GreedySearch(self.settings, context).run(budget)
+
+
+class _GreedySearch:
+    """One search: its passes (one per delta tried, memoised), the run bound in use, the budget loop."""
+
+    def __init__(self, settings: GreedySettings, context):
+        self.settings = settings
+        self.ctx = context
+        self.tried: dict[float, dict] = {}
+        self.passes = 0
+        self.max_run = settings.max_run if settings.max_run is not None else 3
+        blocks = [m.name for m in context.modules if m.kind == "block"]
+        weights = step_weights(context.profile, blocks, context.steps)
+        self.weights = {"profile": weights, "square": weights ** 2, "none": np.ones(context.steps)}[settings.step_weight]
+        self.actions = {**DEFAULT_ACTIONS, **settings.actions}
+
+    def run(self, budget):
+        from planner.search.context import Evaluation
+
+        s = self.settings
+        if s.delta is not None:
+            best = self.at(s.delta)
+        elif budget.speedup is not None:
+            best = self._search_speed_runs(budget)
+        else:
+            best = self.at(self._delta_for_error(budget))
+        evaluation = Evaluation(best["error"], best["speedup"], best["fraction"], {"trials": best["trials"]})
+        params = {**s.record(), "delta": best["delta"], "max_run": self.max_run, "passes": self.passes}
+        return self.ctx.plan(best["decisions"], strategy=Greedy.name, params=params, evaluation=evaluation)
+
+    def at(self, delta: float) -> dict:
+        """The pass at ``delta`` (run once; later asks return the same figures)."""
+        if delta not in self.tried:
+            self.tried[delta] = self._pass(delta)
+        return self.tried[delta]
+
+    def _pass(self, delta: float) -> dict:
         from tqdm.auto import tqdm
 
-        actions = {**DEFAULT_ACTIONS, **self.params.get("actions", {})}
-        blocks = [m.name for m in context.modules if m.kind == "block"]
-        mode = self.params.get("step_weight", "profile")
-        if mode == "profile":
-            weights = step_weights(context.profile, blocks, context.steps)
-        elif mode == "square":
-            weights = step_weights(context.profile, blocks, context.steps) ** 2
-        else:
-            weights = np.ones(context.steps)
-        guided = self.params.get("error", "guided") == "guided"
-        max_run = self.params.get("max_run", self._default_max_run)
-        bar = tqdm(total=context.steps, desc=f"greedy delta={delta:.4g}", leave=False, disable=not context.progress)
+        ctx, s = self.ctx, self.settings
+        bar = tqdm(total=ctx.steps, desc=f"greedy delta={delta:.4g}", leave=False, disable=not ctx.progress)
         try:
-            p = _GreedyPass(context, delta, actions, bool(self.params.get("share_cfg", False)), bar, weights, guided,
-                            None if max_run is None else int(max_run))
-            p.position = self.params.get("position", "linear") == "linear"
+            p = _GreedyPass(ctx, delta, self.actions, s.share_cfg, bar, self.weights, s.error == "guided", self.max_run)
+            p.position = s.position == "linear"
             decisions, out = p.run()
         finally:
             bar.close()
-        context.evaluations += 1
-        self._passes += 1
-        plan = context.plan(decisions)
-        speedup, fraction = context.predict(plan)
+        ctx.evaluations += 1
+        self.passes += 1
+        speedup, fraction = ctx.predict(ctx.plan(decisions))
         return {
-            "delta": delta, "decisions": decisions, "error": rel_l1(out, context.reference),
+            "delta": delta, "decisions": decisions, "error": rel_l1(out, ctx.reference),
             "speedup": speedup, "fraction": fraction, "records": p.records, "trials": p.trials,
         }
 
-    def search(self, context, budget):
-        from search.context import Evaluation
-
-        tried: dict[float, dict] = {}
-        self._passes = 0
-        self._default_max_run = self.params.get("max_run", 3)
-
-        def at(delta):
-            if delta not in tried:
-                tried[delta] = self._pass(context, delta)
-            return tried[delta]
-
-        if "delta" in self.params:
-            best = at(float(self.params["delta"]))
-        elif budget.speedup is not None:
-            best = self._search_speed_runs(context, at, tried, budget)
-        else:
-            best = at(self._delta_for_error(at, budget))
-        evaluation = Evaluation(best["error"], best["speedup"], best["fraction"], {"trials": best["trials"]})
-        params = {**self.params, "delta": best["delta"], "max_run": self._default_max_run, "passes": self._passes}
-        return context.plan(best["decisions"], strategy=self.name, params=params, evaluation=evaluation)
-
-    def _estimate(self, context, records, speedup: float) -> float | None:
-        """The smallest delta whose records-predicted plan meets ``speedup`` (None: none does)."""
-        names = [m.name for m in context.modules]
-        branches = branches_of(context.runner.cfg_layout(context.sampler))
+    def _estimate(self, records, budget) -> float | None:
+        """The smallest delta whose records-predicted plan meets the speed budget (None: none does)."""
+        ctx = self.ctx
+        names = [m.name for m in ctx.modules]
         needs = np.unique([r[3] for r in records if math.isfinite(r[3])])
-        if not len(needs):
-            return None
 
-        def ok(i):
-            d = decisions_from_records(records, names, branches, context.steps, float(needs[i]))
-            return context.predict(context.plan(d))[0] >= speedup - 1e-9
+        def meets(i: int) -> bool:
+            d = decisions_from_records(records, names, ctx.layout.branches, ctx.steps, float(needs[i]))
+            return budget.speed_met(ctx.predict(ctx.plan(d))[0])
 
-        if not ok(len(needs) - 1):
-            return None
-        lo, hi = 0, len(needs) - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ok(mid):
-                hi = mid
-            else:
-                lo = mid + 1
-        return float(needs[lo])
+        i = first_true(len(needs), meets)
+        return None if i is None else float(needs[i])
 
-    def _search_speed_runs(self, context, at, tried: dict, budget) -> dict:
+    def _search_speed_runs(self, budget) -> dict:
         """The shortest bound on runs of reuses that can meet the budget, then delta for it.
 
         Stale caches bias consecutive steps the same way, so long runs of reuse cost more than the
         per-step error shows; the bound starts at ``max(1, floor(2 s) - 2)`` for a budget of s and
         grows while even the periodic pattern it allows (compute once every bound + 1 steps) cannot
         meet the budget, or the passes do not."""
-        if "max_run" in self.params:
-            self._default_max_run = int(self.params["max_run"])
-            return self._search_speed(context, at, tried, budget)
-        from search.uniform import uniform_codes
+        if self.settings.max_run is not None:
+            return self._search_speed(budget)
+        from planner.search.uniform import uniform_codes
 
-        blocks = [m.name for m in context.modules if m.kind == "block"]
+        ctx = self.ctx
+        blocks = [m.name for m in ctx.modules if m.kind == "block"]
         last_error = None
         first = max(1, math.floor(2 * budget.speedup) - 2)
-        for run in range(first, context.steps):
-            upper = context.plan({b: uniform_codes(context.steps, run + 1, "D") for b in blocks})
-            if context.predict(upper)[0] < budget.speedup - 1e-9:
+        for run in range(first, ctx.steps):
+            upper = ctx.plan({b: uniform_codes(ctx.steps, run + 1, "D") for b in blocks})
+            if not budget.speed_met(ctx.predict(upper)[0]):
                 continue  # no pass can: skip it without running one
-            self._default_max_run = run
-            tried.clear()
+            self.max_run = run
+            self.tried.clear()
             try:
-                return self._search_speed(context, at, tried, budget)
+                return self._search_speed(budget)
             except PlannerError as e:
                 last_error = e
                 if run >= first + 2:
                     break
-        raise last_error or unreachable(budget, context.max_speedup(), "of a greedy plan")
+        raise last_error or unreachable(budget, ctx.max_speedup(), "of a greedy plan")
 
-    def _search_speed(self, context, at, tried: dict, budget) -> dict:
+    def _search_speed(self, budget) -> dict:
         """Estimate delta from the last pass's trial errors, run there, correct upwards until met."""
-        target = budget.speedup
-        max_passes = int(self.params.get("max_passes", 6))
-        step_up = 1.0 + float(self.params.get("step_up", 0.1))
-        delta = float(self.params.get("delta0", 0.1))
+        s = self.settings
+        max_passes = s.max_passes or 6
+        step_up = 1.0 + s.step_up
+        delta = s.delta0
         meeting: list[dict] = []
-        last = None
         for _ in range(max_passes):
-            last = at(delta)
-            if last["speedup"] >= target - 1e-9:
+            last = self.at(delta)
+            met = budget.speed_met(last["speedup"])
+            if met:
                 meeting.append(last)
-                if last["speedup"] <= target * 1.03:
+                if last["speedup"] <= budget.speedup * 1.03:
                     break  # close enough: more passes buy little
-            estimate = self._estimate(context, last["records"], target)
+            estimate = self._estimate(last["records"], budget)
             if estimate is None:  # even accepting every trial misses it: try the loosest delta once
-                estimate = max(delta * 4, max(r[3] for r in last["records"] if math.isfinite(r[3])) * 1.01) \
-                    if any(math.isfinite(r[3]) for r in last["records"]) else delta * 4
+                finite = [r[3] for r in last["records"] if math.isfinite(r[3])]
+                estimate = max(delta * 4, max(finite) * 1.01) if finite else delta * 4
                 if estimate > 1e3:
                     break
-            if last["speedup"] < target - 1e-9:
+            if not met:
                 estimate = max(estimate, delta * step_up)
                 step_up = 1.0 + 2.0 * (step_up - 1.0)  # the estimates keep undershooting: correct faster
             elif meeting and estimate >= delta:
                 break  # met, and the records see no smaller delta that would
-            if estimate in tried:
+            if estimate in self.tried:
                 break
             delta = estimate
         if not meeting:
-            best = max(v["speedup"] for v in tried.values())
-            raise unreachable(budget, best, "of a greedy plan found")
+            raise unreachable(budget, max(v["speedup"] for v in self.tried.values()), "of a greedy plan found")
         return min(meeting, key=lambda v: v["error"])
 
-    def _delta_for_error(self, at, budget) -> float:
+    def _delta_for_error(self, budget) -> float:
         """The largest delta (fastest) whose plan keeps the calibration error within the target."""
         lo, hi = 0.0, 0.02
-        while at(hi)["error"] <= budget.max_error:
+        while self.at(hi)["error"] <= budget.max_error:
             lo, hi = hi, hi * 4
             if hi > 50:
                 return lo
-        for _ in range(int(self.params.get("max_passes", 10))):
+        for _ in range(self.settings.max_passes or 10):
             mid = math.sqrt(lo * hi) if lo > 0 else hi / 4
-            if at(mid)["error"] <= budget.max_error:
+            if self.at(mid)["error"] <= budget.max_error:
                 lo = mid
             else:
                 hi = mid
@@ -461,4 +479,3 @@ class Greedy(Strategy):
         if lo == 0.0:
             raise PlannerError(f"no greedy plan keeps the calibration error within {budget.max_error:g}")
         return lo
-

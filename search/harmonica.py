@@ -55,98 +55,63 @@ every recomputation).
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import AliasChoices, Field, model_validator
 
-from planner.errors import PlannerError
-from planner.evaluate import EVAL_SEED_BASE
+from planner.seeds import EVAL_SEED_BASE
 from planner.io import write_atomic
-from planner.runner import CFG_SEPARATE
-from search import Strategy, register
-from search._common import config_from_params
-from search._harmonica_proxy import PROXIES, normalise, raw_proxy, summary
-from search._harmonica_sdt import StepwiseDistillation
-from search._router import (
-    CHECKPOINT_FILE,
-    Gates,
-    Router,
-    TrainingCurve,
+from planner.search import Strategy, StrategySettings, register
+from planner.search._harmonica_proxy import PROXIES, normalise, raw_proxy
+from planner.search._harmonica_sdt import StepwiseDistillation
+from planner.search._router import (
+    THETA_ALL_REUSE,
     choose_plan,
-    decisions_from_gates,
     frozen,
-    gate_costs,
-    gated_modules,
-    load_checkpoint,
-    optimizer_tensors,
+    decisions_from_gates,
     plan_at_theta,
-    progress_bar,
-    restore_optimizer,
-    save_checkpoint,
-    save_router,
     theta_for_speedup,
 )
+from planner.search._trainer import RouterTrainer, common_params
 
-CHECKPOINT_FORMAT = "harmonica-checkpoint/1"
 PROXY_FILE = "proxy.csv"
 # Training noise comes from seeds in [TRAIN_SEED_MIN, EVAL_SEED_BASE): never a calibration seed
 # (0..N-1 for any sensible N) nor an evaluation seed.
 TRAIN_SEED_MIN = 100_000
 
 
-@dataclass(frozen=True)
-class HarmoniCaConfig:
-    """The strategy's parameters (``--param KEY=VALUE``), checked."""
+class HarmoniCaSettings(StrategySettings):
+    level: Literal["block", "sublayer"] = Field(
+        "block", description="gate whole blocks (a gate of 0 reuses the residual) or attention and MLP apart (the paper)")
+    proxy: Literal[PROXIES] = Field(
+        "paper", description="how lambda_t is measured: paper (caching off at step t only), released (marginal, "
+                             "from the last step back), uniform (lambda = 1: SDT alone)")
+    betas: tuple[float, ...] = Field(
+        (0.003, 0.01, 0.03, 0.1), min_length=1, validation_alias=AliasChoices("betas", "beta"),
+        description="the penalty grid, smallest first (one training stage each)")
+    rounds: int = Field(12, ge=1, description="rollouts per beta (each gives steps - 1 optimizer updates)")
+    batch: int = Field(8, ge=1, description="samples per rollout")
+    lr: float = Field(0.05, gt=0, description="AdamW learning rate of the scores")
+    init: float = Field(2.0, description="initial score (2.0: gate 0.88, every module computes)")
+    cost_weighted: bool = Field(True, description="weight each gate's penalty by its module's compute time (mean 1)")
+    proxy_every: int = Field(100, ge=1, description="optimizer updates between lambda recomputations")
+    proxy_floor: float = Field(0.1, ge=0, le=1, description="least weight of a step after normalising lambda")
+    theta: float | None = Field(None, gt=0, le=1, description="a fixed threshold instead of the budget search")
+    max_runs: tuple[int | None, ...] = Field(
+        (None, 1, 2, 3, 4, 6), min_length=1,
+        description="caps on consecutive reuses the hard plans try (null: no cap)")
+    checkpoint_every: int = Field(4, ge=1, description="rounds between checkpoints")
+    seed: int = Field(0, ge=0, description="seed of the rollouts' noise")
+    resume: bool = Field(False, description="continue from the checkpoint beside the plan")
 
-    level: str = "block"  # block (residual reuse) or sublayer (attention and MLP apart, as the paper)
-    proxy: str = "paper"  # paper, released or uniform
-    betas: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)  # the penalty grid, smallest first
-    rounds: int = 12  # rollouts per beta (each gives steps - 1 optimizer updates)
-    batch: int = 8  # samples per rollout
-    lr: float = 0.05
-    init: float = 2.0  # initial score: gate 0.88, every module computes
-    cost_weighted: bool = True
-    proxy_every: int = 100  # optimizer updates between lambda recomputations (the paper's C)
-    proxy_floor: float = 0.1
-    theta: float | None = None  # a fixed threshold instead of the budget search
-    max_runs: tuple[int | None, ...] = (None, 1, 2, 3, 4, 6)  # caps on consecutive reuses the hard plans try
-    checkpoint_every: int = 4  # rounds
-    seed: int = 0
-
-    @classmethod
-    def from_params(cls, params: dict) -> HarmoniCaConfig:
-        """Check ``params`` (PlannerError naming the first bad one) and fill the defaults."""
-        return config_from_params(cls, params, "harmonica", aliases={"beta": "betas"})
-
-    def check(self) -> None:
-        if self.level not in ("sublayer", "block"):
-            raise PlannerError(f"level must be block or sublayer, got {self.level!r}")
-        if not self.max_runs or any(r is not None and r < 1 for r in self.max_runs):
-            raise PlannerError(f"max_runs must be a non-empty list of caps of at least 1 (null: no cap), got {list(self.max_runs)}")
-        if self.proxy not in PROXIES:
-            raise PlannerError(f"proxy must be one of {', '.join(PROXIES)}, got {self.proxy!r}")
-        if min(self.rounds, self.batch, self.proxy_every, self.checkpoint_every) < 1:
-            raise PlannerError("rounds, batch, proxy_every and checkpoint_every must be at least 1")
-        if not self.betas or any(not b >= 0 for b in self.betas):
-            raise PlannerError(f"betas must be a non-empty list of non-negative numbers, got {list(self.betas)}")
-        if not self.lr > 0:
-            raise PlannerError(f"lr must be positive, got {self.lr:g}")
-        if not 0 <= self.proxy_floor <= 1:
-            raise PlannerError(f"proxy_floor must lie in [0, 1], got {self.proxy_floor:g}")
-        if self.theta is not None and not 0 < self.theta <= 1:
-            raise PlannerError(f"theta must lie in (0, 1], got {self.theta:g}")
-        if self.seed < 0:
-            raise PlannerError(f"seed must be non-negative, got {self.seed}")
-
-    def training_key(self, level: str, budget) -> dict:
-        """What a checkpoint must agree on to be resumed (everything that shapes the training)."""
-        keys = ("proxy", "betas", "rounds", "batch", "lr", "init", "cost_weighted", "proxy_every", "proxy_floor", "seed")
-        return {"level": level, "budget": budget.to_dict(),
-                **{k: list(getattr(self, k)) if k == "betas" else getattr(self, k) for k in keys}}
+    @model_validator(mode="after")
+    def _valid_grids(self) -> "HarmoniCaSettings":
+        if any(b < 0 for b in self.betas):
+            raise ValueError(f"betas must not be negative, got {list(self.betas)}")
+        if any(r is not None and r < 1 for r in self.max_runs):
+            raise ValueError(f"max_runs are caps of at least 1 (null: no cap), got {list(self.max_runs)}")
+        return self
 
 
 def round_seeds(seed: int, index: int, batch: int) -> list[int]:
@@ -156,118 +121,76 @@ def round_seeds(seed: int, index: int, batch: int) -> list[int]:
     return torch.randint(TRAIN_SEED_MIN, EVAL_SEED_BASE, (batch,), generator=gen).tolist()
 
 
-@dataclass
-class TrainState:
-    """Where training is: beta stage, round within it, optimizer updates so far, lambda, kept gates."""
+class HarmoniCaTrainer(RouterTrainer):
+    """Trains one router by SDT + IEPO (see the module docstring); a unit is one rollout."""
 
-    stage: int = 0
-    round: int = 0
-    iterations: int = 0
-    lambdas: torch.Tensor | None = None
-    proxy_at: int = 0  # iterations at the last lambda recomputation
-    snapshots: list[Gates] = dataclasses.field(default_factory=list)
-    proxy_rows: list[dict] = dataclasses.field(default_factory=list)
-    elapsed_s: float = 0.0
+    format = "harmonica-checkpoint/1"
+    penalty = "beta"
+    unit_name = "round"
 
-
-class Trainer:
-    """Trains one router on a search context by SDT + IEPO (see the module docstring)."""
-
-    def __init__(self, context, cfg: HarmoniCaConfig, level: str, budget, resume: bool = False):
-        self.ctx = context
-        self.cfg = cfg
-        self.level = level
+    def __init__(self, context, settings: HarmoniCaSettings, budget):
+        super().__init__(context, settings, settings.level, settings.betas, settings.rounds, resume=settings.resume)
         self.budget = budget
-        self.resume = resume
-        self.names = gated_modules(context.modules, level)
-        self.router = Router(self.names, context.steps, level, None, cfg.init)
-        self.optimizer = torch.optim.AdamW([self.router.scores], lr=cfg.lr, weight_decay=0.0)
-        self.layout = context.runner.cfg_layout(context.sampler)
-        self.calls_per_step = 2 if self.layout == CFG_SEPARATE else 1
-        self.weights = gate_costs(context.latency, self.names) if cfg.cost_weighted else torch.ones(len(self.names))
-        self.curve = TrainingCurve()
-        self.state = TrainState(lambdas=torch.ones(context.steps))
-        self.folder = Path(context.artifacts) / level if context.artifacts is not None else None
+        self.iterations = 0  # optimizer updates so far
+        self.lambdas = torch.ones(context.steps)
+        self.proxy_at = 0  # iterations at the last lambda recomputation
+        self.proxy_rows: list[dict] = []
 
-    # ------------------------------------------------------------------ checkpoints
-    @property
-    def checkpoint_path(self) -> Path | None:
-        return None if self.folder is None else self.folder / CHECKPOINT_FILE
+    def training_key(self) -> dict:
+        s = self.settings
+        keys = ("proxy", "betas", "rounds", "batch", "lr", "init", "cost_weighted", "proxy_every", "proxy_floor", "seed")
+        return {"level": self.level, "budget": self.budget.to_dict(),
+                **{k: list(getattr(s, k)) if k == "betas" else getattr(s, k) for k in keys}}
 
-    def _meta(self) -> dict:
-        ctx = self.ctx
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": ctx.runner.fingerprint(),
-            "sampler": ctx.sampler.to_dict(),
-            "calib_seeds": ctx.seeds,
-            "training": self.cfg.training_key(self.level, self.budget),
-        }
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lambdas": self.lambdas}
 
-    def save(self) -> None:
-        """Write the checkpoint (scores, optimizer, lambda, kept gates, curve, proxy history), atomically."""
-        if self.checkpoint_path is None:
-            return
-        s = self.state
-        opt_tensors, opt_meta = optimizer_tensors(self.optimizer)
-        tensors = {**self.router.tensors(), **opt_tensors, "lambdas": s.lambdas}
-        tensors.update({f"snapshot.{i}": g.gates for i, g in enumerate(s.snapshots)})
-        meta = {**self._meta(), "router": self.router.meta(), "optimizer": opt_meta, "stage": s.stage,
-                "round": s.round, "iterations": s.iterations, "proxy_at": s.proxy_at, "elapsed_s": s.elapsed_s,
-                "snapshots": [g.params for g in s.snapshots], "curve": self.curve.rows, "proxy_rows": s.proxy_rows}
-        save_checkpoint(self.checkpoint_path, tensors, meta)
+    def state_meta(self) -> dict:
+        return {"iterations": self.iterations, "proxy_at": self.proxy_at, "proxy_rows": self.proxy_rows}
 
-    def load(self) -> None:
-        """Continue from the checkpoint; PlannerError when there is none or it was made for other settings."""
-        path = self.checkpoint_path
-        if path is None:
-            raise PlannerError("--resume needs a plan file whose folder holds the checkpoint (no artifacts folder)")
-        if not path.is_file():
-            raise PlannerError(f"nothing to resume: no checkpoint at {path}")
-        tensors, meta = load_checkpoint(path)
-        for key, value in self._meta().items():
-            if meta.get(key) != value:
-                raise PlannerError(f"checkpoint {path} was made with another {key} ({meta.get(key)!r}, now {value!r}); "
-                                   "run without --resume to start over")
-        try:
-            self.router.load_scores(tensors["scores"])
-            restore_optimizer(self.optimizer, tensors, meta["optimizer"])
-            snaps = [Gates(tensors[f"snapshot.{i}"], self.names, self.level, self.router.fixed.clone(), p)
-                     for i, p in enumerate(meta["snapshots"])]
-            self.state = TrainState(int(meta["stage"]), int(meta["round"]), int(meta["iterations"]),
-                                    tensors["lambdas"].float(), int(meta["proxy_at"]), snaps,
-                                    list(meta["proxy_rows"]), float(meta["elapsed_s"]))
-        except KeyError as e:
-            raise PlannerError(f"checkpoint {path} lacks {e.args[0]!r}") from None
-        self.curve = TrainingCurve(list(meta["curve"]))
+    def load_state(self, tensors, meta) -> None:
+        self.lambdas = tensors["lambdas"].float()
+        self.iterations, self.proxy_at = int(meta["iterations"]), int(meta["proxy_at"])
+        self.proxy_rows = list(meta["proxy_rows"])
+
+    def snapshot_params(self, weight: float, done: int) -> dict:
+        return {"beta": weight, "iterations": self.iterations}
+
+    def train_unit(self, weight: float, index: int) -> dict:
+        if self.settings.proxy != "uniform" and self.iterations - self.proxy_at >= self.settings.proxy_every:
+            self.update_lambdas()
+        parts = self.round(weight, index).summary()
+        free = self.lambdas[1:]
+        return {"iteration": self.iterations, "round": index + 1, **parts,
+                "lambda_min": float(free.min()), "lambda_max": float(free.max())}
 
     # ------------------------------------------------------------------ SDT
     def round(self, beta: float, index: int, record: bool = False) -> StepwiseDistillation:
         """One SDT round (a full rollout from the fresh noise of round ``index``); returns its hooks' record."""
-        from planner.executor import apply_gates
+        from planner.executor.session import apply_gates
 
-        ctx, cfg = self.ctx, self.cfg
-        seeds = round_seeds(cfg.seed, index, cfg.batch)
-        conditions = ctx.runner.conditions(cfg.batch, seed=seeds[0])
-        sdt = StepwiseDistillation(ctx.runner.transformer, self.router, self.optimizer, self.state.lambdas, beta,
-                                   self.weights, self.calls_per_step, record=record)
+        ctx, s = self.ctx, self.settings
+        seeds = round_seeds(s.seed, index, s.batch)
+        conditions = ctx.runner.conditions(s.batch, seed=seeds[0])
+        sdt = StepwiseDistillation(ctx.runner.transformer, self.router, self.optimizer, self.lambdas, beta,
+                                   self.weights, self.layout.calls_per_step, record=record)
         gated = apply_gates(ctx.runner.pipe, sdt.gates, self.names, cfg_layout=self.layout)
         with frozen(ctx.runner.transformer), gated, sdt:
             ctx.runner.run(conditions, seeds, ctx.sampler, output="latent")
         sdt.check_complete(ctx.steps)
-        self.state.iterations += ctx.steps - 1
+        self.iterations += ctx.steps - 1
         return sdt
 
     # ------------------------------------------------------------------ IEPO
     def proxy_theta(self) -> float:
         """The threshold of the hard plan lambda is measured on: the budget's (the plan training aims
         at; every free entry reuses if even that misses), or 0.5 for an error target."""
-        if self.cfg.theta is not None:
-            return self.cfg.theta
+        if self.settings.theta is not None:
+            return self.settings.theta
         if self.budget.speedup is None:
             return 0.5
         found = theta_for_speedup(self.ctx, self.router, self.budget.speedup)
-        return found[0] if found is not None else 1.0 + 1e-9
+        return found[0] if found is not None else THETA_ALL_REUSE
 
     def final(self, mask: torch.Tensor) -> torch.Tensor:
         """Final latents of the calibration inputs under the hard plan of a 0/1 ``mask`` (1 = compute)."""
@@ -280,115 +203,44 @@ class Trainer:
 
     def update_lambdas(self) -> None:
         """Recompute lambda (gradient-free runs from the calibration noise) and log it."""
-        s = self.state
         theta = self.proxy_theta()
         hard = self.router.hard_gates(theta)
         with torch.no_grad():
-            raw = raw_proxy(self.final, hard, self.cfg.proxy, full=self.ctx.reference)
-        s.lambdas = normalise(raw, self.cfg.proxy_floor)
-        s.proxy_at = s.iterations
+            raw = raw_proxy(self.final, hard, self.settings.proxy, full=self.ctx.reference)
+        self.lambdas = normalise(raw, self.settings.proxy_floor)
+        self.proxy_at = self.iterations
         for t in range(self.ctx.steps):
-            s.proxy_rows.append({"iteration": s.iterations, "theta": float(theta), "step": t,
-                                 "cached_fraction": float(1 - hard[t].mean()), "raw": float(raw[t]),
-                                 "lambda": float(s.lambdas[t])})
-
-    # ------------------------------------------------------------------ the loop
-    def _speedup_now(self, theta: float = 0.5) -> float:
-        return self.ctx.predict(self.ctx.plan(self.router.decisions(theta)))[0]
-
-    def train(self) -> list[Gates]:
-        """Train through the beta grid (or continue a checkpointed training); the kept gates per beta."""
-        if self.resume:
-            self.load()
-        cfg, s = self.cfg, self.state
-        total = cfg.rounds * len(cfg.betas)
-        done = s.stage * cfg.rounds + s.round
-        if done >= total:
-            return s.snapshots
-        bar = progress_bar(total, f"harmonica {self.level} ({cfg.proxy})", self.ctx.progress, initial=done)
-        start = time.perf_counter() - s.elapsed_s
-        try:
-            while s.stage < len(cfg.betas):
-                beta = cfg.betas[s.stage]
-                while s.round < cfg.rounds:
-                    if cfg.proxy != "uniform" and s.iterations - s.proxy_at >= cfg.proxy_every:
-                        self.update_lambdas()
-                    parts = self.round(beta, done).summary()
-                    s.round += 1
-                    done += 1
-                    s.elapsed_s = time.perf_counter() - start
-                    speed = self._speedup_now()
-                    gates = self.router.gates().detach()[~self.router.fixed]
-                    self.curve.add(iteration=s.iterations, round=done, stage=s.stage, beta=beta, **parts,
-                                   gate_mean=float(gates.mean()), lambda_min=float(s.lambdas[1:].min()),
-                                   lambda_max=float(s.lambdas[1:].max()), predicted_speedup=speed,
-                                   elapsed_s=s.elapsed_s)
-                    bar.set_postfix(loss=f"{parts['loss']:.4g}", beta=f"{beta:g}", lam=summary(s.lambdas),
-                                    speedup=f"{speed:.2f}x")
-                    bar.update(1)
-                    if s.round < cfg.rounds and done % cfg.checkpoint_every == 0:
-                        self.save()
-                s.snapshots.append(Gates.of(self.router, beta=beta, iterations=s.iterations))
-                s.stage += 1
-                s.round = 0
-                s.elapsed_s = time.perf_counter() - start
-                self.save()
-        except KeyboardInterrupt:
-            if self.checkpoint_path is not None and self.checkpoint_path.is_file():
-                print(f"harmonica: interrupted; `--resume` continues from the checkpoint in {self.folder}", file=sys.stderr)
-            raise
-        finally:
-            bar.close()
-        return s.snapshots
+            self.proxy_rows.append({"iteration": self.iterations, "theta": float(theta), "step": t,
+                                    "cached_fraction": float(1 - hard[t].mean()), "raw": float(raw[t]),
+                                    "lambda": float(self.lambdas[t])})
 
 
 @register
 class HarmoniCa(Strategy):
-    """Params (``--param KEY=VALUE``): ``level`` (block, sublayer), ``proxy`` (paper, released,
-    uniform), ``betas`` (a JSON list) or ``beta``, ``rounds`` (rollouts per beta), ``batch``, ``lr``,
-    ``init``, ``cost_weighted``, ``proxy_every`` (optimizer updates), ``proxy_floor``, ``theta`` (fixed),
-    ``max_runs`` (a JSON list, null = no cap), ``checkpoint_every`` (rounds); run options ``--seed`` and
-    ``--resume``. See the module docstring."""
+    """HarmoniCa: a router trained by SDT under IEPO (see the module docstring)."""
 
     name = "harmonica"
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        self.cfg = HarmoniCaConfig.from_params(params)  # bad parameters fail before any model is loaded
+    summary = "HarmoniCa: a router trained by step-wise denoising rollouts, weighted by an image-error proxy"
+    Settings = HarmoniCaSettings
 
     def search(self, context, budget):
-        cfg = self.cfg
-        level = cfg.level
-        trainer = Trainer(context, cfg, level, budget, resume=bool(self.params.get("resume", False)))
+        s = self.settings
+        trainer = HarmoniCaTrainer(context, s, budget)
         snapshots = trainer.train()
-        common = {"level": level, "proxy": cfg.proxy, "lr": cfg.lr, "seed": cfg.seed, "betas": list(cfg.betas),
-                  "rounds_per_beta": cfg.rounds, "batch": cfg.batch, "proxy_every": cfg.proxy_every,
-                  "proxy_floor": cfg.proxy_floor, "cost_weighted": cfg.cost_weighted, "init": cfg.init,
-                  "max_runs": list(cfg.max_runs),
-                  "train_s": round(trainer.state.elapsed_s, 2)}
+        common = common_params(s, s.level, trainer.progress.elapsed_s, proxy=s.proxy, betas=list(s.betas),
+                               rounds_per_beta=s.rounds, batch=s.batch, proxy_every=s.proxy_every,
+                               proxy_floor=s.proxy_floor, max_runs=list(s.max_runs))
         for g in snapshots:
             g.params = {**common, **g.params}
-        how = f"of a harmonica router ({level} level, {cfg.proxy} proxy)"
-        if cfg.theta is not None:
-            plan = plan_at_theta(context, budget, snapshots, cfg.theta, self.name, how)
+        how = f"of a harmonica router ({s.level} level, {s.proxy} proxy)"
+        if s.theta is not None:
+            plan = plan_at_theta(context, budget, snapshots, s.theta, self.name, how)
         else:
-            plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=cfg.max_runs)
-        self._save(trainer, plan)
+            plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=s.max_runs)
+        trainer.save_beside_plan(plan, {"proxy": s.proxy, "lambda": [round(float(x), 4) for x in trainer.lambdas]})
+        if trainer.folder is not None:
+            import pandas as pd
+
+            rows = pd.DataFrame(trainer.proxy_rows)
+            write_atomic(trainer.folder.parent / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))
         return plan
-
-    def _save(self, trainer: Trainer, plan) -> None:
-        """The chosen router, the training curve and the proxy history beside the plan (when there is a folder)."""
-        if trainer.folder is None:
-            return
-        import pandas as pd
-
-        params = plan.provenance.params
-        chosen = next(g for g in trainer.state.snapshots if g.params["beta"] == params["beta"])
-        router = chosen.router(max_run=params.get("max_run"))
-        save_router(trainer.folder.parent, router, {
-            "beta": params["beta"], "theta": params["theta"], "iterations": chosen.params["iterations"],
-            "lr": params["lr"], "seed": params["seed"], "proxy": params["proxy"],
-            "lambda": [round(float(x), 4) for x in trainer.state.lambdas]})
-        trainer.curve.save(trainer.folder.parent)
-        rows = pd.DataFrame(trainer.state.proxy_rows)
-        write_atomic(trainer.folder.parent / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))

@@ -41,30 +41,32 @@ points; such a study is not bit-reproducible, an in-memory one is.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import math
 import os
-import random
 import socket
-import statistics
-import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from pydantic import Field, field_validator, model_validator
 
 from planner.errors import PlannerError
-from search import Strategy, register
-from search._pareto import (
+from planner.search import Strategy, StrategySettings, register
+from planner.search._optuna_storage import (
+    WORKER_ATTR,
+    check_storage_url,
+    fail_stale_trials,
+    open_storage,
+    open_study,
+    redact,
+    study_key,
+    worker_id,
+)
+from planner.search._pareto import (
     FRONT_FORMAT,
     FRONT_VERSION,
     Point,
@@ -72,290 +74,51 @@ from search._pareto import (
     pareto_indices,
     write_front,
 )
-from search._space import DEFAULT_SHIFTS, DEFAULT_TOLERANCES, PlanSpace, build_space
+from planner.search._space import DEFAULT_SHIFTS, DEFAULT_TOLERANCES, PlanSpace, build_space
 
 SAMPLERS = ("nsga2", "tpe", "random")
-STUDY_ATTR = "planner"
 FIGURES_ATTR = "figures"
-WORKER_ATTR = "worker"
-DIRECTIONS = ("minimize", "minimize")
 # Optuna 5 reads constraints that trials set themselves (``Trial.set_constraint``) and deprecates the
 # samplers' ``constraints_func``; Optuna 4 has only the latter.
 TRIAL_CONSTRAINTS = hasattr(optuna.trial.Trial, "set_constraint")
-# What opening a storage or study may raise besides a missing driver: database errors (unreachable
-# host, bad credentials, unwritable file), file errors, and Optuna's own (a schema of another version).
-STORAGE_ERRORS = (SQLAlchemyError, OSError, ValueError, RuntimeError)
-SCHEMA_RETRIES = 5
-STORAGE_HELP = "use sqlite:///FILE, an SQLAlchemy database URL such as postgresql://user:pw@host/db, or journal:FILE"
 
 
-@dataclass(frozen=True)
-class OptunaSettings:
-    """The strategy's parameters (``--param KEY=VALUE`` and the run options), checked."""
+class OptunaSettings(StrategySettings):
+    sampler: Literal["nsga2", "tpe", "random"] = Field("nsga2", description="Optuna's sampler")
+    seed: int = Field(0, ge=0, description="sampler seed (an in-memory study is reproducible with it)")
+    n_trials: int = Field(100, ge=0, description="trials this process runs (0: collect a stored study's result)")
+    total_trials: int | None = Field(None, ge=1, description="every worker stops once the study holds this many complete trials")
+    storage: str | None = Field(None, description="sqlite:///FILE, an SQLAlchemy URL (postgresql://...) or journal:FILE; "
+                                                  "none: in memory")
+    study: str | None = Field(None, description="study name in the storage (default: model, sampler and budget)")
+    population: int = Field(12, ge=2, description="NSGA-II population")
+    groups: int = Field(4, ge=1, description="depth groups of blocks, each with its own interval shift")
+    max_interval: int = Field(6, ge=2, description="longest interval between computes")
+    actions: str = Field("DF", pattern="^[DFR]+$", description="letters of D (residual reuse), F (forecast), R (sub-layer reuse)")
+    tolerances: tuple[int, ...] = Field(DEFAULT_TOLERANCES, description="percentiles of the profile's change allowed to reuse at")
+    shifts: tuple[int, ...] = Field(DEFAULT_SHIFTS, description="per-group interval shifts to search")
+    drift_ratio: float = Field(1.5, gt=0, description="F is offered where lag-2 change is at least this times lag-1")
+    baselines: tuple[str, ...] = Field(("uniform", "smoothcache"), description="strategies placed beside the front (none: no baselines)")
+    warm_start: bool = Field(True, description="queue FORA-like starting points in a new study")
+    stale_after: float | None = Field(None, gt=0, description="seconds after which a RUNNING trial counts as dead "
+                                                              "(default: max(600, 10 x median trial))")
+    resume: bool = Field(False, description="accepted for symmetry: the storage itself is the checkpoint")
 
-    sampler: str = "nsga2"
-    seed: int = 0
-    n_trials: int = 100
-    total_trials: int | None = None
-    storage: str | None = None
-    study: str | None = None
-    population: int = 12
-    groups: int = 4
-    max_interval: int = 6
-    actions: str = "DF"
-    tolerances: tuple[int, ...] = DEFAULT_TOLERANCES
-    shifts: tuple[int, ...] = DEFAULT_SHIFTS
-    drift_ratio: float = 1.5
-    baselines: tuple[str, ...] = ("uniform", "smoothcache")
-    warm_start: bool = True
-    stale_after: float | None = None
-    resume: bool = field(default=False, compare=False)  # the storage is the checkpoint: nothing to do
-
+    @field_validator("baselines")
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> OptunaSettings:
-        """Settings from a strategy's params; PlannerError naming a key that is unknown or of the wrong kind."""
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise PlannerError(f"unknown optuna parameter {unknown[0]!r}: known are {', '.join(sorted(known))}")
-        values = dict(params)
-        try:
-            for key in ("seed", "n_trials", "population", "groups", "max_interval"):
-                if key in values:
-                    values[key] = int(values[key])
-            if values.get("total_trials") is not None:
-                values["total_trials"] = int(values["total_trials"])
-            for key in ("drift_ratio", "stale_after"):
-                if values.get(key) is not None:
-                    values[key] = float(values[key])
-            for key in ("tolerances", "shifts"):
-                if key in values:
-                    values[key] = tuple(int(t) for t in _as_list(values[key]))
-            if "baselines" in values:
-                values["baselines"] = tuple(b for b in _as_list(values["baselines"]) if b and b != "none")
-            if "warm_start" in values:
-                values["warm_start"] = _as_bool(values["warm_start"])
-        except (TypeError, ValueError) as e:
-            raise PlannerError(f"bad optuna parameter: {e}") from None
-        settings = cls(**values)
-        settings.check()
-        return settings
+    def _no_none(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n for n in names if n and n != "none")
 
-    def check(self) -> None:
-        """PlannerError for values no search can use."""
-        if self.sampler not in SAMPLERS:
-            raise PlannerError(f"unknown sampler {self.sampler!r}: choose one of {', '.join(SAMPLERS)}")
-        if self.n_trials < 0:
-            raise PlannerError(f"--n-trials must be 0 or more, got {self.n_trials}")
-        if self.total_trials is not None and self.total_trials < 1:
-            raise PlannerError(f"total_trials must be at least 1, got {self.total_trials}")
-        if self.population < 2:
-            raise PlannerError(f"population must be at least 2, got {self.population}")
+    @model_validator(mode="after")
+    def _usable(self) -> "OptunaSettings":
         if self.storage is None and self.n_trials == 0:
-            raise PlannerError("--n-trials 0 only makes sense with --storage (collect a stored study's result)")
+            raise ValueError("--n-trials 0 only makes sense with --storage (collect a stored study's result)")
         check_storage_url(self.storage)
+        return self
 
-
-def _as_list(value) -> list:
-    return [v.strip() if isinstance(v, str) else v for v in (value.split(",") if isinstance(value, str) else value)]
-
-
-def _as_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(value).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, got {value!r}")
-
-
-# --------------------------------------------------------------------------- storage and study
-
-
-def redact(url: str | None) -> str:
-    """The storage URL fit for logs and files: the password hidden; ``memory`` for none."""
-    if url is None:
-        return "memory"
-    if "://" in url:
-        try:
-            return make_url(url).render_as_string(hide_password=True)
-        except (ArgumentError, ValueError):
-            return url.split("://", 1)[0] + "://***"
-    return url
-
-
-def check_storage_url(url: str | None) -> None:
-    """PlannerError unless ``url`` has one of the forms :func:`open_storage` takes (nothing is opened)."""
-    if url is None:
-        return
-    if url.startswith("journal:"):
-        path = Path(url[len("journal:"):])
-        if not str(path) or str(path) == ".":
-            raise PlannerError(f"storage {url!r} names no file: {STORAGE_HELP}")
-        if not path.parent.is_dir():
-            raise PlannerError(f"cannot open storage {url}: folder {path.parent} does not exist")
-        return
-    if "://" not in url:
-        raise PlannerError(f"cannot read storage URL {url!r}: {STORAGE_HELP}")
-    try:
-        make_url(url)
-    except (ArgumentError, ValueError) as e:
-        raise PlannerError(f"cannot read storage URL {redact(url)}: {_reason(e)}; {STORAGE_HELP}") from None
-
-
-def open_storage(url: str | None):
-    """An Optuna storage for ``url`` (None: in memory); PlannerError with a one-line reason when it
-    cannot be opened (unknown form, missing driver, unreachable database, unwritable file)."""
-    if url is None:
-        return optuna.storages.InMemoryStorage()
-    check_storage_url(url)
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        try:
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-        except OSError as e:
-            raise PlannerError(f"cannot open storage {url}: {_reason(e)}") from None
-    dialect = make_url(url).get_backend_name()
-    # SQLite: wait for a busy database instead of failing (several workers write to one file), and
-    # leave BEGIN to us (see serialize_sqlite_transactions); other databases: check pooled
-    # connections before use (long studies outlive idle timeouts).
-    engine = {"connect_args": {"timeout": 60, "isolation_level": None}} if dialect == "sqlite" \
-        else {"pool_pre_ping": True}
-    for attempt in range(SCHEMA_RETRIES + 1):
-        try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine)
-            if dialect == "sqlite":
-                serialize_sqlite_transactions(storage.engine)
-            return storage
-        except ImportError:
-            raise PlannerError(f"cannot open storage {redact(url)}: the {dialect} database driver is not installed "
-                               f"(for PostgreSQL: pip install psycopg2-binary)") from None
-        except STORAGE_ERRORS as e:
-            # Workers that start together on a fresh database race to create its tables; the loser
-            # sees a duplicate-key or already-exists error and only has to open what the winner made.
-            racing = isinstance(e, IntegrityError) or "already exists" in str(e) or "locked" in str(e)
-            if not racing or attempt == SCHEMA_RETRIES:
-                raise PlannerError(f"cannot open storage {redact(url)}: {_reason(e)}") from None
-            time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
-    raise AssertionError("unreachable")
-
-
-def serialize_sqlite_transactions(engine) -> None:
-    """Make every transaction on ``engine`` take SQLite's write lock when it begins.
-
-    Optuna claims a queued (WAITING) trial by reading its state and writing RUNNING in one
-    transaction, with SELECT ... FOR UPDATE, which SQLite ignores; and Python's sqlite3 begins a
-    transaction only at the first write. Two workers could both read WAITING and both run the
-    trial (the second then fails on a finished trial). BEGIN IMMEDIATE makes the read and the
-    write one step per worker; the connection's busy timeout queues the others.
-    """
-    event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
-
-
-def study_key(context, budget, space: PlanSpace, settings: OptunaSettings) -> dict[str, Any]:
-    """What a study is made for; a worker whose key differs may not join it."""
-    s = context.sampler
-    cost = context.profile.cost.to_csv(index=False, float_format="%.6g").encode()
-    return {
-        "model": context.runner.spec,
-        "fingerprint": context.runner.fingerprint(),
-        "sampler": f"{s.scheduler} {s.steps} steps guidance {s.guidance:g}",
-        "budget": budget.label(),
-        "search_sampler": settings.sampler,
-        "space": f"v{space.version}:{space.digest()}",
-        "profile": f"{context.profile.meta.name}:{hashlib.sha256(cost).hexdigest()[:12]}",
-        "calib_samples": len(context.seeds),
-    }
-
-
-KEY_WORDS = {
-    "fingerprint": "another model",
-    "model": "another model",
-    "sampler": "another sampler",
-    "budget": "another budget",
-    "search_sampler": "another search sampler",
-    "space": "another search space (other groups or options, or another profile's curves)",
-    "profile": "another profile (give every worker the same --profile)",
-    "calib_samples": "another number of calibration samples",
-}
-
-
-def check_study(study, key: dict[str, Any], where: str) -> None:
-    """PlannerError unless ``study`` was made for ``key`` (same model, sampler, budget, space, ...)."""
-    if [d.name for d in study.directions] != ["MINIMIZE", "MINIMIZE"]:
-        raise PlannerError(f"study {study.study_name!r} in {where} was not made by planner search (its objectives differ)")
-    stored = study.user_attrs.get(STUDY_ATTR)
-    if stored is None:
-        raise PlannerError(f"study {study.study_name!r} in {where} was not made by planner search: use another --study")
-    for field_name, words in KEY_WORDS.items():
-        if stored.get(field_name) != key[field_name]:
-            raise PlannerError(
-                f"study {study.study_name!r} in {where} was made for {words}: it has {field_name} "
-                f"{stored.get(field_name)!r}, this search {key[field_name]!r}; use another --study"
-            )
-
-
-def open_study(storage, name: str, sampler, key: dict[str, Any], where: str) -> tuple[Any, bool]:
-    """Create the study, or join it when it exists (after checking it was made for ``key``);
-    returns ``(study, created here)``."""
-    try:
-        study = optuna.create_study(storage=storage, study_name=name, directions=list(DIRECTIONS), sampler=sampler)
-        created = True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
-        created = False
-    except STORAGE_ERRORS as e:
-        raise PlannerError(f"cannot open study {name!r} in {where}: {_reason(e)}") from None
-    if created or (STUDY_ATTR not in study.user_attrs and not study.get_trials(deepcopy=False)):
-        study.set_user_attr(STUDY_ATTR, key)  # a worker racing the creator writes the same key
-    check_study(study, key, where)
-    return study, created
-
-
-def worker_id() -> dict[str, Any]:
-    """This process, as recorded on its trials: host name and process id."""
-    return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` on this host still runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
-def fail_stale_trials(study, stale_after: float | None = None) -> list[int]:
-    """Mark as failed the RUNNING trials of dead workers: same host and process gone, or started
-    more than ``stale_after`` seconds ago (default max(600, 10 x median complete trial)). Returns
-    their numbers. Complete trials are never touched."""
-    if stale_after is None:
-        done = [(t.datetime_complete - t.datetime_start).total_seconds()
-                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.datetime_complete and t.datetime_start]
-        stale_after = max(600.0, 10 * statistics.median(done)) if done else 600.0
-    me, now, failed = socket.gethostname(), datetime.now(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get(WORKER_ATTR) or {}
-        gone = worker.get("host") == me and worker.get("pid") != os.getpid() and not process_alive(int(worker.get("pid", 0)))
-        old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > stale_after
-        if gone or old:
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-            failed.append(t.number)
-    return failed
+    def record(self) -> dict:
+        """Settings for a plan's provenance: the storage's password hidden."""
+        return {**super().record(), "storage": redact(self.storage)}
 
 
 def make_sampler(name: str, seed: int, population: int, constraints):
@@ -426,18 +189,11 @@ def choose_best(records: list[TrialRecord], budget) -> TrialRecord:
 
 @register
 class OptunaSearch(Strategy):
-    """Params (``--param``): ``sampler`` (nsga2, tpe, random), ``population`` (NSGA-II, default 12),
-    ``total_trials`` (stop the study at this many complete trials), ``groups`` (depth groups, 4),
-    ``max_interval`` (6), ``actions`` (letters of DFR, default DF), ``tolerances`` (percentiles,
-    default 70,80,90,100), ``drift_ratio`` (1.5), ``baselines`` (default uniform,smoothcache; none),
-    ``warm_start`` (true), ``stale_after`` (seconds); run options ``seed``, ``n_trials``,
-    ``storage``, ``study``. See the module docstring."""
+    """Multi-objective search over a compact plan space (see the module docstring)."""
 
     name = "optuna"
-
-    def __init__(self, **params: Any):
-        super().__init__(**params)
-        self.settings = OptunaSettings.from_params(params)  # bad parameters fail before any model loads
+    summary = "multi-objective Optuna search (predicted time vs calibration error) over a compact plan space"
+    Settings = OptunaSettings
 
     def search(self, context, budget):
         settings = self.settings
@@ -455,7 +211,7 @@ class OptunaSearch(Strategy):
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study, created = open_study(storage, name, sampler, study_key(context, budget, space, settings), where)
+            study, created = open_study(storage, name, sampler, study_key(context, budget, space, settings.sampler), where)
             self.study, self.space = study, space  # for callers that want every trial, not only the plan
             self.stale_failed = fail_stale_trials(study, settings.stale_after)
             if created and settings.warm_start:
@@ -492,7 +248,7 @@ def warm_starts(context, budget, space: PlanSpace) -> list[dict[str, Any]]:
             for interval in range(2, longest + 1):
                 chosen = interval
                 plan = context.plan(space.decisions(space.uniform_params(interval, action)))
-                if context.predict(plan)[0] >= budget.speedup - 1e-9:
+                if budget.speed_met(context.predict(plan)[0]):
                     break
         starts.append(space.uniform_params(chosen, action))
         starts.append(space.uniform_params(min(chosen + 1, longest), action, cooldown=space.max_cooldown // 2))
@@ -553,7 +309,7 @@ def run_trial(study, space: PlanSpace, context, budget) -> None:
 
 def plan_of(context, space: PlanSpace, record: TrialRecord, info: dict[str, Any]):
     """The plan of a finished trial, with its stored figures as the prediction."""
-    from search.context import Evaluation
+    from planner.search.context import Evaluation
 
     evaluation = Evaluation(record.error, record.speedup, record.fraction)
     return context.plan(space.decisions(record.params), strategy="optuna", params={**info, **record.params},
@@ -562,7 +318,7 @@ def plan_of(context, space: PlanSpace, record: TrialRecord, info: dict[str, Any]
 
 def baseline_points(context, budget, names) -> tuple[list[dict], dict[str, Any]]:
     """Each baseline strategy's plan at ``budget`` on ``context``: its point (or why it failed), and the plans."""
-    from search import get_strategy
+    from planner.search import get_strategy
 
     points, plans = [], {}
     for name in names:

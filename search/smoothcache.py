@@ -9,12 +9,14 @@ the smallest that meets the budget.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+from pydantic import Field
 
-from search import Strategy, register
-from search._common import choose_knob, on_levels
-
-LEVEL_KINDS = {"sublayer": ("attn", "cross_attn", "mlp"), "block": ("block",)}
+from planner.modules import LEVEL_KINDS
+from planner.search import Strategy, StrategySettings, register
+from planner.search._knob import choose_knob, on_levels
 
 
 def smooth_schedule(curves: dict[int, np.ndarray], alpha: float) -> str:
@@ -33,20 +35,27 @@ def smooth_schedule(curves: dict[int, np.ndarray], alpha: float) -> str:
     return "".join(codes)
 
 
+class SmoothCacheSettings(StrategySettings):
+    level: Literal["auto", "sublayer", "block"] = Field(
+        "auto", description="as in uniform; blocks follow their residual's curves and reuse residuals")
+    lags: int = Field(3, ge=1, description="longest run of reuses (capped by the lags the profile holds)")
+
+
 @register
 class SmoothCache(Strategy):
-    """Params: ``lags`` (default: what the profile has, at most 3) bounds how long a value is reused;
-    ``level`` as in ``uniform`` (blocks follow their residual's curves and reuse residuals)."""
+    """One schedule per module type from the profile's lag curves, the threshold alpha chosen to meet the budget."""
 
     name = "smoothcache"
+    summary = "SmoothCache: one schedule per module type from the profile's lag curves (a baseline)"
+    Settings = SmoothCacheSettings
 
     def search(self, context, budget):
-        return on_levels(self.params.get("level", "auto"), lambda level: self._at_level(context, budget, level))
+        return on_levels(self.settings.level, lambda level: self._at_level(context, budget, level))
 
     def _at_level(self, context, budget, level):
         profile = context.profile
         kinds = {m.name: m.kind for m in context.modules if m.kind in LEVEL_KINDS[level]}
-        lags = min(int(self.params.get("lags", 3)), profile.meta.lags)
+        lags = min(self.settings.lags, profile.meta.lags)
         residual = level == "block"
         curves: dict[str, dict[int, np.ndarray]] = {}
         for kind in set(kinds.values()):

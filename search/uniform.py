@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from search import Strategy, register
-from search._common import choose_knob, on_levels
+from typing import Literal
 
-LEVEL_KINDS = {"sublayer": ("attn", "cross_attn", "mlp"), "block": ("block",)}
+from pydantic import Field
+
+from planner.modules import modules_at_level
+from planner.search import Strategy, StrategySettings, register
+from planner.search._knob import choose_knob, on_levels
+
 LEVEL_ACTION = {"sublayer": "R", "block": "D"}  # FORA reuses sub-layer outputs; blocks reuse residuals
 
 
@@ -14,17 +18,23 @@ def uniform_codes(steps: int, interval: int, action: str = "R") -> str:
     return "".join("C" if i % interval == 0 else action for i in range(steps))
 
 
+class UniformSettings(StrategySettings):
+    level: Literal["auto", "sublayer", "block"] = Field(
+        "auto", description="sublayer: attention and MLP outputs reused (FORA); block: block residuals reused; "
+                            "auto: sublayer when it can meet the budget, else block")
+
+
 @register
 class Uniform(Strategy):
-    """Params: ``level`` = ``sublayer`` (FORA: attention and MLP outputs reused), ``block`` (block
-    residuals reused) or ``auto`` (sublayer when it can meet the budget, else block); N is the
-    smallest interval that meets the budget."""
+    """Every module of the level computes once every N steps; N is the smallest interval that meets the budget."""
 
     name = "uniform"
+    summary = "FORA: every module reuses on all but every N-th step (a baseline)"
+    Settings = UniformSettings
 
     def search(self, context, budget):
         def at_level(level):
-            names = [m.name for m in context.modules if m.kind in LEVEL_KINDS[level]]
+            names = modules_at_level(context.modules, level)
 
             def decisions_for(interval):
                 return {n: uniform_codes(context.steps, interval, LEVEL_ACTION[level]) for n in names}
@@ -34,4 +44,4 @@ class Uniform(Strategy):
                 lambda n: {"level": level, "interval": n}, f"reusing every {level} on all but every N-th step",
             )
 
-        return on_levels(self.params.get("level", "auto"), at_level)
+        return on_levels(self.settings.level, at_level)

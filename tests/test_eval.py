@@ -20,22 +20,12 @@ from planner.bench.report import pareto_front, psnr_at
 from planner.cli import main
 from planner.commands.bench import parse_strategy_params
 from planner.errors import PlannerError
-from planner.evaluate import (
-    EVAL_SEED_BASE,
-    REFERENCE,
-    Contender,
-    check_held_out,
-    eval_markdown,
-    evaluate_plan,
-    format_seeds,
-    interleaved_order,
-    json_safe,
-    parse_seeds,
-    time_against_reference,
-)
-from planner.plan import Plan, save_plan
+from planner.evaluate import REFERENCE, Contender, eval_markdown, evaluate_plan, interleaved_order, time_against_reference
+from planner.io import json_safe
+from planner.seeds import EVAL_SEED_BASE, check_held_out, format_seeds, parse_seeds
+from planner.plan import plan_for_runner, save_plan
 from planner.profile import TimingConfig, profile_model
-from planner.runner import Sampler, load_runner
+from planner.runner import Sampler
 
 STEPS = 6
 FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
@@ -45,9 +35,8 @@ TORCH_THREADS = 1  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def digits():
-    runner = load_runner("digits-dit")
-    return runner, runner.resolve(Sampler("ddim", STEPS, 3.0))
+def digits6(digits):
+    return digits, digits.resolve(Sampler("ddim", STEPS, 3.0))
 
 
 @pytest.fixture
@@ -74,9 +63,9 @@ def test_seed_syntax_round_trips_and_refuses_nonsense():
             parse_seeds(bad)
 
 
-def test_seeds_overlapping_the_calibration_seeds_are_refused_unless_forced(digits):
-    runner, sampler = digits
-    plan = Plan.all_compute(runner, sampler, calib_seeds=[0, 1, 2, 3])
+def test_seeds_overlapping_the_calibration_seeds_are_refused_unless_forced(digits6):
+    runner, sampler = digits6
+    plan = plan_for_runner(runner, sampler, calib_seeds=[0, 1, 2, 3])
     with pytest.raises(PlannerError, match=r"overlap the plan's calibration seeds \(2\.\.3\)"):
         check_held_out([2, 3, 4], plan.provenance.calib_seeds)
     check_held_out([2, 3, 4], plan.provenance.calib_seeds, force=True)  # no error
@@ -87,9 +76,9 @@ def test_seeds_overlapping_the_calibration_seeds_are_refused_unless_forced(digit
     assert out["seeds"] == "3..4" and out["n"] == 2
 
 
-def test_eval_cli_refuses_calibration_seeds_in_one_line(digits, cli, tmp_path):
-    runner, sampler = digits
-    path = save_plan(Plan.all_compute(runner, sampler, calib_seeds=list(range(8))), tmp_path / "plan.json")
+def test_eval_cli_refuses_calibration_seeds_in_one_line(digits6, cli, tmp_path):
+    runner, sampler = digits6
+    path = save_plan(plan_for_runner(runner, sampler, calib_seeds=list(range(8))), tmp_path / "plan.json")
     proc = cli("eval", "--plan", str(path), "--seeds", "0..3", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -151,9 +140,9 @@ def test_drift_hits_both_sides_of_each_ratio():
 # --------------------------------------------------------------------------- eval
 
 
-def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits):
-    runner, sampler = digits
-    plan = Plan.all_compute(runner, sampler, calib_seeds=[0, 1])
+def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits6):
+    runner, sampler = digits6
+    plan = plan_for_runner(runner, sampler, calib_seeds=[0, 1])
     seeds = list(range(EVAL_SEED_BASE, EVAL_SEED_BASE + 4))
     out = evaluate_plan(runner, sampler, plan, seeds, repeats=3, warmup=1)
     assert 0.5 < out["speedup"] < 2.0
@@ -166,9 +155,9 @@ def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits):
     assert json_safe(out)["psnr"] == "inf"
 
 
-def test_eval_cli_writes_json_markdown_and_png(digits, cli, tmp_path):
-    runner, sampler = digits
-    plan_path = save_plan(Plan.for_runner(runner, sampler, {"transformer_blocks.3": "CDDCDD"}, calib_seeds=[0, 1]),
+def test_eval_cli_writes_json_markdown_and_png(digits6, cli, tmp_path):
+    runner, sampler = digits6
+    plan_path = save_plan(plan_for_runner(runner, sampler, {"transformer_blocks.3": "CDDCDD"}, calib_seeds=[0, 1]),
                           tmp_path / "plan.json")
     proc = cli("eval", "--plan", str(plan_path), "--seeds", "1000000..1000003", "--repeats", "1", "--json",
                 "--out", "report.json", "--png", "grid.png", cwd=tmp_path)
@@ -186,8 +175,8 @@ def test_eval_cli_writes_json_markdown_and_png(digits, cli, tmp_path):
 # --------------------------------------------------------------------------- peers
 
 
-def test_peers_are_skipped_with_a_clear_message_when_the_extra_is_missing(digits, monkeypatch):
-    runner, sampler = digits
+def test_peers_are_skipped_with_a_clear_message_when_the_extra_is_missing(digits6, monkeypatch):
+    runner, sampler = digits6
     monkeypatch.setitem(sys.modules, "cache_dit", None)  # makes `import cache_dit` raise ImportError
     runs, skipped = peer_runs(runner, sampler, ["cache-dit-dbcache", "cache-dit-dbcache-taylorseer"],
                               {"cache-dit-dbcache": [0.1], "cache-dit-dbcache-taylorseer": [0.1]})
@@ -200,10 +189,10 @@ def test_peers_are_skipped_with_a_clear_message_when_the_extra_is_missing(digits
 
 @pytest.mark.parametrize("peer, value", [("diffusers-fbcache", 0.3), ("diffusers-taylorseer", 2),
                                          ("cache-dit-dbcache", 0.3), ("cache-dit-dbcache-taylorseer", 0.3)])
-def test_peers_run_for_real_on_their_own_copy(digits, peer, value):
+def test_peers_run_for_real_on_their_own_copy(digits6, peer, value):
     if peer.startswith("cache-dit"):
         pytest.importorskip("cache_dit")
-    runner, sampler = digits
+    runner, sampler = digits6
     sampler = runner.resolve(Sampler("ddim", 20, 3.0))  # enough steps for cache-dit's 8 warm-up steps
     seeds = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
     conditions = runner.conditions(2, seed=seeds[0])
@@ -245,10 +234,10 @@ def test_psnr_at_matched_speedup_interpolates_on_the_pareto_front():
 
 
 @pytest.fixture(scope="module")
-def tiny_profile(digits, tmp_path_factory):
-    runner, sampler = digits
+def tiny_profile(digits6, tmp_path_factory):
+    runner, sampler = digits6
     out = tmp_path_factory.mktemp("profile") / "digits"
-    profile_model(runner, sampler, samples=2, lags=2, timing=FAST, flops=False, out=out)
+    profile_model(runner, sampler, samples=2, lags=2, costs="flops", out=out)
     return out
 
 

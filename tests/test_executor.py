@@ -6,8 +6,9 @@ import torch
 from diffusers.models.cache_utils import CacheMixin
 
 from planner.errors import PlannerError
-from planner.executor import apply_gates, apply_plan
-from planner.plan import Plan
+from planner.executor import PlanHandle, apply_plan
+from planner.executor.session import apply_gates, open_session
+from planner.plan import plan_for_model, plan_for_runner
 from planner.runner import Sampler, load_runner
 
 
@@ -67,7 +68,7 @@ XU = [x * 0.5 - 1 for x in X]  # the uncond rows
 
 
 def toy_plan(model, decisions, layout="none", steps=4):
-    return Plan.for_model(model, steps=steps, cfg_layout=layout, decisions=decisions)
+    return plan_for_model(model, steps=steps, cfg_layout=layout, decisions=decisions)
 
 
 def run(model, xs=X, ts=T):
@@ -82,18 +83,21 @@ def run_batched(model, order=("cond", "uncond")):
 
 
 def applied(model, decisions, layout="none", **kw):
-    return apply_plan(model, toy_plan(model, decisions, layout), **kw)
+    """The plan applied through the strategies' session (the same hooks as apply_plan, plus at_step)."""
+    return open_session(model, toy_plan(model, decisions, layout), **kw)
 
 
 # --------------------------------------------------------------------------- actions, by hand
 def test_compute_plan_is_bit_identical_and_installs_no_module_hooks():
     model = Toy(2)
     base = run(model)
-    with applied(model, {}) as h:
+    with apply_plan(model, toy_plan(model, {})) as h:
         out = run(model)
         assert h.hooked_modules == []
         assert h.stats()["computed_fraction"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(out, base))
+    # the public handle reports and removes; driving steps and editing decisions are the session's
+    assert type(h) is PlanHandle and not hasattr(h, "at_step") and not hasattr(h, "set_codes")
 
 
 def test_reuse_block_and_reuse_sublayer_before_gate():
@@ -321,7 +325,7 @@ def test_plans_for_another_model_are_refused():
     with pytest.raises(PlannerError, match="gates must have shape \\[4, 1\\]"):
         apply_gates(Toy(), torch.ones(4, 2), ["transformer_blocks.0.attn1"])
     with pytest.raises(PlannerError, match="gates replace the plan's actions"):
-        apply_plan(Toy(), toy_plan(Toy(), {"transformer_blocks.0": "CRCC"}), gates=torch.ones(4, 2))
+        open_session(Toy(), toy_plan(Toy(), {"transformer_blocks.0": "CRCC"}), gates=torch.ones(4, 2))
     assert not hasattr(Toy(), "_diffusers_hook")
 
 
@@ -341,16 +345,13 @@ def test_torch_compile_matches_eager():
 
 
 # --------------------------------------------------------------------------- real pipelines
-@pytest.fixture(scope="module")
-def digits():
-    return load_runner("digits-dit")
 
 
 def test_digits_identity_remove_repeat_and_gates(digits):
     s = Sampler("ddim", 8, 3.0)
     conds, seeds = digits.conditions(4), [0, 1, 2, 3]
     base = digits.run(conds, seeds, s, output="latent")
-    with apply_plan(digits, Plan.all_compute(digits, s)) as h:
+    with apply_plan(digits, plan_for_runner(digits, s)) as h:
         assert torch.equal(digits.run(conds, seeds, s, output="latent"), base)
         assert h.stats()["as_planned_fraction"] == 1.0
     mixed = {
@@ -358,7 +359,7 @@ def test_digits_identity_remove_repeat_and_gates(digits):
         "transformer_blocks.4.attn1": {"cond": "CCRCRCCC", "uncond": "CSCSRCCC"},
         "transformer_blocks.6.ff": {"cond": "CCCCCCCC", "uncond": "CRRCCRCC"},
     }
-    with apply_plan(digits.pipe, Plan.for_runner(digits, s, mixed)) as h:
+    with apply_plan(digits.pipe, plan_for_runner(digits, s, mixed)) as h:
         one = digits.run(conds, seeds, s, output="latent")
         two = digits.run(conds, seeds, s, output="latent")
         stats = h.stats()
@@ -370,7 +371,7 @@ def test_digits_identity_remove_repeat_and_gates(digits):
     assert torch.equal(digits.run(conds, seeds, s, output="latent"), base)
     with apply_gates(digits, torch.ones(8, 16), cfg_layout="cond_uncond"):
         assert torch.equal(digits.run(conds, seeds, s, output="latent"), base)
-    with apply_plan(digits, Plan.for_runner(digits, s, {})):
+    with apply_plan(digits, plan_for_runner(digits, s, {})):
         with pytest.raises(PlannerError, match="plan was made for 8 steps, the pipeline runs 10"):
             digits.run(conds, seeds, Sampler("ddim", 10, 3.0), output="latent")
         # the failed call left nothing half-done: the next run is exact again
@@ -415,7 +416,7 @@ def test_model_families_run_mixed_plans(spec, guidance):
         blocks[-1]: "CDFDC",  # SD3: the last block returns encoder_hidden_states=None
         subs[-1]: {"cond": "CCCCC", "uncond": "SCCCS"} if two else "CRCCC",
     }
-    plan = Plan.for_runner(runner, s, decisions)
+    plan = plan_for_runner(runner, s, decisions)
     with apply_plan(runner, plan) as h:
         out = runner.run(conds, seeds, s, output="latent")
         again = runner.run(conds, seeds, s, output="latent")
@@ -441,9 +442,9 @@ def test_model_families_run_mixed_plans(spec, guidance):
         # one CFG half computing alone gives the same rows as the full batch
         calls = _capture_calls(runner, conds, seeds, s)
         target = blocks[-1]
-        half = Plan.for_runner(runner, s, {target: {"cond": "CCCCC", "uncond": "CRCCC"}})
+        half = plan_for_runner(runner, s, {target: {"cond": "CCCCC", "uncond": "CRCCC"}})
         ref = runner.transformer(**calls[1])[0]
-        with apply_plan(runner.transformer, half) as h:
+        with open_session(runner.transformer, half) as h:
             with h.at_step(0):
                 runner.transformer(**calls[0])
             with h.at_step(1):
@@ -457,7 +458,7 @@ def test_model_families_run_mixed_plans(spec, guidance):
 def test_pipeline_cfg_switch_must_match_the_plan():
     runner = load_runner("tiny:sd3")
     s = Sampler("default", 3, 5.0)
-    with apply_plan(runner, Plan.for_runner(runner, s, {})):
+    with apply_plan(runner, plan_for_runner(runner, s, {})):
         # two samples without CFG make an even batch too: only the pipeline's CFG switch tells
         with pytest.raises(PlannerError, match="CFG layout 'uncond_cond', but the pipeline runs with CFG off"):
             runner.run(runner.conditions(2), [0, 1], Sampler("default", 3, 1.0), output="latent")

@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from planner.errors import PlannerError
-from planner.profile import TimingConfig, profile_model
-from planner.runner import Sampler, load_runner
-from search import get_strategy
-from search._router import (
+from planner.search import get_strategy
+from planner.search._router import (
     CHECKPOINT_FILE,
     CURVE_FILE,
     ROUTER_FILE,
@@ -28,69 +26,43 @@ from search._router import (
     max_speedup,
     record_calls,
 )
-from search.budget import Budget
-from search.context import SearchContext
-from search.l2c import L2CConfig, Trainer
+from planner.search.budget import Budget
+from planner.search.l2c import L2CSettings, L2CTrainer
+from planner.search.settings import parse_settings
 
-FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 SMALL = {"lambdas": [0.01, 0.1], "iterations": 6, "checkpoint_every": 2, "log_every": 2, "max_distance": 2}
 
 
 TORCH_THREADS = 2  # see conftest.py
 
 
-@pytest.fixture(scope="module")
-def digits10(tmp_path_factory):
-    runner = load_runner("digits-dit")
-    sampler = Sampler("ddim", 10, 3.0)
-    folder = tmp_path_factory.mktemp("profile") / "digits10"
-    profile = profile_model(runner, sampler, samples=2, lags=2, timing=FAST, out=folder)
-    return runner, sampler, profile, folder
+def settings(**values) -> L2CSettings:
+    return parse_settings(L2CSettings, values, "l2c")
 
 
-def _context(digits10, artifacts=None):
-    runner, sampler, profile, _ = digits10
-    return SearchContext.build(runner, sampler, profile, samples=2, artifacts=artifacts)
-
-
-# --------------------------------------------------------------------------- parameters and windows
-
-
-@pytest.mark.parametrize("params, message", [
-    ({"level": "head"}, "level must be"),
-    ({"mode": "fast"}, "mode must be"),
-    ({"lambdas": []}, "lambdas must be"),
-    ({"lambdas": [-1]}, "lambdas must be"),
-    ({"lr": 0}, "lr must be positive"),
-    ({"theta": 1.5}, "theta must lie"),
-    ({"iterations": "many"}, "wrong type"),
-    ({"cost_weighted": "yes"}, "cost_weighted must be"),
-    ({"alpha": 1}, "no parameter 'alpha'"),
-    ({"n_trials": 5}, "does not use --n-trials"),
-])
-def test_bad_parameters_are_one_line_errors(params, message):
-    with pytest.raises(PlannerError, match=message):
-        L2CConfig.from_params(params)
+# --------------------------------------------------------------------------- settings and windows
 
 
 def test_lambda_alone_is_a_grid_of_one():
-    assert L2CConfig.from_params({"lambda": 0.02, "seed": 3}).lambdas == (0.02,)
+    assert settings(**{"lambda": 0.02, "seed": 3}).lambdas == (0.02,)
+    with pytest.raises(PlannerError, match="lambdas must not be negative"):
+        settings(lambdas=[0.01, -1])
 
 
-def test_windows_follow_the_mode(digits10):
-    ctx = _context(digits10)
-    paper = Trainer(ctx, L2CConfig(mode="paper"), "sublayer")
+def test_windows_follow_the_mode(digits10, context_of):
+    ctx = context_of(digits10)
+    paper = L2CTrainer(ctx, settings(mode="paper", level="sublayer"))
     for _ in range(50):
         t0, t1 = paper.window()
         assert t1 == t0 + 1 and t0 % 2 == 0  # fill at an even step, learn at the odd one after it
     assert paper.router.decisions(0.5)["transformer_blocks.0.attn1"][0::2] == "C" * 5
     assert paper.windows() == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]  # tiled: every pair each iteration
-    rollout = Trainer(ctx, L2CConfig(max_distance=3, sampling="random"), "sublayer")
+    rollout = L2CTrainer(ctx, settings(max_distance=3, sampling="random", level="sublayer"))
     seen = {rollout.window() for _ in range(300)}
     assert {t1 - t0 for t0, t1 in seen} == {1, 2, 3}
     assert all(0 <= t0 < t1 <= ctx.steps - 1 for t0, t1 in seen)
     assert len(rollout.windows()) == 1
-    tiled = Trainer(ctx, L2CConfig(max_distance=3), "sublayer")
+    tiled = L2CTrainer(ctx, settings(max_distance=3, level="sublayer"))
     for _ in range(20):
         windows = tiled.windows()
         covered = [t for t0, t1 in windows for t in range(t0, t1 + 1)]
@@ -101,14 +73,14 @@ def test_windows_follow_the_mode(digits10):
 # --------------------------------------------------------------------------- training
 
 
-def test_a_training_step_moves_only_the_window_scores_and_no_weight(digits10):
-    ctx = _context(digits10)
-    trainer = Trainer(ctx, L2CConfig(max_distance=2, init=0.0), "block")
+def test_a_training_step_moves_only_the_window_scores_and_no_weight(digits10, context_of):
+    ctx = context_of(digits10)
+    trainer = L2CTrainer(ctx, settings(max_distance=2, init=0.0))
     trainer.calls = record_calls(ctx.runner, ctx.conditions, ctx.seeds, ctx.sampler, calls_per_step=1)
     trainer.windows = lambda: [(3, 5)]
     before = trainer.router.scores.detach().clone()
     with frozen(ctx.runner.transformer):
-        parts = trainer.step(lam=0.01)
+        parts = trainer.train_unit(0.01, index=0)
     after = trainer.router.scores.detach()
     moved = (after != before).any(dim=1).tolist()
     assert moved == [False, False, False, False, True, True, False, False, False, False]
@@ -116,29 +88,29 @@ def test_a_training_step_moves_only_the_window_scores_and_no_weight(digits10):
     assert all(p.grad is None for p in ctx.runner.transformer.parameters())
 
 
-def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, tmp_path, monkeypatch):
-    cfg = L2CConfig.from_params(SMALL)
-    straight = Trainer(_context(digits10, tmp_path / "a"), cfg, "block")
+def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, context_of, tmp_path, monkeypatch):
+    cfg = settings(**SMALL)
+    straight = L2CTrainer(context_of(digits10, tmp_path / "a"), cfg)
     expected = straight.train()
 
-    ctx = _context(digits10, tmp_path / "b")
-    interrupted = Trainer(ctx, cfg, "block")
-    real_step, calls = Trainer.step, []
+    ctx = context_of(digits10, tmp_path / "b")
+    interrupted = L2CTrainer(ctx, cfg)
+    real_unit, calls = L2CTrainer.train_unit, []
 
-    def step_then_stop(self, lam):
+    def unit_then_stop(self, weight, index):
         if len(calls) == 9:  # in the second lambda's stage, one iteration after a checkpoint (at 8)
             raise KeyboardInterrupt
-        calls.append(lam)
-        return real_step(self, lam)
+        calls.append(weight)
+        return real_unit(self, weight, index)
 
-    monkeypatch.setattr(Trainer, "step", step_then_stop)
+    monkeypatch.setattr(L2CTrainer, "train_unit", unit_then_stop)
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
-    monkeypatch.setattr(Trainer, "step", real_step)
+    monkeypatch.setattr(L2CTrainer, "train_unit", real_unit)
     _, meta = load_checkpoint(tmp_path / "b" / "block" / CHECKPOINT_FILE)
     assert (meta["stage"], meta["iteration"]) == (1, 2)  # 6 + 2 iterations done at the last checkpoint
 
-    resumed = Trainer(ctx, cfg, "block", resume=True)
+    resumed = L2CTrainer(ctx, cfg.model_copy(update={"resume": True}))
     got = resumed.train()
     assert len(got) == len(expected) == 2
     for a, b in zip(got, expected):
@@ -146,17 +118,17 @@ def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, tm
     assert torch.equal(resumed.router.scores, straight.router.scores)
     assert [r["iteration"] for r in resumed.curve.rows] == [r["iteration"] for r in straight.curve.rows]
 
-    other = Trainer(ctx, L2CConfig.from_params({**SMALL, "lr": 0.5}), "block", resume=True)
+    other = L2CTrainer(ctx, settings(**SMALL, lr=0.5, resume=True))
     with pytest.raises(PlannerError, match="another training"):
         other.train()
     with pytest.raises(PlannerError, match="nothing to resume"):
-        Trainer(_context(digits10, tmp_path / "c"), cfg, "block", resume=True).train()
+        L2CTrainer(context_of(digits10, tmp_path / "c"), settings(**SMALL, resume=True)).train()
 
 
 @pytest.mark.parametrize("level", ["sublayer", "block"])
-def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, tmp_path, level):
-    ctx = _context(digits10, tmp_path)
-    # this profile's timings are measured on a shared machine: ask for 60 % of what the level can reach
+def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, context_of, tmp_path, level):
+    ctx = context_of(digits10, tmp_path)
+    # ask for 60 % of what the level can reach on this (FLOP-costed) profile
     names = gated_modules(ctx.modules, level)
     reach = max_speedup(ctx, Router(names, ctx.steps, level, max_run=SMALL["max_distance"]))
     b = Budget(speedup=1 + 0.6 * (reach - 1))
@@ -178,15 +150,15 @@ def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, tmp_path, lev
     assert rows[0].startswith("iteration,stage,lambda,loss,mse,penalty") and len(rows) == 1 + 6
 
 
-def test_an_error_target_gives_the_fastest_plan_within_it(digits10):
-    ctx = _context(digits10)
+def test_an_error_target_gives_the_fastest_plan_within_it(digits10, context_of):
+    ctx = context_of(digits10)
     params = {**SMALL, "lambdas": [0.01], "max_distance": 1}
     plan = get_strategy("l2c")(**params, level="block").search(ctx, Budget.parse(None, max_error=0.05))
     assert plan.prediction.calib_error <= 0.05 and plan.prediction.speedup > 1.0
 
 
-def test_cli_search_json_then_resume_the_finished_training(digits10, tmp_path):
-    _, _, _, profile = digits10
+def test_cli_search_json_then_resume_the_finished_training(digits10, context_of, tmp_path):
+    profile = digits10.folder
     out = tmp_path / "plan.json"
     params = {"level": "block", "iterations": 2, "lambdas": [0.01], "max_distance": 2}
     cmd = [sys.executable, "-m", "planner", "search", "--strategy", "l2c", "--budget", "1.3x", "--steps", "10",
@@ -198,6 +170,7 @@ def test_cli_search_json_then_resume_the_finished_training(digits10, tmp_path):
     assert payload["predicted_speedup"] >= 1.3 and payload["params"]["seed"] == 2 and out.is_file()
     assert (tmp_path / "plan" / ROUTER_FILE).is_file() and (tmp_path / "plan" / "block" / CHECKPOINT_FILE).is_file()
     # --resume on a finished training: no more iterations, the same router, the same plan
-    again = get_strategy("l2c")(**params, seed=2, resume=True).search(_context(digits10, tmp_path / "plan"), Budget.parse("1.3x"))
+    again = get_strategy("l2c")(**params, seed=2, resume=True).search(context_of(digits10, tmp_path / "plan"),
+                                                                      Budget.parse("1.3x"))
     assert again.provenance.params["theta"] == payload["params"]["theta"]
     assert again.provenance.params["iterations"] == payload["params"]["iterations"] == 2

@@ -11,10 +11,13 @@ import torch
 from planner.cli import main
 from planner.errors import PlannerError
 from planner.plan import (
-    SCHEMA_NAME,
-    Plan,
+    PLAN_FORMAT,
     load_plan,
     loads_plan,
+    plan_for_model,
+    plan_for_runner,
+    plan_to_dict,
+    plan_to_json,
     save_plan,
 )
 from planner.runner import Sampler
@@ -36,14 +39,9 @@ class Toy(torch.nn.Module):
 
 
 def toy_plan(decisions=None, steps=6, layout="cond_uncond", n=3):
-    return Plan.for_model(Toy(n), steps=steps, cfg_layout=layout, decisions=decisions or {}, scheduler="ddim", guidance=3.0)
+    return plan_for_model(Toy(n), steps=steps, cfg_layout=layout, decisions=decisions or {}, scheduler="ddim", guidance=3.0)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from planner.runner import load_runner
-
-    return load_runner("digits-dit")
 
 
 def test_plan_files_are_read_without_torch():
@@ -55,7 +53,7 @@ def test_plan_files_are_read_without_torch():
 
 
 def test_for_runner_fills_model_sampler_provenance_and_round_trips(digits, tmp_path):
-    plan = Plan.for_runner(
+    plan = plan_for_runner(
         digits, SAMPLER, {"transformer_blocks.1": "CRCRCC"}, strategy="greedy", params={"delta": 0.1}, calib_seeds=[3, 4]
     )
     assert plan.model.cls == "DiTTransformer2DModel" and plan.model.spec == "digits-dit"
@@ -73,7 +71,7 @@ def test_for_runner_fills_model_sampler_provenance_and_round_trips(digits, tmp_p
 
 def test_file_layout_one_line_per_module_and_diffable():
     a = toy_plan({"transformer_blocks.1": "CRCRCC", "transformer_blocks.2.ff": {"cond": "CCCCCC", "uncond": "CSSSSC"}})
-    text = a.to_json()
+    text = plan_to_json(a)
     lines = text.splitlines()
     # each decision on its own line; agreeing branches written once, differing ones as a dict
     assert sum('"transformer_blocks.1":' in ln for ln in lines) == 1
@@ -86,9 +84,9 @@ def test_file_layout_one_line_per_module_and_diffable():
     assert len(cols) == 1
     # a one-step change is a one-line diff
     b = a.with_decisions({"transformer_blocks.1": "CRCCCC"})
-    diff = [(x, y) for x, y in zip(text.splitlines(), b.to_json().splitlines()) if x != y]
+    diff = [(x, y) for x, y in zip(text.splitlines(), plan_to_json(b).splitlines()) if x != y]
     assert len(diff) == 1 and "transformer_blocks.1" in diff[0][0]
-    assert json.loads(text)["schema"] == SCHEMA_NAME
+    assert json.loads(text)["schema"] == PLAN_FORMAT.name
 
 
 def test_masks_and_effective_compute_resolve_the_hierarchy():
@@ -126,7 +124,7 @@ def test_rule_violations_name_the_path(decisions, layout, message):
 
 
 def _doc(**changes):
-    doc = toy_plan({"transformer_blocks.1": "CRCRCC"}).to_dict()
+    doc = plan_to_dict(toy_plan({"transformer_blocks.1": "CRCRCC"}))
     for path, value in changes.items():
         node = doc
         keys = path.split("/")
@@ -163,12 +161,14 @@ def test_load_errors_are_one_line_with_json_path(text, message):
 
 
 def test_versions_older_minor_loads_newer_major_refused(monkeypatch):
-    import planner.plan as plan_mod
+    import dataclasses
+
+    import planner.plan.io as plan_io
 
     doc = json.loads(_doc())
     assert loads_plan(json.dumps(doc)).decisions["transformer_blocks.1"]["cond"] == "CRCRCC"
     # a planner at 1.3.0 still reads this 1.0.0 file
-    monkeypatch.setattr(plan_mod, "SCHEMA_VERSION", "1.3.0")
+    monkeypatch.setattr(plan_io, "PLAN_FORMAT", dataclasses.replace(PLAN_FORMAT, version="1.3.0"))
     assert loads_plan(json.dumps(doc)).steps == 6
     monkeypatch.undo()
     # a newer minor loads, ignoring fields it adds
@@ -185,14 +185,12 @@ def test_versions_older_minor_loads_newer_major_refused(monkeypatch):
 def test_schema_file_is_valid_json_schema_and_matches_saved_plans():
     import jsonschema
 
-    from planner.plan import plan_schema
-
-    jsonschema.Draft202012Validator.check_schema(plan_schema())
-    jsonschema.validate(json.loads(toy_plan().to_json()), plan_schema())
+    jsonschema.Draft202012Validator.check_schema(PLAN_FORMAT.schema)
+    jsonschema.validate(json.loads(plan_to_json(toy_plan())), PLAN_FORMAT.schema)
 
 
 def test_check_model_and_steps(digits):
-    plan = Plan.for_runner(digits, SAMPLER, {})
+    plan = plan_for_runner(digits, SAMPLER, {})
     plan.check_model(digits)
     plan.check_steps(6)
     with pytest.raises(PlannerError, match="plan was made for 6 steps, the run has 7"):
@@ -203,7 +201,7 @@ def test_check_model_and_steps(digits):
     other.model.cls = "DiTTransformer2DModel"
     with pytest.raises(PlannerError, match="3 blocks, this DiTTransformer2DModel has 8"):
         other.check_model(digits)
-    fp = Plan.for_runner(digits, SAMPLER, {})
+    fp = plan_for_runner(digits, SAMPLER, {})
     fp.model.fingerprint = "0" * 16
     with pytest.raises(PlannerError, match="fingerprint 0000000000000000"):
         fp.check_model(digits)
@@ -216,7 +214,7 @@ def test_check_model_and_steps(digits):
 @pytest.fixture(scope="module")
 def plan_file(tmp_path_factory, digits):
     path = tmp_path_factory.mktemp("plans") / "digits.json"
-    plan = Plan.for_runner(
+    plan = plan_for_runner(
         digits,
         SAMPLER,
         {"transformer_blocks.1": "CRCRCC", "transformer_blocks.2.attn1": {"cond": "CCCCCC", "uncond": "CSSSSC"}},

@@ -19,7 +19,8 @@ from planner.profile import LatencyModel, ProfileError, TimingConfig, load_profi
 from planner.profile.capture import HookSet, StepTracker
 from planner.profile.latency import plan_from_codes
 from planner.profile.similarity import CFG_LAG, SimilarityCollector, pair_metrics, similarity_pass
-from planner.runner import CFG_COND_UNCOND, CFG_NONE, CFG_SEPARATE, CFG_UNCOND_COND, Sampler
+from planner.cfg import CfgLayout
+from planner.runner import Sampler
 
 FAST = TimingConfig(warmup=1, repeats=3, run_repeats=1)
 
@@ -100,11 +101,11 @@ class ToyRunner:
         self.pipe.scheduler.timesteps = torch.arange(sampler.steps, 0, -1).float() * 10
         for t in range(sampler.steps):
             step = torch.tensor(float(t))
-            if self.layout in (CFG_COND_UNCOND, CFG_UNCOND_COND):
-                first = 0.0 if self.layout == CFG_COND_UNCOND else 1.0
+            if self.layout in (CfgLayout.COND_UNCOND, CfgLayout.UNCOND_COND):
+                first = 0.0 if self.layout == CfgLayout.COND_UNCOND else 1.0
                 br = torch.cat([torch.full((n,), first), torch.full((n,), 1 - first)])
                 self.transformer(torch.full((2 * n, 3, 4), self.fill), step=step, branch=br, sample=torch.cat([sample, sample]))
-            elif self.layout == CFG_SEPARATE:
+            elif self.layout == CfgLayout.SEPARATE:
                 for name, b in (("cond", 0.0), ("uncond", 1.0)):
                     ctx = self.transformer.cache_context(name) if self.use_context else contextlib.nullcontext()
                     with ctx:
@@ -148,7 +149,7 @@ def test_pair_metrics_known_values():
     assert rel3.shape == (2, 2) and rel3[1].tolist() == [0.0, 0.0]
 
 
-@pytest.mark.parametrize("layout", [CFG_COND_UNCOND, CFG_UNCOND_COND, CFG_SEPARATE])
+@pytest.mark.parametrize("layout", [CfgLayout.COND_UNCOND, CfgLayout.UNCOND_COND, CfgLayout.SEPARATE])
 def test_similarity_of_known_outputs(layout):
     steps, samples = 6, 3
     runner, table, timesteps = _run_toy(layout, steps, samples)
@@ -191,7 +192,7 @@ def test_similarity_of_known_outputs(layout):
 
 def test_residual_metrics_with_a_nonzero_input():
     # input 1 everywhere: attn's residual is a - 1 with a = (t+1)(1+branch)(1+sample)
-    _, table, _ = _run_toy(CFG_COND_UNCOND, steps=5, samples=2, fill=1.0)
+    _, table, _ = _run_toy(CfgLayout.COND_UNCOND, steps=5, samples=2, fill=1.0)
     for t in range(2, 5):  # at t=1 the cond residual of sample 0 is exactly zero
         for branch, g in (("cond", 1.0), ("uncond", 2.0)):
             row = _row(table, "transformer_blocks.0.attn1", t, branch, 1)
@@ -202,30 +203,30 @@ def test_residual_metrics_with_a_nonzero_input():
 
 
 def test_separate_calls_without_cache_context_alternate():
-    _, with_ctx, _ = _run_toy(CFG_SEPARATE, use_context=True)
-    _, without, _ = _run_toy(CFG_SEPARATE, use_context=False)
+    _, with_ctx, _ = _run_toy(CfgLayout.SEPARATE, use_context=True)
+    _, without, _ = _run_toy(CfgLayout.SEPARATE, use_context=False)
     pd.testing.assert_frame_equal(with_ctx, without)
 
 
 def test_single_branch_layout_has_no_cfg_rows():
-    _, table, _ = _run_toy(CFG_NONE)
+    _, table, _ = _run_toy(CfgLayout.NONE)
     assert set(table.branch) == {"cond"} and CFG_LAG not in set(table.lag)
     assert _row(table, "transformer_blocks.0.attn1", 4, "cond", 2).rel_l1_mean == pytest.approx(2 / 3, rel=1e-5)
 
 
 def test_streaming_over_batches_matches_one_batch():
-    _, one, _ = _run_toy(CFG_COND_UNCOND, samples=4)
-    _, chunks, _ = _run_toy(CFG_COND_UNCOND, samples=4, batch_size=1)
+    _, one, _ = _run_toy(CfgLayout.COND_UNCOND, samples=4)
+    _, chunks, _ = _run_toy(CfgLayout.COND_UNCOND, samples=4, batch_size=1)
     cols = ["rel_l1_mean", "rel_l1_max", "rel_l1_min", "cos_mean", "res_rel_l1_mean"]
     np.testing.assert_allclose(one[cols].to_numpy(), chunks[cols].to_numpy(), rtol=1e-5, equal_nan=True)
     np.testing.assert_allclose(one.rel_l1_std.to_numpy(), chunks.rel_l1_std.to_numpy(), rtol=1e-3, atol=1e-6, equal_nan=True)
 
 
 def test_only_last_k_outputs_are_held_and_hooks_come_off():
-    runner = ToyRunner(CFG_COND_UNCOND)
-    collector = SimilarityCollector(runner.mods, CFG_COND_UNCOND, steps=8, k=2, device="cpu")
+    runner = ToyRunner(CfgLayout.COND_UNCOND)
+    collector = SimilarityCollector(runner.mods, CfgLayout.COND_UNCOND, steps=8, k=2, device="cpu")
     collector.batch = 2
-    tracker = StepTracker(CFG_COND_UNCOND)
+    tracker = StepTracker(CfgLayout.COND_UNCOND)
     collector.tracker = tracker
     from planner.profile.capture import ModuleWatch, attach, detach_hooks
 
@@ -266,47 +267,21 @@ def digits_runner():
     return load_runner("digits-dit")
 
 
-def test_executor_hook_overhead_is_recovered_under_bursts_of_load(digits_runner, monkeypatch):
-    # a known 2 ms added by every executor hook call, and "load" that slows two calls in three of
-    # every block (inside its stopwatch, hooked or not) by 3 ms: the estimate must find the 2 ms
-    import time
+def test_executor_hook_overhead_is_recovered_under_bursts_of_load():
+    # a hook that adds 2 ms to every call, and "load" that slows two calls in three by 3 ms, hooked or
+    # not: the estimate (fastest hooked minus fastest plain, median over modules) finds the 2 ms. The
+    # live measurement's accuracy is benchmarks/profile_bench.py's to report, not a test's to time.
+    from planner.profile.timing import overhead_from_samples
 
-    from planner.executor.hooks import CacheHook
-    from planner.profile.timing import executor_hook_overhead
+    rng = np.random.default_rng(0)
 
-    runner = digits_runner
-    sampler = runner.resolve(Sampler("ddim", 6, 3.0))
-    extra_s, burst_s = 2e-3, 3e-3
-    original = CacheHook.new_forward
+    def calls(base, extra):
+        return [base + extra + (3e-3 if k % 3 else 0.0) + rng.uniform(0, 1e-4) for k in range(30)]
 
-    def slow_hook(self, module, *args, **kwargs):
-        start = time.perf_counter()
-        while time.perf_counter() - start < extra_s:  # busy: a sleep overshoots by a variable amount
-            pass
-        return original(self, module, *args, **kwargs)
-
-    monkeypatch.setattr(CacheHook, "new_forward", slow_hook)
-    calls: dict[str, int] = {}
-
-    def burst(module, args):
-        calls[id(module)] = calls.get(id(module), 0) + 1
-        if calls[id(module)] % 3:
-            time.sleep(burst_s)
-
-    modules = runner.modules()
-    blocks = {m.name for m in modules if m.kind == "block"}
-    handles = [runner.transformer.get_submodule(f"{b}.attn1").register_forward_pre_hook(burst) for b in blocks]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a second torch thread would wait for the busy hook's core on a loaded machine
-    try:
-        per_group, warnings = executor_hook_overhead(runner, modules, sampler, runner.conditions(2, 0), [0, 1])
-    finally:
-        torch.set_num_threads(threads)
-        for h in handles:
-            h.remove()
-    assert warnings == [] and set(per_group) == {"block", "sublayer"}
-    for group, ms in per_group.items():
-        assert extra_s * 1e3 * 0.9 < ms < (extra_s + burst_s / 4) * 1e3, (group, ms)  # a burst is 3 ms
+    plain = {i: calls(0.010 * (i + 1), 0.0) for i in range(8)}
+    hooked = {i: calls(0.010 * (i + 1), 2e-3) for i in range(8)}
+    assert overhead_from_samples(hooked, plain) == pytest.approx(2e-3, abs=1.5e-4)
+    assert overhead_from_samples(hooked, {}) is None
 
 
 def test_no_garbage_collection_lands_in_the_timed_runs(digits_runner, monkeypatch):
@@ -376,7 +351,7 @@ def test_a_latency_model_that_misses_the_plain_runs_is_flagged(digits_runner, mo
 
 def test_latency_model_arithmetic_batched():
     cost, names = _cost_table()
-    m = LatencyModel.from_cost_table(cost, CFG_COND_UNCOND, steps=4)
+    m = LatencyModel.from_cost_table(cost, CfgLayout.COND_UNCOND, steps=4)
     assert m.predict_run(None) == pytest.approx((10 + 4 * (0.25 + 0.5 + 6)) / 1e3)
     # a reused block skips its children and costs one R op (half per branch, two branches)
     p = plan_from_codes({names[0]: "CRRR"})
@@ -403,7 +378,7 @@ def test_latency_model_arithmetic_batched():
 
 def test_latency_model_separate_calls_pay_per_branch():
     cost, names = _cost_table()
-    m = LatencyModel.from_cost_table(cost, CFG_SEPARATE, steps=2, hook_ms=0.01)
+    m = LatencyModel.from_cost_table(cost, CfgLayout.SEPARATE, steps=2, hook_ms=0.01)
     assert m.predict_step(None, 0) == pytest.approx((0.25 + 2 * 0.5 + 2 * 6) / 1e3)
     p = SimpleNamespace(decisions={names[0]: {"cond": "CC", "uncond": "CR"}},
                         code=lambda mod, s, b: p.decisions[mod][b][s] if mod in p.decisions else "C")
@@ -413,8 +388,8 @@ def test_latency_model_separate_calls_pay_per_branch():
 
 # --------------------------------------------------------------------------- tiny pipelines, artifact, CLI
 
-TINY = [("tiny:dit", 4.0, CFG_COND_UNCOND), ("tiny:pixart", 4.5, CFG_UNCOND_COND), ("tiny:sd3", 5.0, CFG_UNCOND_COND),
-        ("tiny:flux", 1.0, CFG_NONE), ("tiny:flux", 3.5, CFG_SEPARATE), ("tiny:wan", 5.0, CFG_SEPARATE)]
+TINY = [("tiny:dit", 4.0, CfgLayout.COND_UNCOND), ("tiny:pixart", 4.5, CfgLayout.UNCOND_COND), ("tiny:sd3", 5.0, CfgLayout.UNCOND_COND),
+        ("tiny:flux", 1.0, CfgLayout.NONE), ("tiny:flux", 3.5, CfgLayout.SEPARATE), ("tiny:wan", 5.0, CfgLayout.SEPARATE)]
 
 
 @pytest.mark.slow
@@ -428,7 +403,7 @@ def test_tiny_pipelines(spec, guidance, layout):
     assert p.meta.cfg_layout == layout
     names = [m.name for m in runner.modules()]
     assert p.module_names == names
-    branches = ("cond",) if layout == CFG_NONE else ("cond", "uncond")
+    branches = ("cond",) if layout == CfgLayout.NONE else ("cond", "uncond")
     assert p.branches == branches
     sim = p.similarity
     assert len(sim) == steps * len(names) * len(branches) * (2 + (len(branches) == 2))
@@ -500,14 +475,14 @@ def test_tampered_and_truncated_files_are_rejected(saved_profile, tmp_path):
     meta = json.loads((newer / "meta.json").read_text())
     meta["schema_version"] = "2.0.0"
     (newer / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ProfileError, match="schema version 2.0.0"):
+    with pytest.raises(ProfileError, match="profile format version 2.0.0 is newer"):
         load_profile(newer)
 
     invalid = _copy(saved_profile, tmp_path / "invalid")
     meta = json.loads((invalid / "meta.json").read_text())
     meta["sampler"]["steps"] = "three"
     (invalid / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(ProfileError, match="sampler/steps"):
+    with pytest.raises(ProfileError, match=r"\$\.sampler\.steps: .three. is not of type .integer."):
         load_profile(invalid)
 
     # a consistent rewrite with a wrong row count is caught by the shape check, not the hash

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from planner.errors import PlannerError
-from planner.executor import apply_gates, apply_plan
-from planner.plan import Plan
+from planner.cfg import CfgLayout
+from planner.executor import apply_plan
+from planner.executor.session import apply_gates
+from planner.plan import plan_for_runner
 from planner.profile import load_profile
 from planner.profile.latency import plan_from_codes
-from planner.runner import CFG_COND_UNCOND, Sampler, load_runner
-from search.budget import Budget
-from search._router import (
+from planner.search.budget import Budget
+from planner.search._router import (
     Gates,
     choose_plan,
     plan_at_theta,
@@ -224,16 +225,9 @@ def test_training_curve_is_written_as_csv(tmp_path):
 # --------------------------------------------------------------------------- on digits-dit, 10 steps
 
 
-@pytest.fixture(scope="module")
-def digits10():
-    runner = load_runner("digits-dit")
-    sampler = Sampler("ddim", 10, 3.0)
-    return runner, sampler
-
-
 @pytest.mark.parametrize("level", ["sublayer", "block"])
 def test_hardened_gates_reproduce_the_hard_plan(digits10, level):
-    runner, sampler = digits10
+    runner, sampler = digits10.runner, digits10.sampler
     names = gated_modules(runner.modules(), level)
     router = Router(names, sampler.steps, level, max_run=2)
     router.load_scores(torch.randn(sampler.steps, len(names), generator=torch.Generator().manual_seed(1)) * 2)
@@ -241,10 +235,10 @@ def test_hardened_gates_reproduce_the_hard_plan(digits10, level):
     decisions = router.decisions(theta)
     assert any(c != "C" for codes in decisions.values() for c in codes)
     conds, seeds = [3, 7], [0, 1]
-    plan = Plan.for_runner(runner, sampler, decisions)
+    plan = plan_for_runner(runner, sampler, decisions)
     with apply_plan(runner.pipe, plan):
         hard = runner.run(conds, seeds, sampler, output="latent")
-    with apply_gates(runner.pipe, router.hard_gates(theta), names, cfg_layout=CFG_COND_UNCOND):
+    with apply_gates(runner.pipe, router.hard_gates(theta), names, cfg_layout=CfgLayout.COND_UNCOND):
         soft = runner.run(conds, seeds, sampler, output="latent")
     full = runner.run(conds, seeds, sampler, output="latent")
     assert (hard - full).abs().max() > 1e-3  # the plan really reuses
@@ -253,14 +247,14 @@ def test_hardened_gates_reproduce_the_hard_plan(digits10, level):
 
 
 def test_gradients_reach_the_scores_and_not_the_model(digits10):
-    runner, sampler = digits10
+    runner, sampler = digits10.runner, digits10.sampler
     calls = record_calls(runner, [3, 7], [0, 1], sampler, calls_per_step=1)
     assert calls.steps == sampler.steps and calls.outputs[0][0].shape[0] == 4  # 2 samples x 2 CFG branches
     names = gated_modules(runner.modules(), "sublayer")
     router = Router(names, sampler.steps, "sublayer", init=0.0)
     transformer = runner.transformer
     with frozen(transformer):
-        with apply_gates(runner.pipe, router.gates(), names, cfg_layout=CFG_COND_UNCOND, detach_cache=False) as h:
+        with apply_gates(runner.pipe, router.gates(), names, cfg_layout=CfgLayout.COND_UNCOND, detach_cache=False) as h:
             with torch.no_grad(), h.at_step(3):
                 calls.replay(transformer, 3)  # fills the cache
             with h.at_step(4):

@@ -4,15 +4,8 @@ import pytest
 import torch
 
 from planner.errors import PlannerError
-from planner.runner import (
-    CFG_COND_UNCOND,
-    CFG_NONE,
-    CFG_SEPARATE,
-    CFG_UNCOND_COND,
-    Runner,
-    Sampler,
-    load_runner,
-)
+from planner.cfg import CfgLayout
+from planner.runner import Runner, Sampler, load_runner
 from planner.zoo.tiny import KINDS, build_tiny, family_for_pipeline, load_pipeline_folder
 
 TINY = [f"tiny:{kind}" for kind in KINDS]
@@ -176,8 +169,8 @@ def test_flux_runs_both_cfg_modes():
     runner = load_runner("tiny:flux")
     conditions = runner.conditions(2, seed=0)
     distilled, true_cfg = Sampler("default", STEPS, 1.0), Sampler("default", STEPS, 4.0)
-    assert runner.cfg_layout(distilled) == CFG_NONE
-    assert runner.cfg_layout(true_cfg) == CFG_SEPARATE
+    assert runner.cfg_layout(distilled) == CfgLayout.NONE
+    assert runner.cfg_layout(true_cfg) == CfgLayout.SEPARATE
     a = runner.run(conditions, [0, 1], distilled)
     b = runner.run(conditions, [0, 1], true_cfg)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
@@ -224,20 +217,20 @@ def test_cfg_layout_is_what_the_family_claims(runner, guidance):
         handle.remove()
 
     sizes = [size for size, _ in calls]
-    if layout == CFG_NONE:
+    if layout == CfgLayout.NONE:
         assert sizes == [n] * STEPS
         assert all(_which(s, cond, uncond) == "cond" for _, s in calls)
-    elif layout in (CFG_COND_UNCOND, CFG_UNCOND_COND):
+    elif layout in (CfgLayout.COND_UNCOND, CfgLayout.UNCOND_COND):
         assert sizes == [2 * n] * STEPS
-        order = ["cond", "uncond"] if layout == CFG_COND_UNCOND else ["uncond", "cond"]
+        order = ["cond", "uncond"] if layout == CfgLayout.COND_UNCOND else ["uncond", "cond"]
         for _, s in calls:
             assert [_which(s[:n], cond, uncond), _which(s[n:], cond, uncond)] == order
-    elif layout == CFG_SEPARATE:
+    elif layout == CfgLayout.SEPARATE:
         assert sizes == [n] * (2 * STEPS)
         assert [_which(s, cond, uncond) for _, s in calls] == ["cond", "uncond"] * STEPS
     else:
         pytest.fail(f"unknown layout {layout!r}")
-    assert (layout == CFG_NONE) == (guidance <= 1)
+    assert (layout == CfgLayout.NONE) == (guidance <= 1)
 
 
 def test_bad_specs_raise_planner_error(tmp_path):

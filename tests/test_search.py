@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from planner.errors import PlannerError
-from planner.evaluate import EVAL_SEED_BASE, verify_plan
+from planner.evaluate import verify_plan
+from planner.seeds import EVAL_SEED_BASE
 from planner.executor import apply_plan
-from planner.profile import TimingConfig, load_profile, profile_model
-from planner.runner import Sampler, load_runner
-from search import get_strategy, strategy_names
-from search.budget import Budget
-from search.context import SearchContext
-from search.greedy import _GreedyPass, decisions_from_records, by_saving, first_acceptable, step_weights
+from planner.profile import TimingConfig, profile_model
+from planner.runner import Sampler
+from planner.search import get_strategy, strategy_names
+from planner.search.budget import Budget
+from planner.search.context import SearchContext
+from planner.search.greedy import _GreedyPass, decisions_from_records, by_saving, first_acceptable, step_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
@@ -129,10 +130,10 @@ def test_step_weights_tighten_steps_that_change_more():
 
 
 @pytest.fixture(scope="module")
-def tiny_dit():
-    runner = load_runner("tiny:dit")
+def tiny_dit(tiny):
+    runner = tiny("dit")
     sampler = runner.resolve(Sampler("default", 5, 4.0))
-    profile = profile_model(runner, sampler, samples=2, lags=2, timing=FAST)
+    profile = profile_model(runner, sampler, samples=2, lags=2, costs="flops")
     return runner, sampler, profile
 
 
@@ -187,10 +188,10 @@ def test_calibration_and_evaluation_seeds_are_disjoint():
     ("tiny:sd3", 5.0, "greedy", {"delta": 10.0, "share_cfg": True}),
     ("tiny:sd3", 5.0, "uniform", {"level": "block"}),
 ])
-def test_search_on_tiny_families_gives_plans_that_run(spec, guidance, strategy, params):
-    runner = load_runner(spec)
+def test_search_on_tiny_families_gives_plans_that_run(tiny, spec, guidance, strategy, params):
+    runner = tiny(spec.removeprefix("tiny:"))
     sampler = runner.resolve(Sampler(runner.family.default_sampler.scheduler, 5, guidance))
-    profile = profile_model(runner, sampler, samples=2, lags=2, timing=FAST)
+    profile = profile_model(runner, sampler, samples=2, lags=2, costs="flops")
     ctx = SearchContext.build(runner, sampler, profile, samples=2)
     plan = get_strategy(strategy)(**params).search(ctx, Budget.parse("1.2x"))
     assert plan.provenance.strategy == strategy and plan.provenance.calib_seeds == [0, 1]
@@ -213,11 +214,9 @@ def test_search_on_tiny_families_gives_plans_that_run(spec, guidance, strategy, 
 
 
 @pytest.fixture(scope="module")
-def digits_context():
-    runner = load_runner("digits-dit")
-    profile = load_profile(DIGITS_PROFILE)
-    sampler = Sampler("ddim", profile.meta.steps, profile.meta.sampler.guidance)
-    return SearchContext.build(runner, sampler, profile, samples=2)
+def digits_context(digits, digits_profile):
+    sampler = Sampler("ddim", digits_profile.meta.steps, digits_profile.meta.sampler.guidance)
+    return SearchContext.build(digits, sampler, digits_profile, samples=2)
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "smoothcache"])

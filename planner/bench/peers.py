@@ -150,7 +150,7 @@ def _diffusers_hooks():
 def _install_diffusers(runner, sampler, peer: str, value: float) -> PeerRun:
     import torch
 
-    from planner.plan import CFG_NONE, CFG_SEPARATE
+    from planner.cfg import CfgLayout
 
     d = _diffusers_hooks()
     layout = runner.cfg_layout(sampler)
@@ -173,12 +173,12 @@ def _install_diffusers(runner, sampler, peer: str, value: float) -> PeerRun:
         transformer.enable_cache(config)  # the pipeline opens its own cache contexts and resets the state
         own_context = None
     else:
-        if layout == CFG_SEPARATE:
+        if layout == CfgLayout.SEPARATE:
             raise PeerUnavailable(f"{peer}: {type(transformer).__name__} has no CacheMixin and its pipeline calls "
                                   "it twice per step; no cache context can tell the two calls apart")
         apply(transformer, config)
         registry.invalidate_child_registries_cache()
-        own_context = "cond" if layout == CFG_NONE else "cond_uncond"
+        own_context = "cond" if layout == CfgLayout.NONE else "cond_uncond"
 
     def run(conditions, seeds, smp):
         if own_context is None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.evaluate import json_safe
+from planner.io import json_safe
 
 COLUMNS = ["method", "kind", "setting", "budget", "status", "speedup", "speedup_min", "speedup_max", "median_s",
            "predicted_speedup", "calib_error", "search_s", "psnr", "ssim", "rel_l1", "mse", "accuracy", "frechet",
@@ -168,7 +168,7 @@ def _sampler_text(s: dict) -> str:
 
 
 def _seed_text(seeds: list[int]) -> str:
-    from planner.evaluate import format_seeds
+    from planner.seeds import format_seeds
 
     return format_seeds(seeds)
 

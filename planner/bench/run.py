@@ -12,16 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.evaluate import (
-    REFERENCE,
-    Contender,
-    check_held_out,
-    digit_scores,
-    evaluation_seeds,
-    is_digits,
-    quality,
-    time_against_reference,
-)
+from planner.evaluate import REFERENCE, Contender, digit_scores, is_digits, quality, time_against_reference
+from planner.seeds import check_held_out, evaluation_seeds
 
 KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
 # Registered strategies that re-implement other people's methods: baselines, not ours.
@@ -135,12 +127,12 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
 def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> list[Point]:
     """One point per (budget, strategy): the plan searched on the calibration inputs (failures become
     points carrying their message), saved under ``config.out/plans`` when ``out`` is set."""
-    from planner.commands.search import load_or_make_profile
     from planner.executor import apply_plan
     from planner.plan import save_plan
-    from search import get_strategy, strategy_names
-    from search.budget import Budget
-    from search.context import SearchContext
+    from planner.profile.store import profile_for
+    from planner.search import get_strategy, make_strategy, strategy_names
+    from planner.search.budget import Budget
+    from planner.search.context import SearchContext
 
     names = strategy_names() if config.strategies is None else list(config.strategies)
     for name in names:
@@ -151,8 +143,7 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
     if not names:
         return []
     budgets = [Budget.parse(b) for b in config.budgets]
-    profile = load_or_make_profile(runner, sampler, config.profile, config.calib_samples, str(runner.device),
-                                   config.progress)
+    profile = profile_for(runner, sampler, config.profile, samples=config.calib_samples, progress=config.progress)
     # The searches run quietly: one summary line each (their own progress bars would bury the bench log).
     context = SearchContext.build(runner, sampler, profile, samples=config.calib_samples, progress=False)
     points = []
@@ -164,10 +155,10 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
                 context.artifacts = Path(config.out) / "plans" / f"{name}-{budget.label()}"
             t0 = time.perf_counter()
             try:
-                if budget.speedup is not None and budget.speedup > context.max_speedup():
+                if not budget.speed_met(context.max_speedup()):
                     raise PlannerError(f"budget {budget.label()} cannot be met (at most {context.max_speedup():.2f}x)")
                 point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
-                plan = get_strategy(name)(**point.params).search(context, budget)
+                plan = make_strategy(name, point.params).search(context, budget)
             except Exception as exc:  # noqa: BLE001 - one failing strategy must not end a 30-minute bench
                 point.status = str(exc) if isinstance(exc, PlannerError) else f"failed: {type(exc).__name__}: {exc}"
                 point.search_s = time.perf_counter() - t0
@@ -178,7 +169,7 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
             point.params = plan.provenance.params
             pred = plan.prediction
             point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
-            if not budget.met(pred.speedup or 0.0, pred.calib_error if pred.calib_error is not None else math.inf):
+            if not budget.met(pred.speedup, pred.calib_error):
                 point.status = f"missed its budget (predicted {pred.speedup:.2f}x)"
             if config.out is not None:
                 point.plan = str(save_plan(plan, Path(config.out) / "plans" / f"{name}-{budget.label()}.json"))
@@ -194,7 +185,7 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
 
 def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -> list[Point]:
     """Plain sampling with ``round(steps / s)`` steps for each speed budget ``s`` (same cost, no cache)."""
-    from search.budget import Budget
+    from planner.search.budget import Budget
 
     points = []
     for label in budgets:

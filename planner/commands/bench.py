@@ -71,9 +71,9 @@ def cmd_bench(args) -> int:
     from planner.bench.peers import parse_sweeps
     from planner.bench.report import environment, write_outputs
     from planner.commands.sample import runner_and_sampler
-    from planner.evaluate import evaluation_seeds, format_seeds, parse_seeds
+    from planner.seeds import evaluation_seeds, format_seeds, parse_seeds
     from planner.profile.artifact import slug
-    from search.budget import Budget
+    from planner.search.budget import Budget
 
     for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
                                ("--calib-samples", args.calib_samples, 1), ("--reference-every", args.reference_every, 1)):
@@ -107,7 +107,7 @@ def cmd_bench(args) -> int:
                "rows": result.rows}
     text = Path(files["results.md"]).read_text()
     text += f"\nbench took {result.info['wall_s']:.0f} s -> {out}/ (results.csv, results.md, pareto.png, environment.json)"
-    from planner.evaluate import json_safe
+    from planner.io import json_safe
 
     report(args, json_safe(payload), text)
     return 0

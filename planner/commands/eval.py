@@ -27,15 +27,9 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from planner.evaluate import (
-        EVAL_SEED_BASE,
-        check_held_out,
-        eval_markdown,
-        evaluate_plan_with_outputs,
-        evaluation_seeds,
-        json_safe,
-        parse_seeds,
-    )
+    from planner.evaluate import eval_markdown, evaluate_plan_with_outputs
+    from planner.io import json_safe
+    from planner.seeds import EVAL_SEED_BASE, check_held_out, evaluation_seeds, parse_seeds
     from planner.io import write_json_atomic, write_text_atomic
     from planner.plan import load_plan
     from planner.runner import Sampler, load_runner, resolve_device

@@ -58,8 +58,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def summary(plan, source: str = "plan") -> dict:
     """The facts ``plan show`` prints, as a JSON-ready dict."""
-    from planner.plan import module_kind
+    from planner.modules import module_kind
+    from planner.plan import plan_to_dict
 
+    doc = plan_to_dict(plan)
     per_step = plan.computed_fraction_per_step()
     reusing = {}
     for m in plan.model.modules:
@@ -68,7 +70,7 @@ def summary(plan, source: str = "plan") -> dict:
             reusing[m] = next(iter(per.values())) if len(set(per.values())) == 1 else per
     return {
         "file": source,
-        "schema_version": plan.to_dict()["version"],
+        "schema_version": doc["version"],
         "model": {
             "class": plan.model.cls,
             "spec": plan.model.spec,
@@ -87,8 +89,8 @@ def summary(plan, source: str = "plan") -> dict:
         "computed_fraction": sum(per_step) / len(per_step),
         "computed_fraction_per_step": per_step,
         "reusing_modules": reusing,
-        "prediction": plan.to_dict()["prediction"],
-        "provenance": plan.to_dict()["provenance"],
+        "prediction": doc["prediction"],
+        "provenance": doc["provenance"],
     }
 
 
@@ -238,7 +240,7 @@ def cmd_validate(args) -> int:
 def cmd_pareto(args) -> int:
     """Draw the front folder's time-vs-error plot and report the front, the chosen plan and which
     front point dominates each baseline."""
-    from search._pareto import front_folder, load_front, plot_front, summarize_front
+    from planner.search._pareto import front_folder, load_front, plot_front, summarize_front
 
     folder = front_folder(args.front)
     doc = load_front(folder)

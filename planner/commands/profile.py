@@ -33,6 +33,8 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="calibration inputs per run (default: all at once)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
+    p.add_argument("--costs", choices=("measured", "flops"), default="measured",
+                   help="module costs timed on this device (default), or FLOPs at a nominal rate (FLOP speedups)")
     p.add_argument("--out", default=None, help="profile folder to write (default: profiles/<generated name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_json_flag(p)
@@ -79,6 +81,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         seed=args.seed,
         lags=args.lags,
         batch_size=args.batch_size,
+        costs=args.costs,
         flops=not args.no_flops,
         out=out,
         name=out.name,

@@ -1,34 +1,33 @@
-"""``planner search --strategy NAME --budget 2x``: profile (or reuse a profile), search, write a plan."""
+"""``planner search --strategy NAME --budget 2x``: profile (or reuse a profile), search, write a plan;
+``planner strategies [NAME]``: the strategies and their declared settings."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.commands.sample import add_sampler_args, runner_and_sampler
 from planner.errors import PlannerError
-from search import RUN_OPTIONS
 
-PROFILES_DIR = Path("profiles")
 PLANS_DIR = Path("plans")
 
 
 def register(sub) -> None:
     p = sub.add_parser("search", help="search a cache plan that meets a speed budget (or an error target)")
-    p.add_argument("--strategy", default="greedy", help="a registered strategy: greedy, uniform, smoothcache, ...")
+    p.add_argument("--strategy", default="greedy", help="a registered strategy (`planner strategies` lists them)")
     p.add_argument("--budget", default=None, help="predicted speedup (2x) or run-time fraction (60%%); default 2x")
     p.add_argument("--max-error", type=float, default=None, help="instead of a budget: relative L1 of the final output")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
     p.add_argument("--calib-samples", type=int, default=8, help="calibration inputs (seeds 0..N-1)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="strategy parameter (VALUE read as JSON when it parses), repeatable")
+                   help="a strategy setting (VALUE read as JSON when it parses), repeatable")
+    p.add_argument("--list-params", action="store_true", help="print the strategy's settings and exit")
     p.add_argument("--out", default=None, help="plan file (default: plans/<model>-<sampler>-<strategy>-<budget>.json)")
     p.add_argument("--verify", action="store_true", help="then measure realized speedup and PSNR/SSIM on held-out seeds")
     p.add_argument("--verify-samples", type=int, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    run = p.add_argument_group("search runs (strategies that use them: optuna's study, learned routers' training)")
+    run = p.add_argument_group("search runs (strategies that declare them: optuna's study, learned routers' training)")
     run.add_argument("--seed", type=int, default=None, help="random seed of the search (default: the strategy's, 0)")
     run.add_argument("--n-trials", type=int, default=None, help="trials this process runs (optuna)")
     run.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///f.db, postgresql://..., journal:FILE)")
@@ -37,6 +36,12 @@ def register(sub) -> None:
     add_sampler_args(p, steps=None, guidance=None)
     add_json_flag(p)
     p.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("strategies", help="list the search strategies, or one strategy's settings")
+    s.add_argument("name", nargs="?", default=None, help="a strategy: print its settings")
+    s.add_argument("--markdown", action="store_true", help="the settings as the markdown table the docs show")
+    add_json_flag(s)
+    s.set_defaults(func=cmd_strategies)
 
 
 def parse_params(items: list[str]) -> dict:
@@ -55,17 +60,14 @@ def parse_params(items: list[str]) -> dict:
 
 def strategy_params(args) -> dict:
     """``--param`` items plus the run options given on the command line (``--seed 3`` -> ``seed=3``)."""
+    from planner.search.settings import RUN_OPTIONS
+
     params = parse_params(args.param)
     for key in RUN_OPTIONS:
         value = getattr(args, key, None)
         if value not in (None, False):
             params[key] = value
     return params
-
-
-def artifacts_dir(plan_path: Path) -> Path:
-    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
-    return plan_path.with_suffix("")
 
 
 def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
@@ -76,67 +78,38 @@ def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
     return PLANS_DIR / f"{model}-{slug(sampler.scheduler)}{sampler.steps}-g{sampler.guidance:g}-{strategy}-{budget.label()}.json"
 
 
-def load_or_make_profile(runner, sampler, path: str | None, samples: int, device: str, progress: bool):
-    """The profile at ``path``, or the default one for this model/sampler/device (made when missing)."""
-    from planner.profile import default_profile_name, load_profile, profile_model
-
-    if path is not None:
-        return load_profile(path)
-    default = PROFILES_DIR / default_profile_name(runner.spec, sampler, device)
-    if (default / "meta.json").is_file():
-        profile = load_profile(default)
-        if profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples:
-            return profile
-    return profile_model(runner, sampler, samples=samples, device=device, out=default, progress=progress)
-
-
 def cmd_search(args) -> int:
-    from planner.plan import save_plan
-    from search import get_strategy
-    from search.budget import Budget
-    from search.context import SearchContext
+    from planner.search import make_strategy
+    from planner.search.api import as_budget, run_search
 
-    budget = Budget.parse(args.budget if args.budget or args.max_error is not None else "2x", args.max_error)
-    strategy = get_strategy(args.strategy)(**strategy_params(args))
+    if args.list_params:
+        args.name, args.markdown = args.strategy, False
+        return cmd_strategies(args)
+    budget = as_budget(args.budget, args.max_error)
+    strategy = make_strategy(args.strategy, strategy_params(args))  # bad settings fail before any model loads
     if args.calib_samples < 1:
         raise PlannerError(f"--calib-samples must be at least 1, got {args.calib_samples}")
     progress = not (args.quiet or args.json)
     runner, sampler = runner_and_sampler(args)
-    start = time.perf_counter()
-    profile = load_or_make_profile(runner, sampler, args.profile, args.calib_samples, str(runner.device), progress)
-    profile_s = time.perf_counter() - start
-
     out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
-    start = time.perf_counter()
-    context = SearchContext.build(runner, sampler, profile, samples=args.calib_samples, progress=progress,
-                                  artifacts=artifacts_dir(out))
-    if budget.speedup is not None and budget.speedup > context.max_speedup():
-        raise PlannerError(
-            f"budget {budget.label()} cannot be met: even reusing every block at every step but the first "
-            f"gives {context.max_speedup():.2f}x"
-        )
-    plan = strategy.search(context, budget)
-    search_s = time.perf_counter() - start
-    pred = plan.prediction
-    if not budget.met(pred.speedup, pred.calib_error):
-        raise PlannerError(f"strategy {args.strategy} returned a plan that misses the budget ({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
-    save_plan(plan, out)
-
+    outcome = run_search(runner, budget, strategy=strategy, sampler=sampler, profile=args.profile,
+                         calib_samples=args.calib_samples, out=out, progress=progress)
+    plan, pred = outcome.plan, outcome.plan.prediction
     payload = {
         "plan": str(out),
         "strategy": args.strategy,
         "budget": budget.to_dict(),
         "predicted_speedup": pred.speedup,
         "calib_error": pred.calib_error,
-        "profile": profile.meta.name,
-        "profile_s": round(profile_s, 2),
-        "search_s": round(search_s, 2),
-        "evaluations": context.evaluations,
+        "profile": outcome.context.profile.meta.name,
+        "profile_s": round(outcome.profile_s, 2),
+        "search_s": round(outcome.search_s, 2),
+        "evaluations": outcome.context.evaluations,
         "params": plan.provenance.params,
     }
     text = (
         f"{args.strategy} plan for {budget.label()}: predicted speedup {pred.speedup:.2f}x, "
-        f"calibration error (rel. L1 of final latents) {pred.calib_error:.4f}; searched in {search_s:.1f} s -> {out}"
+        f"calibration error (rel. L1 of final latents) {pred.calib_error:.4f}; searched in {outcome.search_s:.1f} s -> {out}"
     )
     if args.verify:
         from planner.evaluate import verify_plan
@@ -148,4 +121,28 @@ def cmd_search(args) -> int:
             f"(range {v['speedup_range'][0]:.2f}-{v['speedup_range'][1]:.2f}), PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}"
         )
     report(args, payload, text)
+    return 0
+
+
+def cmd_strategies(args) -> int:
+    from planner.search import get_strategy, strategy_names
+    from planner.search.settings import describe, settings_table
+
+    if args.name is None:
+        rows = [{"name": n, "summary": get_strategy(n).summary} for n in strategy_names()]
+        text = "\n".join(f"{r['name']:<12} {r['summary']}" for r in rows)
+        text += "\n(`planner strategies NAME` lists a strategy's settings)"
+        report(args, {"strategies": rows}, text)
+        return 0
+    cls = get_strategy(args.name)
+    if args.markdown:
+        print(settings_table(cls.Settings))
+        return 0
+    rows = describe(cls.Settings)
+    lines = [f"{cls.name}: {cls.summary}", "settings (--param KEY=VALUE, or the flag shown):"]
+    for r in rows:
+        name = r["name"] + (f" ({r['flag']})" if "flag" in r else "")
+        kind = r["type"] + (f", {r['range']}" if r["range"] else "")
+        lines.append(f"  {name}: {kind}, default {r['default']}\n      {r['doc']}")
+    report(args, {"strategy": cls.name, "summary": cls.summary, "settings": rows}, "\n".join(lines))
     return 0

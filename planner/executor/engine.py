@@ -21,25 +21,12 @@ from typing import Any
 
 import torch
 
+from planner.cfg import BRANCHES, CfgLayout
 from planner.errors import PlannerError
 from planner.executor import tree
-from planner.plan import (
-    ACTION_CODES,
-    BRANCHES,
-    CFG_COND_UNCOND,
-    CFG_NONE,
-    CFG_SEPARATE,
-    CFG_UNCOND_COND,
-    COMPUTE,
-    Plan,
-    module_kind,
-)
+from planner.modules import module_kind
+from planner.plan import ACTION_CODES, COMPUTE, REUSE_CODES, Plan
 
-_BATCH_ORDER = {
-    CFG_NONE: ("cond",),
-    CFG_COND_UNCOND: ("cond", "uncond"),
-    CFG_UNCOND_COND: ("uncond", "cond"),
-}
 _MAX_EXAMPLES = 5
 
 
@@ -65,9 +52,9 @@ class Engine:
     def __init__(self, plan: Plan, transformer: torch.nn.Module, pipe: Any, gates: torch.Tensor | None, detach_cache: bool):
         self.plan = plan
         self.steps = plan.steps
-        self.layout = plan.sampler.cfg_layout
+        self.layout = plan.layout
         self.branches = plan.branches
-        self.calls_per_step = 2 if self.layout == CFG_SEPARATE else 1
+        self.calls_per_step = self.layout.calls_per_step
         self.transformer_cls = type(transformer)
         self.pipe = pipe
         self.gates = gates
@@ -84,7 +71,7 @@ class Engine:
         self._logs: dict[tuple[str, str], bytearray] = {}
         self._fallback_examples: list[str] = []
         self._totals = {"runs": 0, "decisions": 0, "as_planned": 0, "skipped_with_parent": 0, "fallbacks": 0}
-        self._hits = {ACTION_CODES[c]: 0 for c in "RDFS"}
+        self._hits = {ACTION_CODES[c]: 0 for c in REUSE_CODES}
         self._fallback_kinds = {"computed": 0, "reused": 0}
         self._last_executed: dict[str, dict[str, str]] = {}
         self._last_steps: list[int] = []
@@ -187,7 +174,7 @@ class Engine:
     def _check_calls_done(self) -> None:
         r = self.run
         if r.calls != self.calls_per_step:
-            if self.layout == CFG_SEPARATE:
+            if self.layout is CfgLayout.SEPARATE:
                 raise PlannerError(
                     f"plan's CFG layout 'separate' expects 2 transformer calls per step, step {r.step} made {r.calls} "
                     "(is CFG on? for Flux: a negative prompt and true_cfg_scale > 1)"
@@ -206,13 +193,13 @@ class Engine:
             cfg_on = getattr(pipe, "do_classifier_free_guidance")
         except Exception:  # property reading a field this pipeline never set
             cfg_on = None
-        if isinstance(cfg_on, bool) and cfg_on != (self.layout != CFG_NONE):
+        if isinstance(cfg_on, bool) and cfg_on != (self.layout is not CfgLayout.NONE):
             state = "on" if cfg_on else "off"
             raise PlannerError(f"plan was made for CFG layout {self.layout!r}, but the pipeline runs with CFG {state}")
 
     def _branches_of_call(self, args: tuple, kwargs: dict, context_name: str | None) -> tuple[str, ...]:
         r = self.run
-        if self.layout == CFG_SEPARATE:
+        if self.layout is CfgLayout.SEPARATE:
             if context_name in BRANCHES:
                 branch = context_name
             elif r.calls <= 2:
@@ -231,7 +218,7 @@ class Engine:
                 f"plan's CFG layout {self.layout!r} expects 1 transformer call per step, step {r.step} got a second "
                 "(a plan for separate CFG calls is needed)"
             )
-        order = _BATCH_ORDER[self.layout]
+        order = self.layout.batch_order
         if len(order) == 2:
             batch = tree.call_batch(self.transformer_cls, args, kwargs)
             if batch % 2:
@@ -278,7 +265,7 @@ class Engine:
                 totals["decisions"] += reached
                 if done == planned:
                     totals["as_planned"] += reached
-                    for c in "RDFS":
+                    for c in REUSE_CODES:
                         hits[ACTION_CODES[c]] += done.count(c)
                     continue
                 for k, (p, e) in enumerate(zip(planned, done)):

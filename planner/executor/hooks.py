@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
+from planner.cfg import BRANCHES, other_branch
 from planner.executor import tree
-from planner.plan import BRANCHES, COMPUTE, module_kind
+from planner.modules import module_kind
+from planner.plan import COMPUTE
 
 if TYPE_CHECKING:
     from planner.executor.engine import Engine
 
 TRACKER_HOOK = "dit_cache_plan.tracker"
 MODULE_HOOK = "dit_cache_plan.module"
-
-_OTHER = {"cond": "uncond", "uncond": "cond"}
 
 
 class _ContextOnly(BaseState):
@@ -172,7 +172,7 @@ class CacheHook(ModelHook):
                 resolved[b] = self._resolve(b, code)
         for b, code in zip(active, planned):
             if code == "S":
-                other = _OTHER[b]
+                other = other_branch(b)
                 if other in resolved:
                     ok = resolved[other] == COMPUTE
                 else:  # separate calls: the other branch's call already ran this step
@@ -218,7 +218,7 @@ class CacheHook(ModelHook):
                 now = self._branch_inputs(b, active, args, kwargs)
                 part = self.residual.apply(entry.outputs[-1][1], entry.inputs, now)
             else:  # "S"
-                other = _OTHER[b]
+                other = other_branch(b)
                 part = fresh[other] if other in fresh else self.caches[other].outputs[-1][1]
             parts.append(part)
             eng.log(self.name, b, step, r)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,16 +23,17 @@ from typing import Any
 
 import pandas as pd
 
+from planner.artifact import DocumentFormat, loads_json
 from planner.errors import PlannerError
 from planner.io import write_atomic, write_json_atomic
 from planner.runner import Sampler
 
-SCHEMA_NAME = "dit-cache-profile"
-SCHEMA_VERSION = "1.0.0"
+PROFILE_FORMAT = DocumentFormat(name="dit-cache-profile", version="1.0.0", noun="profile",
+                                version_key="schema_version", schema_file="profile.schema.json")
+SCHEMA_VERSION = PROFILE_FORMAT.version
 META_FILE = "meta.json"
 SIMILARITY_FILE = "similarity.csv.gz"
 COST_FILE = "cost.csv"
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "profile.schema.json"
 
 SIMILARITY_KEYS = ["step", "timestep", "module", "kind", "block", "branch", "lag", "n"]
 COST_KEYS = [
@@ -96,7 +96,7 @@ class ProfileMeta:
     def to_dict(self) -> dict:
         """The ``meta.json`` object."""
         return {
-            "schema": SCHEMA_NAME,
+            "schema": PROFILE_FORMAT.name,
             "schema_version": self.schema_version,
             "name": self.name,
             "created": self.created,
@@ -275,24 +275,15 @@ def default_profile_name(spec: str, sampler: Sampler, device: str) -> str:
     return f"{model}_{slug(sampler.scheduler)}{sampler.steps}_g{sampler.guidance:g}_{slug(device.split(':')[0])}"
 
 
-def _schema() -> dict:
-    return json.loads(SCHEMA_PATH.read_text())
-
-
-def validate_meta(d: Any, where: str = META_FILE) -> None:
-    """Raise :class:`ProfileError` unless ``d`` is a ``meta.json`` object this planner can read."""
-    if not isinstance(d, dict) or d.get("schema") != SCHEMA_NAME:
-        raise ProfileError(f"{where}: not a dit-cache-planner profile (no \"schema\": \"{SCHEMA_NAME}\")")
-    version = str(d.get("schema_version", ""))
-    if version.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
-        raise ProfileError(f"{where}: profile schema version {version or '?'} cannot be read by this planner (reads {SCHEMA_VERSION}); re-run `planner profile`")
-    import jsonschema
-
+def validate_meta(d: Any, where: str = META_FILE) -> dict:
+    """``d`` checked as a ``meta.json`` object this planner can read (see :mod:`planner.artifact`);
+    :class:`ProfileError` otherwise."""
     try:
-        jsonschema.validate(d, _schema())
-    except jsonschema.ValidationError as exc:
-        loc = "/".join(str(p) for p in exc.absolute_path) or "<top>"
-        raise ProfileError(f"{where}: invalid at {loc}: {exc.message[:200]}") from None
+        return PROFILE_FORMAT.check(d, where)
+    except ProfileError:
+        raise
+    except PlannerError as exc:
+        raise ProfileError(str(exc)) from None
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -310,11 +301,12 @@ def load_profile(path: str | Path) -> Profile:
     if not meta_path.is_file():
         raise ProfileError(f"{folder}: no {META_FILE} (not a profile folder, or an interrupted write)")
     try:
-        raw = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"{meta_path}: not valid JSON ({exc.__class__.__name__}); the file is truncated or was edited") from None
-    validate_meta(raw, str(meta_path))
-    meta = ProfileMeta.from_dict(raw)
+        raw = loads_json(meta_path.read_text(encoding="utf-8"), str(meta_path))
+    except UnicodeDecodeError:
+        raise ProfileError(f"{meta_path}: not UTF-8 text; the file is damaged or not a profile's meta.json") from None
+    except PlannerError as exc:
+        raise ProfileError(f"{exc}; the file is truncated or was edited") from None
+    meta = ProfileMeta.from_dict(validate_meta(raw, str(meta_path)))
 
     frames = {}
     for key, fname in (("similarity", SIMILARITY_FILE), ("cost", COST_FILE)):

@@ -15,36 +15,22 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
+from planner.cfg import COND, UNCOND, CfgLayout, cfg_halves
 from planner.errors import PlannerError
 from planner.modules import CacheableModule
-from planner.runner import CFG_COND_UNCOND, CFG_NONE, CFG_SEPARATE, CFG_UNCOND_COND
 
-COND, UNCOND = "cond", "uncond"
 HOOK_PREFIX = "dit-cache-planner.profile"
 
 
-def branches_for(layout: str) -> tuple[str, ...]:
-    """The CFG branches a layout produces, in the order the profile's tables list them."""
-    return (COND,) if layout == CFG_NONE else (COND, UNCOND)
-
-
-def calls_per_step(layout: str) -> int:
-    """How many transformer calls one sampling step makes under ``layout``."""
-    return 2 if layout == CFG_SEPARATE else 1
-
-
-def split_branches(t: torch.Tensor, layout: str, call_branch: str | None) -> dict[str, torch.Tensor]:
+def split_branches(t: torch.Tensor, layout: CfgLayout, call_branch: str | None) -> dict[str, torch.Tensor]:
     """Split one module output along the batch into its CFG branches.
 
     Batched layouts carry both branches in one call (``cond_uncond``: first half cond, DiT;
     ``uncond_cond``: first half uncond, PixArt/SD3). ``none`` and ``separate`` calls carry one
     branch only, which the caller names (``call_branch``).
     """
-    if layout == CFG_COND_UNCOND:
-        cond, uncond = t.chunk(2)
-        return {COND: cond, UNCOND: uncond}
-    if layout == CFG_UNCOND_COND:
-        uncond, cond = t.chunk(2)
+    if CfgLayout(layout).batched:
+        cond, uncond = cfg_halves(t, layout)
         return {COND: cond, UNCOND: uncond}
     return {call_branch or COND: t}
 
@@ -115,10 +101,10 @@ class StepTracker(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, layout: str, on_call: Callable[["StepTracker"], None] | None = None,
+    def __init__(self, layout: CfgLayout, on_call: Callable[["StepTracker"], None] | None = None,
                  on_return: Callable[["StepTracker"], None] | None = None):
         super().__init__()
-        self.layout = layout
+        self.layout = CfgLayout(layout)
         self.state = StateManager(_NoState)
         self.on_call = on_call
         self.on_return = on_return
@@ -127,7 +113,7 @@ class StepTracker(ModelHook):
         self.branch: str | None = None
 
     def pre_forward(self, module, *args, **kwargs):
-        if self.layout == CFG_SEPARATE:
+        if self.layout is CfgLayout.SEPARATE:
             ctx = self.state._context
             name = ctx.name if ctx is not None and ctx.name in (COND, UNCOND) else (COND if self.calls % 2 == 0 else UNCOND)
             if name == COND:
@@ -135,7 +121,7 @@ class StepTracker(ModelHook):
             self.branch = name
         else:
             self.step += 1
-            self.branch = COND if self.layout == CFG_NONE else None
+            self.branch = COND if self.layout is CfgLayout.NONE else None
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self)

@@ -16,12 +16,13 @@ import torch
 
 import planner
 from planner.errors import PlannerError
+from planner.modules import LEVEL_KINDS
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
-from planner.profile.capture import branches_for, foreign_hooks, resolve_modules
+from planner.profile.capture import foreign_hooks, resolve_modules
 from planner.profile.latency import LatencyModel
 from planner.profile.similarity import similarity_pass
 from planner.profile.timing import (
-    BATCHED,
+    REUSE_COLUMNS,
     InContext,
     RunTimes,
     TimingConfig,
@@ -31,7 +32,6 @@ from planner.profile.timing import (
     module_flops,
     time_hook_overhead,
     time_modules,
-    HOOK_GROUPS,
     executor_hook_overhead,
     gc_paused,
     time_in_context,
@@ -44,6 +44,10 @@ from planner.runner import Runner, Sampler, resolve_device
 
 # How far the latency model's full run may miss the measured plain runs before the profile warns.
 LATENCY_CHECK_TOLERANCE = 0.25
+COST_SOURCES = ("measured", "flops")
+# The nominal rate of a FLOP-based profile: one "millisecond" per this many fvcore FLOPs. Only ratios
+# of costs matter to a plan's predicted speedup; the rate just keeps the numbers readable.
+NOMINAL_FLOPS_PER_MS = 1e6
 
 
 def device_info(device: torch.device) -> dict:
@@ -97,6 +101,7 @@ def profile_model(
     device: str = "auto",
     batch_size: int | None = None,
     timing: TimingConfig | None = None,
+    costs: str = "measured",
     flops: bool = True,
     calibrate_executor: bool = True,
     out: str | Path | None = None,
@@ -109,16 +114,20 @@ def profile_model(
     Promises: similarity statistics of every cacheable module for every step, CFG branch and lag
     1..``lags`` (plus the CFG comparison), streamed so that at most ``lags`` outputs per module and
     branch are held; module, reuse-op and fixed costs from a separate timing pass at a batch of
-    ``min(samples, batch_size)``; a validated latency model. With ``calibrate_executor`` and
-    ``planner.executor`` importable, the per-call overhead of its hooks is measured by running it
-    (otherwise a bare hook's). The model is left without any hook.
-    With ``out`` the profile is also written there (a folder). Bad arguments raise PlannerError.
+    ``min(samples, batch_size)``; a validated latency model. With ``calibrate_executor``
+    the per-call overhead of the executor's hooks is measured by running it (otherwise a bare hook's).
+    ``costs="flops"`` skips the timing pass: every cost is the module's FLOPs (fvcore) at a nominal
+    rate, so the latency model predicts FLOP speedups, the same on every machine. The model is left
+    without any hook. With ``out`` the profile is also written there (a folder). Bad arguments raise
+    PlannerError.
     """
     t_start = time.perf_counter()
     if samples < 1:
         raise PlannerError(f"samples must be at least 1, got {samples}")
     if lags < 1:
         raise PlannerError(f"lags must be at least 1, got {lags}")
+    if costs not in COST_SOURCES:
+        raise PlannerError(f"costs must be one of {', '.join(COST_SOURCES)}, got {costs!r}")
     if isinstance(model, Runner):
         runner = model
     else:
@@ -151,10 +160,13 @@ def profile_model(
     t_sim = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    with gc_paused():
-        cost, latency, flops_meta, w, t_flops = _cost_pass(
-            runner, modules, sampler, conditions[:batch], seeds[:batch], cfg, flops, progress, calibrate_executor
-        )
+    if costs == "flops":
+        cost, latency, flops_meta, w, t_flops = _flop_costs(runner, modules, sampler, conditions[:batch], seeds[:batch])
+    else:
+        with gc_paused():
+            cost, latency, flops_meta, w, t_flops = _cost_pass(
+                runner, modules, sampler, conditions[:batch], seeds[:batch], cfg, flops, progress, calibrate_executor
+            )
     warnings += w
     t_cost = time.perf_counter() - t0 - t_flops
 
@@ -171,7 +183,7 @@ def profile_model(
         ),
         sampler=sampler,
         cfg_layout=layout,
-        branches=branches_for(layout),
+        branches=layout.branches,
         timesteps=tuple(timesteps),
         samples=samples,
         seed=seed,
@@ -192,7 +204,8 @@ def profile_model(
             "flops": round(t_flops, 3),
             "total": round(time.perf_counter() - t_start, 3),
         },
-        timing={
+        timing={"source": "flops", "modules": "fvcore FLOPs of each module at the profile's batch, at a nominal "
+                 f"{NOMINAL_FLOPS_PER_MS:g} FLOPs per ms"} if costs == "flops" else {
             "modules": "in context: a stopwatch hook around every module call in run_repeats full runs after a warm-up run; median over all calls",
             "reuse_ops": "replay of copy/add/extrapolate/concat on each module's output size; median of repeats after warm-up",
             "timer": "cuda events" if runner.device.type == "cuda" else "perf_counter",
@@ -213,6 +226,44 @@ def profile_model(
     if out is not None:
         profile.save(out)
     return profile
+
+
+def _flop_costs(runner, modules, sampler, conds, seeds):
+    """Costs from FLOPs alone (see :func:`profile_model`): a module costs its fvcore FLOPs, a reuse
+    operation one FLOP per element it touches, the transformer outside its blocks the rest of its FLOPs;
+    nothing outside the transformer. Returns what :func:`_cost_pass` returns."""
+    layout = runner.cfg_layout(sampler)
+    t0 = time.perf_counter()
+    caps, top = capture_inputs(runner, modules, sampler, conds, seeds)
+    flops, total, why = module_flops(runner.transformer, top, [m.name for m in modules])
+    if why or not all(np.isfinite(flops.get(m.name, np.nan)) for m in modules):
+        raise PlannerError(f"{runner.spec}: cannot count FLOPs for a FLOP-based profile ({why or 'a module has none'})")
+    t_flops = time.perf_counter() - t0
+    lat = [{"latency_ms": flops[m.name] / NOMINAL_FLOPS_PER_MS, "latency_iqr_ms": 0.0,
+            "latency_half_ms": flops[m.name] / NOMINAL_FLOPS_PER_MS / (2 if layout.batched else 1)} for m in modules]
+    reuse = []
+    for cap in caps:
+        numel = int(sum(t.numel() for t in cap.outputs))
+        op_ms = numel / NOMINAL_FLOPS_PER_MS
+        reuse.append({col: op_ms for col in REUSE_COLUMNS.values()} | {"out_numel": numel})
+    cost = cost_table(modules, lat, reuse, flops, layout, len(conds))
+    blocks = float(cost.loc[cost.kind == "block", "flops"].sum())
+    call_fixed_ms = max(0.0, total - blocks) / NOMINAL_FLOPS_PER_MS
+    batch = int(cost.batch.iloc[0]) if len(cost) else len(conds)
+    fixed = pd.DataFrame([
+        {"module": name, "kind": "fixed", "block": -1, "parent": "", "scope": scope, "batch": batch,
+         "latency_ms": ms, "latency_iqr_ms": 0.0, "latency_half_ms": ms, "self_ms": ms, "self_half_ms": ms}
+        for name, scope, ms in (("<outside blocks>", "call", call_fixed_ms), ("<outside transformer>", "step", 0.0),
+                                ("<outside loop>", "run", 0.0), ("<vae decode>", "run", 0.0))])
+    cost = pd.concat([cost, fixed], ignore_index=True)
+    cost["hook_ms"] = np.where(cost.kind == "fixed", np.nan, 0.0)
+    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, 0.0)
+    latency = {"source": "flops", "nominal_flops_per_ms": NOMINAL_FLOPS_PER_MS, "call_fixed_ms": call_fixed_ms,
+               "step_fixed_ms": 0.0, "run_fixed_ms": 0.0, "decode_ms": 0.0, "hook_ms": 0.0,
+               "blocks_ms": blocks / NOMINAL_FLOPS_PER_MS, "predicted_run_s": model.predict_run(None)}
+    flops_meta = {"unit": "fvcore counts (one multiply-add = 1), per transformer call at the profile's batch",
+                  "transformer": total, "cached_modules_share": blocks / total if total else None}
+    return cost, latency, flops_meta, [], t_flops
 
 
 def _quiet_rounds(rounds: list[InContext], n_modules: int, tolerance: float) -> tuple[InContext, int]:
@@ -251,7 +302,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
     n = len(conds)
     one = replace(cfg, run_repeats=1)
     # Batched CFG: half the samples with CFG on gives every module call exactly one branch's batch.
-    half_in_context = layout in BATCHED and n >= 2 and n % 2 == 0
+    half_in_context = layout.batched and n >= 2 and n % 2 == 0
     try:
         caps, top = capture_inputs(runner, modules, sampler, conds, seeds)  # also the warm-up run
         reuse = time_reuse_ops(caps, layout, device, cfg)
@@ -280,7 +331,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
             for row, times in zip(lat, half.modules):
                 row["latency_half_ms"] = _stats_ms(times)[0]
             half_method = "in-context runs with half the samples"
-        elif layout in BATCHED:
+        elif layout.batched:
             replay, w = time_modules(modules, resolve_modules(transformer, modules), caps, layout, device, cfg)
             warnings += w
             for row, r in zip(lat, replay):
@@ -334,7 +385,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
         per_group, w = executor_hook_overhead(runner, modules, sampler, conds, seeds)
         warnings += w
         for group, ms in per_group.items():
-            rows = cost.kind.isin(HOOK_GROUPS[group])
+            rows = cost.kind.isin(LEVEL_KINDS[group])
             if not ms >= hook_ms:
                 warnings.append(f"executor hook overhead of {group}s measured {ms * 1e3:.1f} us (machine load?); using the bare hook's")
                 ms = hook_ms

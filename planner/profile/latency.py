@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from planner.profile.capture import branches_for, calls_per_step
-from planner.profile.timing import BATCHED, REUSE_COLUMNS
-
-COMPUTE = "C"
+from planner.cfg import CfgLayout
+from planner.plan import COMPUTE
+from planner.profile.timing import REUSE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ class LatencyModel:
     mask's module axis uses.
     """
 
-    layout: str
+    layout: CfgLayout
     steps: int
     modules: tuple[ModuleCost, ...]
     call_fixed_s: float
@@ -58,7 +57,7 @@ class LatencyModel:
 
     @property
     def branches(self) -> tuple[str, ...]:
-        return branches_for(self.layout)
+        return CfgLayout(self.layout).branches
 
     @property
     def module_names(self) -> list[str]:
@@ -159,8 +158,9 @@ class LatencyModel:
     def _step_costs(self, codes: np.ndarray, hooked: set[str]) -> np.ndarray:
         """Seconds of each step of ``codes`` (``[steps, modules, branches]``), vectorised over steps."""
         n_steps, _, nb = codes.shape
-        batched = self.layout in BATCHED
-        total = np.full(n_steps, self.step_fixed_s + calls_per_step(self.layout) * self.call_fixed_s)
+        layout = CfgLayout(self.layout)
+        batched = layout.batched
+        total = np.full(n_steps, self.step_fixed_s + layout.calls_per_step * self.call_fixed_s)
         everywhere = np.ones((n_steps, nb), dtype=bool)
         running: dict[str, np.ndarray] = {}  # block name -> [steps, branches] where it runs
         for i, m in enumerate(self.modules):
@@ -199,10 +199,11 @@ class LatencyModel:
 
     def breakdown(self) -> dict[str, float]:
         """Seconds per full-compute run spent in each part: fixed costs and each module kind's own compute."""
-        calls = calls_per_step(self.layout)
+        layout = CfgLayout(self.layout)
+        calls = layout.calls_per_step
         per_kind: dict[str, float] = {}
         for m in self.modules:
-            per_kind[m.kind] = per_kind.get(m.kind, 0.0) + m.self_s * (1 if self.layout in BATCHED else calls)
+            per_kind[m.kind] = per_kind.get(m.kind, 0.0) + m.self_s * (1 if layout.batched else calls)
         out = {
             "outside_loop": self.run_fixed_s,
             "outside_transformer": self.step_fixed_s * self.steps,

@@ -23,14 +23,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from planner.cfg import COND, UNCOND, CfgLayout
 from planner.modules import CacheableModule
 from planner.profile.capture import (
-    COND,
     ModuleWatch,
     StepTracker,
-    UNCOND,
     attach,
-    branches_for,
     detach_hooks,
     input_tensors,
     output_tensors,
@@ -38,7 +36,6 @@ from planner.profile.capture import (
     resolve_modules,
     split_branches,
 )
-from planner.runner import CFG_SEPARATE
 
 CFG_LAG = 0  # the ``lag`` value of rows comparing a branch with the other branch at the same step
 # Metrics, in the order of the statistics array's last axis:
@@ -129,8 +126,8 @@ class SimilarityCollector:
 
     def __init__(self, modules: Sequence[CacheableModule], layout: str, steps: int, k: int, device):
         self.modules = list(modules)
-        self.layout = layout
-        self.branches = branches_for(layout)
+        self.layout = CfgLayout(layout)
+        self.branches = self.layout.branches
         self.steps = steps
         self.k = k
         self.device = torch.device(device)
@@ -151,7 +148,7 @@ class SimilarityCollector:
         outs = output_tensors(output)
         hidden, enc = input_tensors(args, kwargs)
         pairs = pair_residual_inputs(kind, outs, hidden, enc)
-        expected = self.batch * (2 if self.layout not in ("none", CFG_SEPARATE) else 1)
+        expected = self.batch * (2 if self.layout.batched else 1)
         keep = [(o, p) for o, p in zip(outs, pairs) if o.dim() >= 1 and o.shape[0] == expected]
         if len(keep) < len(outs):
             self.skipped.add(self.modules[index].name)
@@ -223,7 +220,7 @@ class SimilarityCollector:
     def _cfg(self, step: int, index: int, feats: dict) -> None:
         # Batched CFG gives both branches in one call; with separate calls the cond output of this
         # step is the newest entry of its ring when the uncond call arrives.
-        if self.layout == CFG_SEPARATE:
+        if self.layout is CfgLayout.SEPARATE:
             if self.tracker.branch != UNCOND or UNCOND not in feats:
                 return
             ring_o, ring_r = self.rings[(index, COND, 0)], self.rings[(index, COND, 1)]

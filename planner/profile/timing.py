@@ -31,19 +31,17 @@ import torch
 from diffusers.hooks import ModelHook
 from torch.utils._pytree import tree_map
 
-from planner.modules import CacheableModule
+from planner.cfg import COND, CfgLayout
+from planner.modules import LEVEL_KINDS, CacheableModule
+from planner.plan import COMPUTE
 from planner.profile.capture import (
-    COND,
     StepTracker,
     attach,
     detach_hooks,
     output_tensors,
     resolve_modules,
 )
-from planner.runner import CFG_COND_UNCOND, CFG_UNCOND_COND
-
-BATCHED = (CFG_COND_UNCOND, CFG_UNCOND_COND)
-REUSE_CODES = ("R", "D", "F", "S")  # reuse, reuse_residual, forecast, share_cfg (planner.plan.ACTION_CODES)
+# The cost table's column for each reuse action of planner.plan.ACTION_CODES.
 REUSE_COLUMNS = {"R": "reuse_ms", "D": "reuse_residual_ms", "F": "forecast_ms", "S": "share_cfg_ms"}
 
 
@@ -194,7 +192,7 @@ def time_modules(modules: list[CacheableModule], targets: list[torch.nn.Module],
         full = time_call(lambda: mod(*cap.args, **cap.kwargs), device, cfg)
         row = {"latency_ms": full.median * 1e3, "latency_iqr_ms": full.iqr * 1e3, "latency_half_ms": full.median * 1e3}
         batch = cap.outputs[0].shape[0] if cap.outputs else None
-        if layout in BATCHED and batch and batch % 2 == 0:
+        if CfgLayout(layout).batched and batch and batch % 2 == 0:
             args, kwargs = half_batch(cap.args, batch), half_batch(cap.kwargs, batch)
             try:
                 half = time_call(lambda: mod(*args, **kwargs), device, cfg)
@@ -332,7 +330,7 @@ def time_reuse_ops(caps: list[Captured], layout: str, device: torch.device, cfg:
                     "D": lambda: [torch.add(t, p) for t, p in zip(outs, prev)],
                     "F": lambda: [torch.add(t, torch.sub(t, p)) for t, p in zip(outs, prev)],
                     "S": (lambda: [torch.cat([h, h]) for h in (t[: t.shape[0] // 2] for t in outs)])
-                    if layout in BATCHED
+                    if CfgLayout(layout).batched
                     else (lambda: [t.clone() for t in outs]),
                 }
                 memo[key] = {REUSE_COLUMNS[c]: time_call(fn, device, light).median * 1e3 for c, fn in ops.items()}
@@ -415,7 +413,6 @@ def time_runs(runner, sampler, conds, seeds, cfg: TimingConfig, with_latent: boo
     return out
 
 
-HOOK_GROUPS = {"block": ("block",), "sublayer": ("attn", "cross_attn", "mlp")}
 
 
 def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, conds, seeds,
@@ -429,13 +426,10 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     minus its fastest plain call: a shared machine only adds time, and on 2 loaded cores the
     medians of one run were seen off by milliseconds (a tenth of that is the real figure). The
     group's figure is the median over its modules. Returns ``({}, [reason])`` when the executor
-    is missing or cannot run the model.
+    cannot run the model.
     """
-    try:
-        from planner.executor import apply_plan
-        from planner.plan import Plan
-    except ImportError as exc:
-        return {}, [f"planner.executor not importable ({exc}); executor hook overhead estimated by a bare diffusers hook"]
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_runner
     transformer = runner.transformer
     clock = _Clock(runner.device)
     targets = resolve_modules(transformer, modules)
@@ -443,9 +437,9 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     if sampler.steps < 2:
         return out, []
     try:
-        base = Plan.all_compute(runner, sampler)
-        codes = COMPUTE_CODE * (sampler.steps - 1) + "R"
-        for group, kinds in HOOK_GROUPS.items():
+        base = plan_for_runner(runner, sampler)
+        codes = COMPUTE * (sampler.steps - 1) + "R"
+        for group, kinds in LEVEL_KINDS.items():
             idx = [i for i, m in enumerate(modules) if m.kind in kinds]
             if not idx:
                 continue
@@ -468,15 +462,21 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
                         per_step = len(w.marks) // sampler.steps
                         times = [clock.seconds(a, b) for a, b in w.marks[: len(w.marks) - per_step]]
                         (hooked_s if i in half else plain_s)[i] += times
-            diffs = [min(hooked_s[i]) - min(plain_s[i]) for i in idx if hooked_s[i] and plain_s[i]]
-            if diffs:
-                out[group] = median(diffs) * 1e3
+            overhead = overhead_from_samples(hooked_s, plain_s)
+            if overhead is not None:
+                out[group] = overhead * 1e3
     except Exception as exc:  # the executor cannot run this model: keep the bare-hook estimate
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
     return out, []
 
 
-COMPUTE_CODE = "C"
+
+def overhead_from_samples(hooked: dict[int, list[float]], plain: dict[int, list[float]]) -> float | None:
+    """A hook's per-call overhead from call times with and without it: per module, its fastest hooked
+    call minus its fastest plain call (load only ever adds time, so the minima are the clean figures),
+    then the median over modules; ``None`` when no module has both."""
+    diffs = [min(hooked[i]) - min(plain[i]) for i in hooked if hooked[i] and plain.get(i)]
+    return median(diffs) if diffs else None
 
 
 def _sdpa_flops(inputs, outputs):
@@ -566,7 +566,7 @@ def cost_table(modules: list[CacheableModule], lat: list[dict], reuse: list[dict
             "block": [m.block for m in modules],
             "parent": [m.name.rsplit(".", 1)[0] if m.kind != "block" else "" for m in modules],
             "scope": "call",
-            "batch": batch * (2 if layout in BATCHED else 1),
+            "batch": batch * (2 if CfgLayout(layout).batched else 1),
         }
     )
     for key in ("latency_ms", "latency_iqr_ms", "latency_half_ms"):

@@ -69,17 +69,33 @@ def load_model(spec: str) -> tuple:
     )
 
 
+def family_of(pipe):
+    """The family that drives ``pipe`` (a diffusers pipeline object); PlannerError when there is none."""
+    return _family_for_class(type(pipe).__name__, str(type(pipe).__name__))
+
+
+def _family_for_class(class_name: str | None, where: str):
+    if class_name == "DigitsDiTPipeline":
+        from planner.zoo.digits import DigitsFamily
+
+        return DigitsFamily()
+    from planner.zoo.tiny import family_for_pipeline
+
+    family = family_for_pipeline(class_name)
+    if family is None:
+        raise PlannerError(f"{where}: pipeline class {class_name!r} is not supported")
+    return family
+
+
 def _load_folder(path: Path) -> tuple:
     import json
 
     class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    family = _family_for_class(class_name, str(path))
     if class_name == "DigitsDiTPipeline":
-        from planner.zoo.digits import DigitsFamily, load_digits_pipeline
+        from planner.zoo.digits import load_digits_pipeline
 
-        return load_digits_pipeline(path), DigitsFamily()
-    from planner.zoo.tiny import family_for_pipeline, load_pipeline_folder
+        return load_digits_pipeline(path), family
+    from planner.zoo.tiny import load_pipeline_folder
 
-    family = family_for_pipeline(class_name)
-    if family is None:
-        raise PlannerError(f"{path}: pipeline class {class_name!r} is not supported")
     return load_pipeline_folder(path), family

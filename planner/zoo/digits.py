@@ -22,7 +22,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTTransf
 from diffusers.models.embeddings import LabelEmbedding
 from diffusers.utils.torch_utils import randn_tensor
 
-from planner.runner import CFG_COND_UNCOND, CFG_NONE, Family, Sampler
+from planner.cfg import CfgLayout
+from planner.runner import Family, Sampler
 
 NUM_CLASSES = 10
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "digits-dit"
@@ -320,8 +321,8 @@ class DigitsFamily(Family):
     schedulers = ("default", "ddim", "ddpm", "dpm", "euler", "unipc")
     default_sampler = Sampler(scheduler="ddim", steps=50, guidance=3.0)
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_COND_UNCOND if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.COND_UNCOND if sampler.guidance > 1 else CfgLayout.NONE
 
     def make_conditions(self, pipe, n: int, seed: int) -> list[int]:
         # Classes in turn from a seed-chosen start, so any n >= 10 covers every digit evenly.

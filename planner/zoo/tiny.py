@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from planner.errors import PlannerError
-from planner.runner import CFG_COND_UNCOND, CFG_NONE, CFG_SEPARATE, CFG_UNCOND_COND, Family, Sampler
+from planner.cfg import CfgLayout
+from planner.runner import Family, Sampler
 
 KINDS = ("dit", "pixart", "sd3", "flux", "wan")
 
@@ -127,8 +128,8 @@ class TinyDiTFamily(Family):
     schedulers = ("default", "ddim", "dpm")
     default_sampler = Sampler(scheduler="default", steps=10, guidance=4.0)
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_COND_UNCOND if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.COND_UNCOND if sampler.guidance > 1 else CfgLayout.NONE
 
     def make_conditions(self, pipe, n: int, seed: int) -> list[int]:
         num_classes = int(pipe.transformer.config.num_embeds_ada_norm)
@@ -152,8 +153,8 @@ class TinyPixArtFamily(_TextFamily):
     schedulers = ("default", "ddim", "dpm", "euler")
     default_sampler = Sampler(scheduler="default", steps=10, guidance=4.5)
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_UNCOND_COND if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.UNCOND_COND if sampler.guidance > 1 else CfgLayout.NONE
 
     def _shapes(self, pipe):
         return {"prompt_embeds": (self.seq_len, int(pipe.transformer.config.caption_channels))}
@@ -199,8 +200,8 @@ class TinySD3Family(_PooledTextFamily):
     schedulers = ("default", "flow-euler")
     default_sampler = Sampler(scheduler="default", steps=10, guidance=5.0)
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_UNCOND_COND if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.UNCOND_COND if sampler.guidance > 1 else CfgLayout.NONE
 
     def call_kwargs(self, pipe, conditions, sampler: Sampler) -> dict[str, Any]:
         size = int(pipe.transformer.config.sample_size) * pipe.vae_scale_factor
@@ -219,8 +220,8 @@ class TinyFluxFamily(_PooledTextFamily):
     default_sampler = Sampler(scheduler="default", steps=10, guidance=1.0)
     embedded_guidance = 3.5  # FluxPipeline's own default for guidance-distilled checkpoints
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_SEPARATE if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.SEPARATE if sampler.guidance > 1 else CfgLayout.NONE
 
     def call_kwargs(self, pipe, conditions, sampler: Sampler) -> dict[str, Any]:
         # Flux has no transformer sample size; the VAE's is the image size it was built for.
@@ -246,8 +247,8 @@ class TinyWanFamily(_TextFamily):
         # Wan's transformer and VAE carry no sample size, so the video size is the family's.
         self.height, self.width, self.num_frames = height, width, num_frames
 
-    def cfg_layout(self, sampler: Sampler) -> str:
-        return CFG_SEPARATE if sampler.guidance > 1 else CFG_NONE
+    def cfg_layout(self, sampler: Sampler) -> CfgLayout:
+        return CfgLayout.SEPARATE if sampler.guidance > 1 else CfgLayout.NONE
 
     def _shapes(self, pipe):
         return {"prompt_embeds": (self.seq_len, int(pipe.transformer.config.text_dim))}

@@ -1,0 +1,118 @@
+"""Making plans for a model: the model and sampler references filled in from the model itself."""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Iterable, Mapping
+
+from planner.cfg import CfgLayout
+from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRef, normalize_decisions
+
+
+def plan_for_model(
+    model: Any,
+    *,
+    steps: int,
+    cfg_layout: str = CfgLayout.NONE,
+    decisions: Mapping[str, str | Mapping[str, str]] | None = None,
+    scheduler: str = "default",
+    scheduler_class: str | None = None,
+    guidance: float = 1.0,
+    timesteps: Iterable[float] | None = None,
+    spec: str | None = None,
+    prediction: Prediction | None = None,
+    strategy: str = "manual",
+    params: dict | None = None,
+    profile_id: str | None = None,
+    calib_seeds: Iterable[int] | None = None,
+    device: str | None = None,
+) -> Plan:
+    """A validated plan for a transformer (or a pipeline or Runner holding one) from a decisions dict.
+
+    ``decisions`` maps module names to a code string (all branches alike) or ``{branch: codes}``;
+    modules left out compute at every step, and every module of the model gets an entry.
+    Provenance gets the planner/torch/diffusers versions and the current UTC date.
+    """
+    from planner.modules import cacheable_modules, model_fingerprint, transformer_of
+
+    t = transformer_of(model)
+    names = [m.name for m in cacheable_modules(t)]
+    if device is None:
+        device = str(next(t.parameters()).device) if any(True for _ in t.parameters()) else None
+    plan = Plan(
+        model=ModelRef(cls=type(t).__name__, fingerprint=model_fingerprint(t), modules=names, spec=spec),
+        sampler=SamplerRef(
+            scheduler=scheduler,
+            steps=int(steps),
+            guidance=float(guidance),
+            cfg_layout=CfgLayout(cfg_layout),
+            timesteps=[as_number(x) for x in (timesteps or [])],
+            scheduler_class=scheduler_class,
+        ),
+        decisions={},
+        prediction=prediction or Prediction(),
+        provenance=Provenance(
+            strategy=strategy,
+            params=dict(params or {}),
+            profile_id=profile_id,
+            calib_seeds=[int(s) for s in (calib_seeds or [])],
+            versions=package_versions(),
+            device=device,
+            created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        ),
+    )
+    plan.decisions = normalize_decisions(decisions or {}, plan.branches, plan.steps, fill=names)
+    return plan.validate()
+
+
+def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, Any] | None = None, **kwargs: Any) -> Plan:
+    """A validated plan for a Runner and Sampler (``None``: the family default): fills model, sampler
+    (scheduler class and timesteps when the scheduler can say them) and provenance; ``decisions``
+    ``None`` or ``{}`` gives the all-compute (identity) plan.
+
+    Other keyword arguments go to :func:`plan_for_model` (``prediction``, ``strategy``, ``params``,
+    ``profile_id``, ``calib_seeds``).
+    """
+    sampler = runner.resolve(sampler)
+    scheduler_class, timesteps = None, []
+    try:
+        sched = runner.scheduler_for(sampler)
+        scheduler_class = type(sched).__name__
+        sched.set_timesteps(sampler.steps)
+        timesteps = [float(x) for x in sched.timesteps]
+    except Exception:  # e.g. Flux's dynamic shifting needs the image size: timesteps stay unknown
+        timesteps = []
+    return plan_for_model(
+        runner.transformer,
+        steps=sampler.steps,
+        cfg_layout=runner.cfg_layout(sampler),
+        decisions=decisions,
+        scheduler=sampler.scheduler,
+        scheduler_class=scheduler_class,
+        guidance=sampler.guidance,
+        timesteps=timesteps if len(timesteps) == sampler.steps else [],
+        spec=runner.spec,
+        device=kwargs.pop("device", str(runner.device)),
+        **kwargs,
+    )
+
+
+def as_number(x: Any) -> float | int:
+    """``x`` as an int when it is a whole number, else a float (timesteps read better so)."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
+def package_versions() -> dict:
+    """The planner, torch and diffusers versions installed (``None`` for a missing package)."""
+    import importlib.metadata as md
+
+    import planner
+
+    out = {"planner": planner.__version__}
+    for pkg in ("torch", "diffusers"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,145 @@
+"""Plan files: the JSON document, its layout on disk, loading (checked) and saving (atomic).
+
+On disk a plan is JSON with a schema name and a semantic version (``planner/schemas/plan.schema.json``);
+:func:`load_plan` checks it with :mod:`planner.artifact` (version, schema), then against the rules the
+schema cannot express (:meth:`Plan.validate`). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from planner.artifact import DocumentFormat, loads_json
+from planner.cfg import CfgLayout
+from planner.errors import PlannerError
+from planner.plan.build import as_number
+from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRef, normalize_decisions
+
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.0.0", noun="cache plan", version_key="version",
+                             schema_file="plan.schema.json")
+PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric")
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    """The JSON document (branches that agree collapse to one string; modules in forward order)."""
+    decisions = {}
+    for m in plan._all_modules():
+        if m not in plan.decisions:
+            continue
+        per_branch = plan.decisions[m]
+        values = list(per_branch.values())
+        decisions[m] = values[0] if all(v == values[0] for v in values) else {b: per_branch[b] for b in plan.branches}
+    s, p, pv = plan.sampler, plan.prediction, plan.provenance
+    return {
+        "schema": PLAN_FORMAT.name,
+        "version": PLAN_FORMAT.version,
+        "model": {"class": plan.model.cls, "fingerprint": plan.model.fingerprint, "spec": plan.model.spec,
+                  "modules": list(plan.model.modules)},
+        "sampler": {"scheduler": s.scheduler, "scheduler_class": s.scheduler_class, "steps": s.steps,
+                    "guidance": s.guidance, "cfg_layout": CfgLayout(s.cfg_layout).value,
+                    "timesteps": [as_number(x) for x in s.timesteps]},
+        "decisions": decisions,
+        "prediction": {k: getattr(p, k) for k in PREDICTION_KEYS},
+        "provenance": {"strategy": pv.strategy, "params": pv.params, "profile_id": pv.profile_id,
+                       "calib_seeds": list(pv.calib_seeds), "versions": dict(pv.versions), "device": pv.device,
+                       "created": pv.created},
+    }
+
+
+def plan_to_json(plan: Plan) -> str:
+    """The plan as JSON text: indented, one line per module decision with the codes aligned in a column."""
+    return _format(plan_to_dict(plan)) + "\n"
+
+
+def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
+    """A plan from a parsed JSON document: version and schema check, then the plan rules (:meth:`Plan.validate`)."""
+    doc = PLAN_FORMAT.check(doc, source)
+    s, p, pv = doc["sampler"], doc.get("prediction", {}), doc.get("provenance", {})
+    layout = CfgLayout(s["cfg_layout"])
+    try:
+        plan = Plan(
+            model=ModelRef(cls=doc["model"]["class"], fingerprint=doc["model"]["fingerprint"],
+                           modules=list(doc["model"]["modules"]), spec=doc["model"].get("spec")),
+            sampler=SamplerRef(scheduler=s["scheduler"], steps=s["steps"], guidance=float(s["guidance"]),
+                               cfg_layout=layout, timesteps=list(s.get("timesteps", [])),
+                               scheduler_class=s.get("scheduler_class")),
+            decisions=normalize_decisions(doc["decisions"], layout.branches, s["steps"], strict_branches=True),
+            prediction=Prediction(**{k: p.get(k) for k in PREDICTION_KEYS}),
+            provenance=Provenance(strategy=pv.get("strategy", "manual"), params=dict(pv.get("params", {})),
+                                  profile_id=pv.get("profile_id"), calib_seeds=list(pv.get("calib_seeds", [])),
+                                  versions=dict(pv.get("versions", {})), device=pv.get("device"),
+                                  created=pv.get("created")),
+        )
+        return plan.validate()
+    except PlannerError as exc:
+        raise PlannerError(f"{source}: {exc}") from None
+
+
+def loads_plan(text: str, source: str = "plan") -> Plan:
+    """Parse and check plan JSON text; PlannerError (one line, naming ``source`` and the JSON path) if bad."""
+    return plan_from_dict(loads_json(text, source), source)
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Load a plan file (JSON only, never pickle), checked against the schema and the plan rules."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PlannerError(f"{path}: no such plan file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlannerError(f"{path}: cannot read plan: {exc}") from None
+    return loads_plan(text, str(path))
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Validate ``plan`` and write it to ``path`` atomically (complete or absent, never half-written)."""
+    from planner.io import write_text_atomic
+
+    plan.validate()
+    return write_text_atomic(path, plan_to_json(plan))
+
+
+# --------------------------------------------------------------------- JSON layout
+def _format(doc: dict) -> str:
+    """Indented JSON where each decision sits on its own line, codes aligned, and number lists stay inline."""
+    lines = ["{"]
+    keys = list(doc)
+    for i, key in enumerate(keys):
+        comma = "," if i < len(keys) - 1 else ""
+        if key == "decisions":
+            lines.append(f'  "decisions": {_format_decisions(doc[key])}{comma}')
+        else:
+            lines.append(f"  {json.dumps(key)}: {_format_value(doc[key], 1)}{comma}")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def _format_value(value: Any, level: int) -> str:
+    pad = "  " * (level + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{pad}{json.dumps(k)}: {_format_value(v, level + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(value, list):
+        if not value or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return json.dumps(value)
+        items = [f"{pad}{_format_value(v, level + 1)}" for v in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
+    return json.dumps(value)
+
+
+def _format_decisions(decisions: dict) -> str:
+    if not decisions:
+        return "{}"
+    width = max(len(json.dumps(k)) for k in decisions) + 1
+    lines = []
+    for i, (k, v) in enumerate(decisions.items()):
+        comma = "," if i < len(decisions) - 1 else ""
+        key = (json.dumps(k) + ":").ljust(width + 1)
+        val = json.dumps(v) if isinstance(v, str) else "{" + ", ".join(f"{json.dumps(b)}: {json.dumps(c)}" for b, c in v.items()) + "}"
+        lines.append(f"    {key} {val}{comma}")
+    return "{\n" + "\n".join(lines) + "\n  }"

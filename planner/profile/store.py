@@ -1,0 +1,27 @@
+"""Where profiles live by default, and finding (or making) the one a search needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from planner.profile.artifact import META_FILE, Profile, default_profile_name, load_profile
+
+PROFILES_DIR = Path("profiles")
+
+
+def profile_for(runner, sampler, path: str | Path | None = None, *, samples: int = 8, progress: bool = False,
+                folder: str | Path = PROFILES_DIR) -> Profile:
+    """The profile at ``path``; without one, the default profile of this model, sampler and device in
+    ``folder`` when it fits the model and holds at least ``samples`` calibration inputs, else a new
+    profile made now and written there."""
+    from planner.profile.core import profile_model
+
+    if path is not None:
+        return load_profile(path)
+    sampler = runner.resolve(sampler)
+    default = Path(folder) / default_profile_name(runner.spec, sampler, str(runner.device))
+    if (default / META_FILE).is_file():
+        profile = load_profile(default)
+        if profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples:
+            return profile
+    return profile_model(runner, sampler, samples=samples, device=str(runner.device), out=default, progress=progress)

@@ -1,0 +1,110 @@
+"""The entry point: search a cache plan for a model in one call (``planner.search_plan``).
+
+``search_plan(model, "2x", strategy="greedy", **settings)`` checks the settings (before loading
+anything), loads the model when given a name, finds or makes its profile, builds the search
+context on the calibration inputs, runs the strategy, checks the plan meets the budget and, with
+``out``, writes it (by-products such as a router or a Pareto front go to the folder of the same
+name beside it). ``planner search`` and the bench go through :func:`run_search`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlannerError
+from planner.plan import Plan, save_plan
+from planner.search import Strategy, make_strategy
+from planner.search.budget import Budget
+from planner.search.context import SearchContext
+
+
+@dataclass
+class SearchOutcome:
+    """A finished search: the plan, the context it was searched on, and what it took."""
+
+    plan: Plan
+    context: SearchContext
+    strategy: Strategy
+    profile_s: float
+    search_s: float
+    out: Path | None = None
+
+
+def as_budget(budget: str | float | Budget | None, max_error: float | None = None) -> Budget:
+    """A :class:`Budget` from ``"2x"``, ``"60%"``, a number (a speedup) or an error target (default 2x)."""
+    if isinstance(budget, Budget):
+        return budget
+    if budget is None:
+        return Budget(max_error=max_error) if max_error is not None else Budget(speedup=2.0)
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return Budget(speedup=float(budget), max_error=max_error)
+    return Budget.parse(budget, max_error)
+
+
+def artifacts_dir(plan_path: str | Path) -> Path:
+    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
+    return Path(plan_path).with_suffix("")
+
+
+def run_search(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
+               max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
+               out: str | Path | None = None, device: str = "auto", progress: bool = False,
+               **settings: Any) -> SearchOutcome:
+    """:func:`search_plan`, returning the context and timings with the plan."""
+    from planner.profile import Profile
+    from planner.profile.store import profile_for
+    from planner.runner import as_runner
+
+    budget = as_budget(budget, max_error)
+    if isinstance(strategy, Strategy):
+        if settings:
+            raise PlannerError("give settings to the strategy object or as keywords, not both")
+        chosen = strategy
+    else:
+        chosen = make_strategy(strategy, settings)  # bad settings fail before any model loads
+    if calib_samples < 1:
+        raise PlannerError(f"calib_samples must be at least 1, got {calib_samples}")
+    runner = as_runner(model, device=device)
+    sampler = runner.resolve(sampler)
+    start = time.perf_counter()
+    if not isinstance(profile, Profile):
+        profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
+    profile_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
+                                  artifacts=artifacts_dir(out) if out is not None else None)
+    if budget.speedup is not None and not budget.speed_met(context.max_speedup()):
+        raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
+                           f"the first gives {context.max_speedup():.2f}x")
+    plan = chosen.search(context, budget)
+    search_s = time.perf_counter() - start
+    pred = plan.prediction
+    if not budget.met(pred.speedup, pred.calib_error):
+        raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
+                           f"({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
+    if out is not None:
+        out = save_plan(plan, out)
+    return SearchOutcome(plan, context, chosen, profile_s, search_s, Path(out) if out is not None else None)
+
+
+def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
+                max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
+                out: str | Path | None = None, device: str = "auto", progress: bool = False,
+                **settings: Any) -> Plan:
+    """A cache plan for ``model`` that meets ``budget``, found by ``strategy``.
+
+    ``model``: a :class:`~planner.runner.Runner`, a diffusers pipeline the zoo knows, or a model spec
+    (``digits-dit``, a folder). ``budget``: ``"2x"`` (the default), ``"60%"`` or a speedup; or ``max_error`` (relative
+    L1 of the final latents on the calibration inputs) to minimise time under an error target.
+    ``settings``: the strategy's settings (``planner strategies NAME`` lists them). ``sampler``: a
+    :class:`~planner.runner.Sampler` (default: the model's). ``profile``: a Profile or its folder
+    (default: the one in ``profiles/`` for this model, sampler and device, made when missing).
+    ``calib_samples``: calibration inputs (seeds 0..N-1). ``out``: write the plan there.
+    Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
+    """
+    return run_search(model, budget, strategy=strategy, max_error=max_error, sampler=sampler, profile=profile,
+                      calib_samples=calib_samples, out=out, device=device, progress=progress, **settings).plan
