@@ -1,5 +1,6 @@
-"""A real PostgreSQL server for tests: ``postgres_server`` starts one in a temporary folder on a free
-localhost port and yields a :class:`PostgresServer` (its SQLAlchemy URL carries a password).
+"""A real PostgreSQL server for tests: ``with running_server() as server:`` starts one in a
+temporary folder on a free localhost port and gives a :class:`PostgresServer` (its SQLAlchemy URL
+carries a password); a test module wraps it in a fixture.
 
 How: ``initdb`` (password authentication, scram-sha-256, for TCP and the unix socket) into a fresh
 folder, then ``pg_ctl -w start`` with the server listening on 127.0.0.1 only and its unix socket in
@@ -119,7 +120,7 @@ class _Server:
         if os.geteuid() != self.account.pw_uid:
             as_user = {"user": self.account.pw_uid, "group": self.account.pw_gid, "extra_groups": []}
         result = subprocess.run([str(self.bin_dir / tool), *args], cwd=self.folder, env=env, capture_output=True,
-                                text=True, timeout=120, **as_user)
+                                text=True, timeout=120, check=False, **as_user)
         if check and result.returncode != 0:
             raise RuntimeError(f"{tool} failed ({result.returncode}): {(result.stderr or result.stdout).strip()}")
         return result
@@ -184,9 +185,10 @@ def create_database(server: PostgresServer) -> None:
         connection.close()
 
 
-@pytest.fixture(scope="module")
-def postgres_server():
-    """A PostgreSQL server of its own for the test module (see the module docstring)."""
+@contextlib.contextmanager
+def running_server():
+    """A PostgreSQL server of its own, stopped and removed on exit (see the module docstring);
+    skips the calling test where the machine cannot have one."""
     bin_dir = find_binaries()
     if bin_dir is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "

@@ -16,12 +16,10 @@ import optuna
 import pytest
 import sqlalchemy
 from optuna.trial import TrialState
+from postgres import free_port, running_server  # tests/postgres.py
 
 from planner.cli import main
 from planner.plan import load_plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the fixture module beside this one
-from postgres import free_port, postgres_server  # noqa: E402,F401  (postgres_server is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
@@ -30,6 +28,13 @@ TOTAL = 12  # the study's target of complete trials
 EACH = 3  # trials each of the two surviving first workers runs: together they leave the study unfinished
 TORCH_THREADS = 1  # see conftest.py (the in-process CLI runs below)
 DEADLINE_S = 300  # generous: worker start-up (torch, diffusers) is slow on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def postgres_server():
+    """A PostgreSQL server for this module's tests (tests/postgres.py)."""
+    with running_server() as server:
+        yield server
 
 
 def _worker(url: str, cwd: Path, out: str, n_trials: int, *extra: str) -> subprocess.Popen:
@@ -47,7 +52,7 @@ def _finish(worker: subprocess.Popen) -> tuple[str, str]:
         return worker.communicate(timeout=DEADLINE_S)
     except subprocess.TimeoutExpired:
         worker.kill()
-        out, err = worker.communicate()
+        _, err = worker.communicate()
         pytest.fail(f"worker {worker.pid} did not end within {DEADLINE_S} s; stderr: {err[-2000:]}")
 
 
@@ -79,6 +84,19 @@ class _Study:
             self.storage = optuna.storages.RDBStorage(self.url, skip_table_creation=True)
         return optuna.load_study(study_name=STUDY, storage=self.storage).trials
 
+    def close(self) -> None:
+        if self.storage is not None:
+            self.storage.remove_session()
+            self.storage.engine.dispose()
+
+
+@pytest.fixture
+def shared_study(postgres_server):
+    """A reader of the workers' study on the test server; its connections closed at teardown."""
+    study = _Study(postgres_server.url)
+    yield study
+    study.close()
+
 
 def _pid(trial) -> int | None:
     return (trial.user_attrs.get("worker") or {}).get("pid")
@@ -107,7 +125,7 @@ def _kill_mid_trial(victim: subprocess.Popen, study: _Study, min_complete: int) 
                 return running[0], study.trials()
             victim.send_signal(signal.SIGCONT)
         time.sleep(0.05)
-    out, err = victim.communicate(timeout=DEADLINE_S) if victim.poll() is not None else ("", "")
+    _, err = victim.communicate(timeout=DEADLINE_S) if victim.poll() is not None else ("", "")
     pytest.fail(f"the worker to kill never ran a trial with {min_complete} complete ones in the study "
                 f"(exit status {victim.poll()}): {err[-2000:]}")
 
@@ -139,9 +157,9 @@ def _check_clean(name: str, worker: subprocess.Popen, out: str, err: str, passwo
     return json.loads(out)
 
 
-def test_workers_share_a_postgresql_study_and_a_killed_ones_trial_fails(postgres_server, tmp_path, workers):
-    url, password = postgres_server.url, postgres_server.password
-    study = _Study(url)
+def test_workers_share_a_postgresql_study_and_a_killed_ones_trial_fails(postgres_server, shared_study, tmp_path,
+                                                                         workers):
+    url, password, study = postgres_server.url, postgres_server.password, shared_study
     # Three workers start together on an empty database (they race to create its tables and the
     # study); two run EACH trials, the third is killed in the middle of one of its trials.
     first = {name: workers(_worker(url, tmp_path, f"{name}.json", n))
@@ -173,7 +191,7 @@ def test_workers_share_a_postgresql_study_and_a_killed_ones_trial_fails(postgres
     assert trials[killed].state == TrialState.FAIL and trials[killed].values is None
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     ran = {name: sum(_pid(t) == p for t in trials if t.state == TrialState.COMPLETE) for name, p in pid.items()}
-    assert ran["a"] == ran["b"] == EACH  # each worker's trials were its own: none was told twice
+    assert ran["a"] == ran["b"] == EACH  # each ran its --n-trials, every one of them told once (exit 0, no error)
     assert ran["d"] == TOTAL - len(complete_before_rerun) >= 1  # the re-run ran exactly what was missing
     assert ran["c"] == sum(_pid(t) == pid["c"] for t in at_kill if t.state == TrialState.COMPLETE)
     assert sum(ran.values()) == TOTAL
