@@ -41,6 +41,10 @@ class Strategy(abc.ABC):
             raise TypeError("give a Settings object or keyword settings, not both")
         self.settings = settings if settings is not None else parse_settings(self.Settings, params, self.name)
 
+    def prepare(self) -> None:
+        """Open what the search needs besides the model (a study's storage), before any model loads, so
+        that a wrong address fails in seconds rather than after profiling. Nothing by default."""
+
     @abc.abstractmethod
     def search(self, context: "SearchContext", budget: "Budget") -> "Plan":
         """Return a Plan meeting ``budget`` on ``context``, or raise PlannerError saying why none does."""

@@ -95,9 +95,8 @@ def open_storage(url: str | None):
             if dialect == "sqlite":
                 serialize_sqlite_transactions(storage.engine)
             return storage
-        except ImportError:
-            raise PlannerError(f"cannot open storage {redact(url)}: the {dialect} database driver is not installed "
-                               f"(for PostgreSQL: pip install psycopg2-binary)") from None
+        except ImportError as e:
+            raise PlannerError(f"cannot open storage {redact(url)}: {missing_driver(url, e)}") from None
         except STORAGE_ERRORS as e:
             # Workers that start together on a fresh database race to create its tables; the loser
             # sees a duplicate-key or already-exists error and only has to open what the winner made.
@@ -106,6 +105,18 @@ def open_storage(url: str | None):
                 raise PlannerError(f"cannot open storage {redact(url)}: {_reason(e)}") from None
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
     raise AssertionError("unreachable")
+
+
+def missing_driver(url: str, error: ImportError) -> str:
+    """What to install (or write in the URL) when a database's driver is missing. SQLAlchemy picks a
+    default driver per dialect (``postgresql://`` means psycopg 3 in SQLAlchemy 2.1, psycopg2 before),
+    so the message names the module that failed to import and the two ways out."""
+    dialect = make_url(url).get_backend_name()
+    module = getattr(error, "name", None) or str(error)
+    if dialect == "postgresql":
+        return (f"its driver {module!r} is not installed: pip install 'psycopg[binary]', or pip install "
+                "psycopg2-binary and write postgresql+psycopg2://...")
+    return f"its {dialect} driver {module!r} is not installed"
 
 
 def serialize_sqlite_transactions(engine) -> None:
@@ -219,6 +230,9 @@ def fail_stale_trials(study, stale_after: float | None = None) -> list[int]:
         gone = worker.get("host") == me and worker.get("pid") != os.getpid() and not process_alive(int(worker.get("pid", 0)))
         old = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > stale_after
         if gone or old:
-            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            try:
+                study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another joining worker failed it between our read and our write
             failed.append(t.number)
     return failed

@@ -67,6 +67,7 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
         chosen = make_strategy(strategy, settings)  # bad settings fail before any model loads
     if calib_samples < 1:
         raise PlannerError(f"calib_samples must be at least 1, got {calib_samples}")
+    chosen.prepare()
     runner = as_runner(model, device=device)
     sampler = runner.resolve(sampler)
     start = time.perf_counter()

@@ -194,8 +194,15 @@ class OptunaSearch(Strategy):
     name = "optuna"
     summary = "multi-objective Optuna search (predicted time vs calibration error) over a compact plan space"
     Settings = OptunaSettings
+    _storage = None
+
+    def prepare(self) -> None:
+        """Open a stored study's storage now (a database that cannot be reached fails before the model loads)."""
+        if self._storage is None and self.settings.storage is not None:
+            self._storage = open_storage(self.settings.storage)
 
     def search(self, context, budget):
+        self.prepare()
         settings = self.settings
         space = build_space(context.profile, context.modules, context.steps, groups=settings.groups,
                             max_interval=settings.max_interval, actions=settings.actions,
@@ -203,7 +210,7 @@ class OptunaSearch(Strategy):
                             drift_ratio=settings.drift_ratio)
         name = settings.study or default_study_name(context, budget)
         where = redact(settings.storage)
-        storage = open_storage(settings.storage)
+        storage = self._storage if settings.storage is not None else open_storage(None)  # a fresh in-memory study
         seed = settings.seed
         if settings.storage is not None:  # distinct proposals per worker of a shared study
             seed = zlib.crc32(f"{settings.seed}:{socket.gethostname()}:{os.getpid()}".encode())
@@ -304,7 +311,13 @@ def run_trial(study, space: PlanSpace, context, budget) -> None:
     })
     if TRIAL_CONSTRAINTS:
         trial.set_constraint("budget", constraint)
-    study.tell(trial, [evaluation.predicted_fraction, evaluation.error])
+    try:
+        study.tell(trial, [evaluation.predicted_fraction, evaluation.error])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # another worker took this trial for dead (it ran past stale_after) and failed it: its figures
+        # stay out of the study, and this worker goes on with the next trial
+        warnings.warn(f"trial {trial.number} was marked failed by another worker while it ran (stale_after); "
+                      "its result is dropped", stacklevel=2)
 
 
 def plan_of(context, space: PlanSpace, record: TrialRecord, info: dict[str, Any]):

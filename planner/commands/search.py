@@ -65,7 +65,7 @@ def strategy_params(args) -> dict:
     params = parse_params(args.param)
     for key in RUN_OPTIONS:
         value = getattr(args, key, None)
-        if value not in (None, False):
+        if value is not None and value is not False:  # --n-trials 0 and --seed 0 are given values
             params[key] = value
     return params
 
