@@ -1,11 +1,12 @@
-"""Check every fixture pipeline against the executor: an all-compute plan and a plan where every
-block reuses its residual ("D") at odd steps, applied with ``apply_plan`` to a real run.
+"""Check every fixture pipeline against the executor: an all-compute plan, a plan where every block
+reuses its residual ("D") at odd steps, and one where every sub-layer (attention, cross-attention,
+MLP) reuses its output ("R") at odd steps, each applied with ``apply_plan`` to a real run.
 
 Per kind (and per transformer for Wan 2.2) it reports: the plan could be made, applied, the run
 finished, the all-compute output equals the un-hooked output bit for bit, the "D" run's stats, and
 the exact error of whatever failed. Usage (from the repository root)::
 
-    python benchmarks/fixture_executor_check.py [KIND ...] [--steps 4] [--json FILE]
+    python benchmarks/fixture_executor_check.py [KIND ...] [--steps 4] [--threads 1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from planner.plan import Plan  # noqa: E402
 from planner.zoo.fixtures import build_fixture, call_kwargs, kinds, spec  # noqa: E402
 from planner.zoo.fixtures.probe import probe_kind  # noqa: E402
 
+PLANS = (
+    ("all-compute", None, ()),
+    ("D at odd steps", "CD", ("block",)),
+    ("R sub-layers at odd steps", "CR", ("attn", "cross_attn", "mlp")),
+)
 
 # Call variants checked besides the default call, per kind.
 VARIANTS = {
@@ -63,12 +69,15 @@ def check(kind: str, steps: int, overrides: dict | None = None) -> dict:
         r["cacheable_modules"] = len(mods)
         r["blocks"] = sum(m.kind == "block" for m in mods)
         target = pipe if attr == "transformer" else transformer  # apply_plan hooks pipe.transformer only
-        for label, code in (("all-compute", None), ("D at odd steps", "CD")):
+        for label, code, kinds_ in PLANS:
             try:
                 decisions = None
                 if code:
                     pattern = (code * steps)[:steps]
-                    decisions = {m.name: pattern for m in mods if m.kind == "block"}
+                    decisions = {m.name: pattern for m in mods if m.kind in kinds_}
+                    if not decisions:
+                        r[label] = {"ok": False, "stage": "plan", "error": "no cacheable module of that kind"}
+                        continue
                 plan = Plan.for_model(transformer, steps=steps, cfg_layout=layout or "none", decisions=decisions)
             except Exception as e:  # noqa: BLE001 - we report whatever fails
                 r[label] = {"ok": False, "stage": "plan", "error": _error(e)}
@@ -104,8 +113,9 @@ def main() -> None:
     parser.add_argument("kinds", nargs="*")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one)")
     args = parser.parse_args()
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     results = []
     for kind in args.kinds or kinds():
         for overrides in [{}, *VARIANTS.get(kind, {}).values()]:
