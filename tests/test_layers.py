@@ -74,6 +74,14 @@ def test_every_import_goes_down_the_layers():
     assert not wrong, "\n".join(wrong)
 
 
+def test_every_package_is_installed():
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {m for m, p in package_modules().items() if p.name == "__init__.py"}
+    assert found == listed, f"pyproject.toml [tool.setuptools] packages must list: {sorted(found - listed)}"
+
+
 def test_no_top_level_search_package_is_installed():
     import importlib.util
     import subprocess
