@@ -4,9 +4,7 @@ Prints:
 1. executor overhead: an all-``compute`` plan applied vs no plan (target <= 2% of run time);
 2. realized speedup of a plan that skips half the block compute (every block reuses its residual
    at every other step, steps 1, 3, 5, ...) vs the latency model's prediction (target >= 90%);
-   the prediction comes from ``planner.profile``'s latency model, profiled at the same batch, or,
-   when the profiler cannot be imported, from the share of run time spent in blocks timed here
-   (the output says which);
+   the prediction comes from ``planner.profile``'s latency model, profiled at the same batch;
 3. ``torch.compile`` of the transformer with a mixed plan applied (reuse, reuse_residual,
    forecast, share_cfg): max difference to eager with the same plan, graph breaks, unique graphs.
 
@@ -22,7 +20,6 @@ waiting on a busy core make timings swing by 10x (every op can stall for a sched
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from planner.executor import apply_plan  # noqa: E402
-from planner.plan import Plan  # noqa: E402
+from planner.plan import plan_for_runner  # noqa: E402
+from _results import finish  # noqa: E402
 from planner.runner import Sampler, load_runner  # noqa: E402
 
 
@@ -86,14 +84,14 @@ def _per_call_overhead(runner, conds, seeds, sampler, plan, calls):
     return {"per_call_no_plan_ms": b * 1e3, "per_call_all_compute_ms": h * 1e3, "per_call_overhead_pct": 100 * (h / b - 1)}
 
 
-def half_block_plan(runner, sampler) -> Plan:
+def half_block_plan(runner, sampler):
     """Every block reuses its residual at steps 1, 3, 5, ...: half of all block computes skipped."""
     codes = "".join("D" if k % 2 else "C" for k in range(sampler.steps))
     blocks = [m.name for m in runner.modules() if m.kind == "block"]
     return plan_for_runner(runner, sampler, {b: codes for b in blocks}, strategy="benchmark:half-blocks")
 
 
-def mixed_plan(runner, sampler) -> Plan:
+def mixed_plan(runner, sampler):
     """A plan using every action (for the torch.compile check)."""
     n = sampler.steps
     blocks = [m.name for m in runner.modules() if m.kind == "block"]
@@ -108,35 +106,12 @@ def mixed_plan(runner, sampler) -> Plan:
     return plan_for_runner(runner, sampler, dec, strategy="benchmark:mixed")
 
 
-def _predict(runner, sampler, conds, seeds, plan, batch):
-    """(predicted speedup, source): the profiler's latency model, else block time share x skipped share."""
-    try:
-        from planner.profile import profile_model
+def _predict(runner, sampler, plan, batch):
+    """(predicted speedup, how, seconds profiling): the latency model of a profile made at this batch."""
+    from planner.profile import profile_model
 
-        profile = profile_model(runner, sampler, samples=batch, lags=1, flops=False, progress=False)
-        return profile.latency_model().predict_speedup(plan), "planner.profile latency model", profile.meta.durations_s.get("total")
-    except ImportError:
-        pass
-    # Fallback: time every block call in one run; the plan skips a share of block compute.
-    spent = {"blocks": 0.0}
-    handles = []
-    blocks = [m for m in runner.modules() if m.kind == "block"]
-    mods = dict(runner.transformer.named_modules())
-    for b in blocks:
-        start = {}
-        handles.append(mods[b.name].register_forward_pre_hook(lambda m, a, s=start: s.__setitem__("t", time.perf_counter())))
-        handles.append(mods[b.name].register_forward_hook(lambda m, a, o, s=start: spent.__setitem__("blocks", spent["blocks"] + time.perf_counter() - s["t"])))
-    try:
-        total = _timed(runner, conds, seeds, sampler)
-    finally:
-        for h in handles:
-            h.remove()
-    eff = plan.effective_compute()
-    skipped = sum(not c for b in blocks for v in eff[b.name].values() for c in v) / sum(
-        len(v) for b in blocks for v in eff[b.name].values()
-    )
-    share = spent["blocks"] / total
-    return 1 / (1 - share * skipped), f"block time share {share:.3f} x skipped share {skipped:.3f} (profiler not importable)", None
+    profile = profile_model(runner, sampler, samples=batch, lags=1, flops=False, progress=False)
+    return profile.latency_model().predict_speedup(plan), "planner.profile latency model", profile.meta.durations_s.get("total")
 
 
 def _compile_check(runner, sampler, conds, seeds):
@@ -188,6 +163,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     ap.add_argument("--compile-steps", type=int, default=10, help="steps of the torch.compile check (0 skips it)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -216,7 +192,7 @@ def main(argv=None) -> int:
 
     # 2. half of the block compute skipped: realized vs predicted
     plan = half_block_plan(runner, sampler)
-    predicted, source, profile_s = _predict(runner, sampler, conds, seeds, plan, args.batch)
+    predicted, source, profile_s = _predict(runner, sampler, plan, args.batch)
     base, planned = _interleaved(runner, conds, seeds, sampler, plan, args.repeats)
     with apply_plan(runner, plan) as h:
         runner.run(conds[:2], seeds[:2], sampler, output="latent")
@@ -248,25 +224,24 @@ def main(argv=None) -> int:
         csampler = Sampler(sampler.scheduler, args.compile_steps, sampler.guidance)
         out["compile"] = _compile_check(runner, csampler, conds, seeds)
 
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
-    o, h = out["overhead"], out["half_blocks"]
-    print(f"{args.model}, {args.scheduler} {args.steps} steps, guidance {args.guidance:g}, batch {args.batch}, "
-          f"{out['threads']} threads, median of {args.repeats} interleaved runs")
-    print(f"overhead of an all-compute plan (target <= 2%): runs {o['no_plan_s'] * 1e3:.1f} ms -> {o['all_compute_s'] * 1e3:.1f} ms = "
-          f"{o['overhead_pct']:+.2f}% (fastest runs {o['min_overhead_pct']:+.2f}%, paired median {o['paired_overhead_pct']:+.2f}%); "
-          f"per transformer call {o['per_call_no_plan_ms']:.3f} ms -> {o['per_call_all_compute_ms']:.3f} ms = {o['per_call_overhead_pct']:+.2f}%; "
-          f"outputs bit-identical: {o['bit_identical_to_no_plan']}")
-    print(f"half the block compute skipped ({h['plan']}, computed fraction {h['computed_fraction']:.3f}): "
-          f"{h['no_plan_s'] * 1e3:.1f} ms -> {h['plan_s'] * 1e3:.1f} ms, realized {h['realized_speedup']:.3f}x vs predicted "
-          f"{h['predicted_speedup']:.3f}x = {100 * h['realized_over_predicted']:.1f}% (target >= 90%; prediction: {h['prediction_source']})")
-    if "compile" in out:
-        c = out["compile"]
-        print(f"torch.compile with a mixed plan ({c['steps']} steps): max |compiled - eager| {c['max_abs_diff_vs_eager']:.2e} "
-              f"(outputs up to {c['max_abs_eager']:.2f}), {c['graph_breaks']} graph breaks ({c['graph_break_reasons']} distinct reasons), "
-              f"{c['unique_graphs']} unique graphs; first run {c['first_run_s']:.1f} s, second {c['second_run_s']:.2f} s")
-    return 0
+    def render():
+        o, h = out["overhead"], out["half_blocks"]
+        print(f"{args.model}, {args.scheduler} {args.steps} steps, guidance {args.guidance:g}, batch {args.batch}, "
+              f"{out['threads']} threads, median of {args.repeats} interleaved runs")
+        print(f"overhead of an all-compute plan (target <= 2%): runs {o['no_plan_s'] * 1e3:.1f} ms -> {o['all_compute_s'] * 1e3:.1f} ms = "
+              f"{o['overhead_pct']:+.2f}% (fastest runs {o['min_overhead_pct']:+.2f}%, paired median {o['paired_overhead_pct']:+.2f}%); "
+              f"per transformer call {o['per_call_no_plan_ms']:.3f} ms -> {o['per_call_all_compute_ms']:.3f} ms = {o['per_call_overhead_pct']:+.2f}%; "
+              f"outputs bit-identical: {o['bit_identical_to_no_plan']}")
+        print(f"half the block compute skipped ({h['plan']}, computed fraction {h['computed_fraction']:.3f}): "
+              f"{h['no_plan_s'] * 1e3:.1f} ms -> {h['plan_s'] * 1e3:.1f} ms, realized {h['realized_speedup']:.3f}x vs predicted "
+              f"{h['predicted_speedup']:.3f}x = {100 * h['realized_over_predicted']:.1f}% (target >= 90%; prediction: {h['prediction_source']})")
+        if "compile" in out:
+            c = out["compile"]
+            print(f"torch.compile with a mixed plan ({c['steps']} steps): max |compiled - eager| {c['max_abs_diff_vs_eager']:.2e} "
+                  f"(outputs up to {c['max_abs_eager']:.2f}), {c['graph_breaks']} graph breaks ({c['graph_break_reasons']} distinct reasons), "
+                  f"{c['unique_graphs']} unique graphs; first run {c['first_run_s']:.1f} s, second {c['second_run_s']:.2f} s")
+
+    return finish("executor", out, render, args.json, args.results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ claim (it beats L2C at equal speed) is checked per setting on PSNR.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import finish  # noqa: E402
 
 from benchmarks.l2c_bench import add_run_arguments, l2c_plans, profile_for  # noqa: E402
 
@@ -36,13 +37,12 @@ PROXIES = {"harmonica": "paper", "harmonica-released": "released"}
 def search_timed(strategy: str, params: dict, context, label: str, folder: Path | None = None):
     """``(plan or error text, seconds)`` of one search; ``folder`` holds the training's artifacts."""
     from planner.errors import PlannerError
-    from planner.search import get_strategy
-    from planner.search.budget import Budget
+    from planner.search.api import search_plan
 
-    context.artifacts = folder
     start = time.perf_counter()
     try:
-        return get_strategy(strategy)(**params).search(context, Budget.parse(label)), time.perf_counter() - start
+        out = None if folder is None else folder.with_suffix(".json")
+        return search_plan(None, label, strategy=strategy, context=context, out=out, **params), time.perf_counter() - start
     except PlannerError as e:
         return str(e), time.perf_counter() - start
     finally:
@@ -151,15 +151,14 @@ def main(argv=None) -> int:
                 print(f"{steps} steps, {label}: done", file=sys.stderr, flush=True)
     report = {"threads": args.threads, "verify_samples": args.verify_samples, "harmonica_params": params,
               "rows": rows, "harmonica_vs_l2c": verdicts(rows)}
-    if args.json:
-        print(json.dumps(report, default=float))
-        return 0
-    print(markdown(rows))
-    print("\n| steps | budget | harmonica - l2c PSNR dB | realized (harmonica / l2c) | paper's claim holds |\n|---|---|---|---|---|")
-    for v in report["harmonica_vs_l2c"]:
-        print(f"| {v['steps']} | {v['budget']} | {v['psnr_gain_db']:+.2f} | {v['harmonica_realized']:.2f}x / "
-              f"{v['l2c_realized']:.2f}x | {'yes' if v['holds'] else 'no'} |")
-    return 0
+    def render():
+        print(markdown(rows))
+        print("\n| steps | budget | harmonica - l2c PSNR dB | realized (harmonica / l2c) | paper's claim holds |\n|---|---|---|---|---|")
+        for v in report["harmonica_vs_l2c"]:
+            print(f"| {v['steps']} | {v['budget']} | {v['psnr_gain_db']:+.2f} | {v['harmonica_realized']:.2f}x / "
+                  f"{v['l2c_realized']:.2f}x | {'yes' if v['holds'] else 'no'} |")
+
+    return finish("harmonica", report, render, args.json, args.results)
 
 
 if __name__ == "__main__":

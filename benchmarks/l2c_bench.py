@@ -18,7 +18,6 @@ The 20-step profile is made on the fly into ``profiles/`` when missing (``planne
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import finish  # noqa: E402
 
 BASELINES = ("greedy", "uniform", "smoothcache")
 
@@ -37,6 +38,7 @@ def add_run_arguments(ap, verify_samples: int) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
 
 
 def profile_for(runner, sampler):
@@ -52,22 +54,17 @@ def profile_for(runner, sampler):
 def l2c_plans(context, budgets, params: dict, folder: Path) -> dict:
     """``{budget label: (plan or error text, seconds)}``; one training per level, shared by resuming."""
     from planner.errors import PlannerError
-    from planner.search import get_strategy
-    from planner.search.budget import Budget
-    from planner.search.l2c import L2CConfig
+    from planner.search.api import search_plan
 
     out = {}
-    trained: set[str] = set()
+    trained = False
     for label in budgets:
-        budget = Budget.parse(label)
-        context.artifacts = folder
-        strategy = get_strategy("l2c")(**params)
-        level = L2CConfig.from_params(params).level
-        strategy.params["resume"] = level in trained
         start = time.perf_counter()
-        try:
-            out[label] = (strategy.search(context, budget), time.perf_counter() - start)
-            trained.add(level)
+        try:  # later budgets resume the finished training (its checkpoint is in the plan's folder)
+            plan = search_plan(None, label, strategy="l2c", context=context, out=folder / "l2c.json",
+                               resume=trained, **params)
+            out[label] = (plan, time.perf_counter() - start)
+            trained = True
         except PlannerError as e:
             out[label] = (str(e), time.perf_counter() - start)
     context.artifacts = None
@@ -144,8 +141,7 @@ def main(argv=None) -> int:
     from planner.errors import PlannerError
     from planner.evaluate import evaluation_seeds, verify_plan
     from planner.runner import Sampler, load_runner
-    from planner.search import get_strategy
-    from planner.search.budget import Budget
+    from planner.search.api import search_plan
     from planner.search.context import SearchContext
 
     torch.set_num_threads(args.threads)
@@ -177,7 +173,7 @@ def main(argv=None) -> int:
                 start = time.perf_counter()
                 try:
                     base_params = {"level": args.level} if name in ("uniform", "smoothcache") else {}
-                    base = get_strategy(name)(**base_params).search(context, Budget.parse(label))
+                    base = search_plan(None, label, strategy=name, context=context, **base_params)
                 except PlannerError as e:  # an unreachable budget is a row, not the end of the benchmark
                     rows.append(row_of(name, label, None, 0.0, None, str(e)))
                     continue
@@ -192,11 +188,10 @@ def main(argv=None) -> int:
                         f"| {v['budget']} | {v['l2c_predicted']:.2f}x ({v['l2c_speedup']:.2f}x) | {v['l2c_psnr']:.2f} | {v['l2c_accuracy']:.3f} | "
                         f"{v['ddim_steps']} | {v['ddim_speedup']:.2f}x | {v['ddim_psnr']:.2f} | {v['ddim_accuracy']:.3f} |"
                         for v in versus))
-    if args.json:
-        print(json.dumps(report, default=float))
-    else:
+    def render():
         print("\n\n".join(text))
-    return 0
+
+    return finish("l2c", report, render, args.json, args.results)
 
 
 if __name__ == "__main__":

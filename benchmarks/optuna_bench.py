@@ -17,13 +17,14 @@ The front folder (plans, front.json, trials.csv) and its plot ``front.png`` go t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _results import finish  # noqa: E402
 
 PROFILE = ROOT / "profiles" / "digits-dit_ddim50_g3_cpu"
 
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "out" / "optuna_bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
     import torch
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     from planner.evaluate import verify_plan
     from planner.profile import load_profile
     from planner.runner import Sampler, load_runner
-    from planner.search import get_strategy
+    from planner.search import make_strategy
+    from planner.search.api import search_plan
     from planner.search._pareto import Point, dominating, load_front, plot_front
     from planner.search.budget import Budget
     from planner.search.context import SearchContext
@@ -68,8 +71,8 @@ def main(argv=None) -> int:
 
     params = {"n_trials": args.n_trials, "sampler": args.sampler, "seed": args.seed, **parse_params(args.param)}
     start = time.perf_counter()
-    strategy = get_strategy("optuna")(**params)
-    plan = strategy.search(context, budget)
+    strategy = make_strategy("optuna", params)
+    plan = search_plan(None, budget, strategy=strategy, context=context)
     optuna_s = time.perf_counter() - start
     doc = load_front(out)
     png = plot_front(doc, out / "front.png", out / "trials.csv")
@@ -86,13 +89,13 @@ def main(argv=None) -> int:
     points = [point_row(b["name"], budget.label(), _prediction(b)) for b in doc["baselines"] if "failed" not in b]
     for label in [b for b in args.other_budgets.split(",") if b]:
         try:
-            other = get_strategy("uniform")().search(context, Budget.parse(label))
+            other = search_plan(None, label, strategy="uniform", context=context)
             points.append(point_row("uniform", label, other.prediction))
         except PlannerError as e:
             print(f"uniform {label}: {e}", file=sys.stderr)
     if not args.no_greedy:
         start = time.perf_counter()
-        greedy = get_strategy("greedy")().search(context, budget)
+        greedy = search_plan(None, budget, strategy="greedy", context=context)
         plans["greedy"] = (greedy, time.perf_counter() - start)
         points.append(point_row("greedy", budget.label(), greedy.prediction))
 
@@ -112,25 +115,24 @@ def main(argv=None) -> int:
         "chosen": {k: plan.provenance.params[k] for k in plan.provenance.params if k not in ("storage", "study")},
         "points": points, "side_by_side": side, "front": str(out), "plot": str(png),
     }
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    print(f"optuna, {args.n_trials} trials ({args.sampler}, seed {args.seed}) at {budget.label()}: {optuna_s:.1f} s in all "
-          f"({trials_s:.1f} s in trials), front of {len(front)} points -> {png}")
-    print()
-    print("| baseline | budget | predicted | calib err | dominated by front point |")
-    print("|---|---|---|---|---|")
-    for r in points:
-        by = "no" if r["dominated_by"] is None else f"trial {r['dominated_by']}"
-        print(f"| {r['name']} | {r['budget']} | {r['predicted_speedup']:.2f}x | {r['calib_error']:.4f} | {by} |")
-    print()
-    print("| strategy | search s | predicted | calib err | realized speedup | PSNR dB | SSIM |")
-    print("|---|---|---|---|---|---|---|")
-    for r in side:
-        print(f"| {r['strategy']} | {r['search_s']:.1f} | {r['predicted_speedup']:.2f}x{'' if r['meets_budget'] else ' (missed)'}"
-              f" | {r['calib_error']:.4f} | {r['realized_speedup']:.2f}x ({r['realized_range'][0]:.2f}-{r['realized_range'][1]:.2f})"
-              f" | {r['psnr']:.2f} | {r['ssim']:.4f} |")
-    return 0
+    def render():
+        print(f"optuna, {args.n_trials} trials ({args.sampler}, seed {args.seed}) at {budget.label()}: {optuna_s:.1f} s in all "
+              f"({trials_s:.1f} s in trials), front of {len(front)} points -> {png}")
+        print()
+        print("| baseline | budget | predicted | calib err | dominated by front point |")
+        print("|---|---|---|---|---|")
+        for r in points:
+            by = "no" if r["dominated_by"] is None else f"trial {r['dominated_by']}"
+            print(f"| {r['name']} | {r['budget']} | {r['predicted_speedup']:.2f}x | {r['calib_error']:.4f} | {by} |")
+        print()
+        print("| strategy | search s | predicted | calib err | realized speedup | PSNR dB | SSIM |")
+        print("|---|---|---|---|---|---|---|")
+        for r in side:
+            print(f"| {r['strategy']} | {r['search_s']:.1f} | {r['predicted_speedup']:.2f}x{'' if r['meets_budget'] else ' (missed)'}"
+                  f" | {r['calib_error']:.4f} | {r['realized_speedup']:.2f}x ({r['realized_range'][0]:.2f}-{r['realized_range'][1]:.2f})"
+                  f" | {r['psnr']:.2f} | {r['ssim']:.4f} |")
+
+    return finish("optuna", result, render, args.json, args.results)
 
 
 def _prediction(baseline: dict):

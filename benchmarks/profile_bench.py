@@ -24,7 +24,6 @@ measured (from /proc/stat minus its own CPU time). Above a few percent the figur
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _results import finish  # noqa: E402
 
 import torch  # noqa: E402
 from diffusers.hooks import ModelHook  # noqa: E402
@@ -95,7 +96,7 @@ class _SkipAfterFirst(ModelHook):
 
 
 def _plan(runner, sampler, names):
-    from planner.plan import Plan
+    from planner.plan import plan_for_runner
 
     codes = "C" + "R" * (sampler.steps - 1)
     return plan_for_runner(runner, sampler).with_decisions({n: codes for n in names})
@@ -136,6 +137,7 @@ def main(argv=None) -> int:
                     help="rounds whose plain run is slower than the fastest by more than this are left out (as in the profile)")
     ap.add_argument("--out", default=None, help="also write the profile to this folder")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     args = ap.parse_args(argv)
 
     quiet_share = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
@@ -221,29 +223,28 @@ def main(argv=None) -> int:
         "half_skipped": results,
         "latency_meta": {k: v for k, v in profile.meta.latency.items() if k != "fixed_notes"},
     }
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+    def render():
 
-    def pct(x):
-        return "n/a" if x is None else f"{100 * x:.0f}%"
+        def pct(x):
+            return "n/a" if x is None else f"{100 * x:.0f}%"
 
-    print(f"profile of {args.model} ({args.scheduler} {args.steps} steps, guidance {args.guidance:g}, {args.samples} samples, "
-          f"{torch.get_num_threads()} threads): {out['profile_s']:.1f} s (+{t_load:.1f} s model load)  "
-          f"[similarity {profile.meta.durations_s['similarity']:.1f} s, timing {profile.meta.durations_s['timing']:.1f} s, "
-          f"flops {profile.meta.durations_s['flops']:.1f} s]")
-    print(f"other processes used {pct(others_profile)} of the {os.cpu_count()} CPUs while profiling, {pct(others_measure)} while measuring")
-    print(f"measured rounds used: {out['rounds_used']} (plain run within {100 * args.quiet_tolerance:.0f}% of the fastest); "
-          "in brackets: the error against the median of all rounds")
-    f = out["full_run"]
-    print(f"full run:      measured {f['measured_s'] * 1e3:8.1f} ms  predicted {f['predicted_s'] * 1e3:8.1f} ms  "
-          f"error {100 * f['error']:+.1f}%  [{100 * f['error_all_rounds']:+.1f}%]")
-    how = "planner.executor.apply_plan" if method == "apply_plan" else "identity hooks on the skipped modules (no executor)"
-    print(f"half skipped (steps 1..{args.steps - 1}, measured with {how}):")
-    for r in results:
-        print(f"  {r['scenario']:<40} measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
-              f"error {100 * r['error']:+.1f}%  [{100 * r['error_all_rounds']:+.1f}%]   speedup measured {r['measured_speedup']:.2f}x predicted {r['predicted_speedup']:.2f}x")
-    return 0
+        print(f"profile of {args.model} ({args.scheduler} {args.steps} steps, guidance {args.guidance:g}, {args.samples} samples, "
+              f"{torch.get_num_threads()} threads): {out['profile_s']:.1f} s (+{t_load:.1f} s model load)  "
+              f"[similarity {profile.meta.durations_s['similarity']:.1f} s, timing {profile.meta.durations_s['timing']:.1f} s, "
+              f"flops {profile.meta.durations_s['flops']:.1f} s]")
+        print(f"other processes used {pct(others_profile)} of the {os.cpu_count()} CPUs while profiling, {pct(others_measure)} while measuring")
+        print(f"measured rounds used: {out['rounds_used']} (plain run within {100 * args.quiet_tolerance:.0f}% of the fastest); "
+              "in brackets: the error against the median of all rounds")
+        f = out["full_run"]
+        print(f"full run:      measured {f['measured_s'] * 1e3:8.1f} ms  predicted {f['predicted_s'] * 1e3:8.1f} ms  "
+              f"error {100 * f['error']:+.1f}%  [{100 * f['error_all_rounds']:+.1f}%]")
+        how = "planner.executor.apply_plan" if method == "apply_plan" else "identity hooks on the skipped modules (no executor)"
+        print(f"half skipped (steps 1..{args.steps - 1}, measured with {how}):")
+        for r in results:
+            print(f"  {r['scenario']:<40} measured {r['measured_s'] * 1e3:8.1f} ms  predicted {r['predicted_s'] * 1e3:8.1f} ms  "
+                  f"error {100 * r['error']:+.1f}%  [{100 * r['error_all_rounds']:+.1f}%]   speedup measured {r['measured_speedup']:.2f}x predicted {r['predicted_speedup']:.2f}x")
+
+    return finish("profile", out, render, args.json, args.results)
 
 
 if __name__ == "__main__":

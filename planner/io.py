@@ -45,7 +45,10 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has none)."""
+    """``obj`` as plain JSON values: numpy and torch scalars and arrays as numbers and lists, tuples as
+    lists, and non-finite floats as the strings ``"inf"``, ``"-inf"``, ``"nan"`` (strict JSON has none)."""
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy / torch scalars and arrays
+        obj = obj.tolist()
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     if isinstance(obj, dict):

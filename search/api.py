@@ -52,7 +52,7 @@ def artifacts_dir(plan_path: str | Path) -> Path:
 def run_search(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
                max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
                out: str | Path | None = None, device: str = "auto", progress: bool = False,
-               **settings: Any) -> SearchOutcome:
+               context: SearchContext | None = None, **settings: Any) -> SearchOutcome:
     """:func:`search_plan`, returning the context and timings with the plan."""
     from planner.profile import Profile
     from planner.profile.store import profile_for
@@ -68,16 +68,20 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
     if calib_samples < 1:
         raise PlannerError(f"calib_samples must be at least 1, got {calib_samples}")
     chosen.prepare()
-    runner = as_runner(model, device=device)
-    sampler = runner.resolve(sampler)
     start = time.perf_counter()
-    if not isinstance(profile, Profile):
-        profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
+    if context is None:
+        runner = as_runner(model, device=device)
+        sampler = runner.resolve(sampler)
+        if not isinstance(profile, Profile):
+            profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
     profile_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
-                                  artifacts=artifacts_dir(out) if out is not None else None)
+    if context is None:
+        context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
+                                      artifacts=artifacts_dir(out) if out is not None else None)
+    elif out is not None:
+        context.artifacts = artifacts_dir(out)
     if budget.speedup is not None and not budget.speed_met(context.max_speedup()):
         raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
                            f"the first gives {context.max_speedup():.2f}x")
@@ -95,7 +99,7 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
 def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
                 max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
                 out: str | Path | None = None, device: str = "auto", progress: bool = False,
-                **settings: Any) -> Plan:
+                context: SearchContext | None = None, **settings: Any) -> Plan:
     """A cache plan for ``model`` that meets ``budget``, found by ``strategy``.
 
     ``model``: a :class:`~planner.runner.Runner`, a diffusers pipeline the zoo knows, or a model spec
@@ -105,7 +109,10 @@ def search_plan(model: Any, budget: str | float | Budget | None = None, *, strat
     :class:`~planner.runner.Sampler` (default: the model's). ``profile``: a Profile or its folder
     (default: the one in ``profiles/`` for this model, sampler and device, made when missing).
     ``calib_samples``: calibration inputs (seeds 0..N-1). ``out``: write the plan there.
-    Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
+    ``context``: a :class:`~planner.search.context.SearchContext` to search on instead (several
+    searches on one model share its calibration run; ``model``, ``sampler`` and ``profile`` are then
+    unused). Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
     """
     return run_search(model, budget, strategy=strategy, max_error=max_error, sampler=sampler, profile=profile,
-                      calib_samples=calib_samples, out=out, device=device, progress=progress, **settings).plan
+                      calib_samples=calib_samples, out=out, device=device, progress=progress, context=context,
+                      **settings).plan

@@ -1,76 +1,24 @@
 """``greedy``: DiTFastAttn's post-training greedy plan search, generalised to every executor action.
 
-One pass, for a threshold scale delta: run the calibration inputs through the sampler; at each
+One pass, for a threshold scale delta, is a real sampling run of the calibration inputs. At each
 step t (the first always computes), with the executor's caches as the plan so far left them:
 
 1. the reference is the full-compute model output at t, on the x_t of the *already compressed*
-   trajectory (the pass is a real run of the plan being built);
+   trajectory;
 2. modules are visited in forward order; each tries its candidate actions from most to least
    saving and keeps the first whose error against the reference stays within
-   ``(block + 1) / blocks * delta * w_t`` (DiTFastAttn's position scaling, times a step weight
-   ``w_t``, below), else computes. Earlier modules keep their choice while later ones are tried;
-   a block that reuses takes its sub-layers with it;
+   ``(block + 1) / blocks * delta * w_t``, else computes. Earlier modules keep their choice while
+   later ones are tried; a block that reuses takes its sub-layers with it;
 3. the step then runs with the chosen actions, and the trajectory moves on.
 
-Trials rewind the executor's caches with ``PlanHandle.snapshot/restore``, so everything runs
-through the executor: one implementation of the caching semantics.
-
-Deviations from DiTFastAttn, and why (digits-dit, DDIM-50, guidance 3, 8 calibration samples,
-2 CPU cores; calibration error = relative L1 of the final latents against full compute):
-
-* **Error on what the sampler consumes.** DiTFastAttn compares the raw model output. Under CFG
-  the sampler uses ``eps_u + g (eps_c - eps_u)``, and with g = 3 a small error on either branch
-  is amplified up to 2g - 1 = 5 times, differently per branch; so with a batched CFG layout the
-  error is measured on the guided prediction (``error="guided"``, default; ``"raw"`` is
-  DiTFastAttn's). With separate CFG calls (Flux true CFG) each call is compared raw.
-* **Step-dependent threshold.** DiTFastAttn's threshold is the same at every step, but errors
-  compound and the late steps are the sensitive ones (on digits-dit the profile's median lag-1
-  residual change of the blocks is about 0.05 up to step 45 and 0.11, 0.17, 0.33 at steps 47-49).
-  ``w_t = clip(m / c_t, 0, 1)``, with ``c_t`` that median at step t and ``m`` its median over
-  steps: steps that change more than usual get a proportionally tighter threshold
-  (``step_weight="profile"``, default; ``"none"`` is DiTFastAttn's constant threshold).
-* **Bounded runs of reuse.** Each step's error is small where a module reuses, but a stale cache
-  biases consecutive steps the same way, which the per-step criterion does not see: with runs
-  unbounded the old search gave 0.171 at 2x (uniform interval 3: 0.052). A module may reuse at
-  most ``max_run`` steps in a row (SmoothCache reuses at most 3). By default the bound is the
-  shortest that can meet the budget: it starts at ``max(1, floor(2 s) - 2)`` for a budget of s,
-  skips bounds whose periodic pattern (compute every bound + 1 steps) cannot reach s on the
-  latency model, and grows when the passes miss. Measured at 2x (calibration error, forecast
-  first): max_run 3 -> 0.0275, max_run 2 -> 0.0219; at 1.5x: max_run 2 -> 0.0224, max_run 1 ->
-  0.0071 (uniform: 0.0234 at 1.64x).
-* **Fewer candidates.** Every trial is a full model call (about 50 ms here for 8 samples x 2
-  branches), and the old default (blocks: residual reuse and forecast, sub-layers: reuse and
-  forecast, plus CFG sharing: up to 72 trials per step) took about 100 s per pass and 597 s for a
-  2x search. Block-level skipping beats sub-layer reuse here (sub-layer reuse keeps norms
-  and modulation, which caps its speed), so the default tries blocks only
-  (``actions={"block": "FD"}``, ``share_cfg=false``); with the run bound most (step, block) pairs
-  are forced computes that need no trial. Sub-layer reuse and CFG sharing remain available through
-  ``actions`` / ``share_cfg``.
-* **Forecast first.** Candidates go from most to least saving by the profile's costs; actions whose
-  costs differ by under 5% of the module's compute save the same and keep the order ``actions``
-  gives (:func:`by_saving`). Forecast and residual reuse both skip the block, and forecast goes
-  first: the per-step error prefers residual reuse (picking the least per-step error among the
-  two gave 0.0415 at 2x), but its stale residual biases every step of a run the same way, while a
-  forecast follows the trend; the final error says forecast (uniform schedules, calibration error:
-  every 2nd step 0.0098 forecast vs 0.0234 residual reuse, every 3rd 0.0235 vs 0.0518; greedy at
-  2x 0.0219 vs 0.0474 with residual reuse first).
-* **Fewer passes.** Every trial's error divided by its threshold weight is the smallest delta at
-  which that trial would have been accepted. From one pass those numbers predict, for any
-  delta, which (step, module) pairs reuse, and so (through the latency model) the delta that just
-  meets the budget; the next pass runs there. Predictions ignore that the trajectory changes with
-  the plan, so a pass that misses the budget raises delta by at least ``step_up`` (10%, doubling
-  on each further miss) and re-estimates from its own records. 2x: 5 passes, 14-17 s (was 6
-  passes, 597 s); 1.5x: 4 passes, 8-10 s; 3x: 18-24 s.
-* **No extra evaluation.** Each pass is itself a run of the plan on the calibration inputs, so
-  its final latents give the plan's calibration error; the search returns the pass that meets
-  the budget with the least calibration error.
-
-Measured on the error view and the step weight (2x, max_run 3, residual reuse first): guided error + profile weight
-0.058, raw error + profile weight 0.056, guided error + constant threshold 0.063: the error view
-is a wash here, the step weight helps.
-
-The budget is met by the estimate-and-correct loop above (``max_passes``, default 6); an error
-target by doubling then bisection of delta in log space.
+Trials rewind the executor's caches (``snapshot``/``restore`` of an editable session), so
+everything runs through the executor. Beyond DiTFastAttn (the reasons are in
+docs/strategies/greedy.md): the error is measured on the CFG-guided prediction with batched CFG;
+the threshold has a per-step weight ``w_t`` from the profile's change curve; a module reuses at
+most ``max_run`` steps in a row; candidates are ordered by the profile's costs; and the budget is
+met by predicting, from every trial's error, the delta whose plan just meets it (then correcting
+upwards), so a search takes a handful of passes. Each pass's final latents are the plan's
+calibration error: no extra evaluation.
 """
 
 from __future__ import annotations

@@ -1,56 +1,24 @@
 """``harmonica``: HarmoniCa (Huang et al., ICML 2025): a learned router trained by Step-Wise Denoising
 Training (SDT) under the Image-Error-Proxy-guided objective (IEPO).
 
-The router is the shared one (:mod:`search._router`): a score table ``[steps, gated modules]``,
-gate = sigmoid(score), scores clamped to [-5, 5], step 0 always computes, one gate for both CFG
-branches. The model's weights are frozen; only the scores learn.
+The router is the shared one (:mod:`planner.search._router`), trained by the shared trainer
+(:mod:`planner.search._trainer`) over a beta grid; the model's weights are frozen.
 
-**SDT** (:mod:`search._harmonica_sdt`): each training round is a full sampling run from fresh noise
-with the sampler the plan targets (no training images). At every step the teacher is the frozen
-full model on the *student's* current x_t, the student is the soft-gated model (the executor's
-``apply_gates``: gated modules return ``s * fresh + (1 - s) * cached``), one optimizer update per
-step, and the next x_t comes from the student's (detached) prediction. Unlike ``l2c``, which trains
-on the full-compute trajectory, training sees the inputs and cache states that the earlier cached
-steps really produce.
+**SDT** (:mod:`planner.search._harmonica_sdt`): each round is a full sampling run from fresh noise
+with the sampler the plan targets. At every step the teacher is the frozen full model on the
+*student's* current x_t, the student is the soft-gated model, one optimizer update per step, and
+the next x_t comes from the student's (detached) prediction: training sees the inputs and cache
+states that the earlier cached steps really produce.
 
-**IEPO** (:mod:`search._harmonica_proxy`): loss_t = lambda_t * MSE(student, teacher) / E[teacher^2]
-+ beta * sum_j w_j s_tj (w: each module's compute time, mean 1, with ``cost_weighted``). lambda
-starts uniform and is recomputed every ``proxy_every`` optimizer updates (at the next round
-boundary) by gradient-free runs of the calibration inputs (fixed noise) under the hard plan the
-current gates give at the budget's threshold: ``proxy=paper`` (final-output error with caching
-disabled at step t only) or ``proxy=released`` (marginal error when caching is switched on from the
-last step backwards); ``proxy=uniform`` keeps lambda = 1 (SDT alone). lambda is normalised to mean 1
-with a floor (``proxy_floor``).
+**IEPO** (:mod:`planner.search._harmonica_proxy`): loss_t = lambda_t * MSE(student, teacher) /
+E[teacher^2] + beta * sum_j w_j s_tj. lambda is recomputed every ``proxy_every`` optimizer updates
+by gradient-free runs of the calibration inputs under the hard plan the current gates give at the
+budget's threshold (``proxy=paper``, ``released`` or ``uniform``), normalised to mean 1 with a floor.
 
-**Budget** (beta, theta and a run cap, as ``l2c``): the router is trained on a small beta grid,
-smallest first, each stage warm-started from the previous one; the gates are kept after each stage.
-For each kept set and each cap on consecutive reuses in ``max_runs`` (``None``: no cap), the
-threshold theta is found by bisection on the latency model (the least reuse that meets
-``--budget``), each hard plan runs on the calibration inputs, and the least-error one wins
-(:func:`search._router.choose_plan`); with ``--max-error`` the fastest plan within the target.
-The cap is what makes the hard plans usable: the soft student mixes ``s * fresh + (1 - s) *
-cached`` at every step, so the cache it trains on is refreshed a little every step and never goes
-as stale as a run of hard zeros. Measured on digits-dit, DDIM-20, 8 calibration samples
-(calibration rel. L1): at 1.5x 0.244 without caps, 0.048 with them; at 2x 0.166 with them (l2c
-0.049 / 0.143, greedy 0.023 / 0.120 at 1.5x / 2x). ``benchmarks/harmonica_bench.py`` compares it
-with ``l2c`` and ``greedy`` on held-out seeds (README): on digits-dit it does not beat ``l2c``.
-
-Tried and not kept (same setting, 2x): a straight-through student (the budget's hard plan runs
-in the rollout, its gradient goes to the soft gates) 0.175; 24 rounds per beta 0.162; lambda
-recomputed every 2 rounds 0.161; lr 0.1 0.166; batch 16 0.166; the uniform proxy (SDT alone)
-0.158 and the released proxy 0.166 against the paper's 0.166. No setting moved the error beyond
-the spread between seeds, so the defaults stay the paper's.
-
-**Levels**: ``block`` (default: a gate of 0 becomes residual reuse ``D``) or ``sublayer``
-(attention and MLP apart, as the paper; a gate of 0 becomes ``R``). As for ``l2c``, sub-layer reuse
-on digits-dit keeps each block's norms and modulation and cannot pass 1.71x.
-
-**Checkpoints** (``context.artifacts/<level>/checkpoint.safetensors``): scores, AdamW's state,
-lambda, the kept gates, the training curve and the proxy history, every ``checkpoint_every``
-rounds and at each stage end; ``--resume`` continues exactly (a round's noise depends only on
-``seed`` and the round's index). Beside the plan at the end: the chosen router
-(``router.safetensors``), ``training_curve.csv``/``.png`` and ``proxy.csv`` (lambda per step at
-every recomputation).
+**Budget**: as ``l2c``, each kept set of gates under each cap in ``max_runs`` gets its threshold by
+bisection on the latency model and the least-error hard plan wins. The caps matter: the soft
+student mixes fresh and cached values at every step, so the cache it trains on never goes as stale
+as a run of hard zeros. See docs/strategies/harmonica.md.
 """
 
 from __future__ import annotations

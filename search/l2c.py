@@ -1,67 +1,22 @@
 """``l2c``: Learning-to-Cache (Ma et al., NeurIPS 2024), a router trained through the executor's soft gates.
 
-The router (:mod:`search._router`) is a score table ``[steps, gated modules]``; gate = sigmoid(score),
-scores clamped to [-5, 5], step 0 always computes, one gate for both CFG branches (as the paper).
-The model's weights are frozen (``requires_grad`` off while training); only the scores learn.
+The router (:mod:`planner.search._router`) is a score table ``[steps, gated modules]``; gate =
+sigmoid(score), scores clamped to [-5, 5], step 0 always computes, one gate for both CFG branches.
+The model's weights are frozen; only the scores learn, through the shared trainer
+(:mod:`planner.search._trainer`: the lambda grid, checkpoints, resume).
 
-Training, as the paper: the calibration inputs of the search context are run once at full compute
-and every transformer call is kept (:func:`search._router.record_calls`): its inputs hold the x_t
-of the full trajectories, its output is the teacher. A *window* is a cache-filling step run in full
-followed by one or more steps where the soft-gated model (every gated module returns
-``s * fresh + (1 - s) * cached`` through ``apply_gates``; the executor's one implementation) is
-compared with the teacher on the same x_t. Loss = MSE(student, teacher) / E[teacher^2] + lambda *
-sum over the gated modules of w_j * s_j (mean over the window's gated steps; w_j = the module's
-compute time, mean 1, with ``cost_weighted``, so that lambda trades error against time), AdamW
-(no weight decay), scores clamped after every step. Batched CFG runs the null label / empty prompt
-in half of every call, so the unconditional branch is trained on every iteration (what label
-dropout is for in the paper, which trains on ImageNet batches).
-
-Beyond the paper:
-
-* ``mode=rollout`` (default): windows of 1..``max_distance`` gated steps after the filling step,
-  with the cache kept in the autograd graph (``detach_cache=False``): a reused value persists
-  several steps and the gates learn what a stale cache costs. Hard plans then cap runs of reuse
-  at ``max_run`` <= ``max_distance`` (never staler than trained), which is what makes speedups
-  past 2x reachable. ``mode=paper``: windows are the pairs (even, odd) and even steps are fixed to
-  compute, the paper's refresh-every-other-step (at most 1.22x predicted for sub-layers and 1.64x
-  for blocks on digits-dit).
-* ``sampling=tile`` (default): each iteration tiles all steps with windows (random lengths), so
-  every gate gets its gradient every iteration; ``sampling=random`` is the paper's one random
-  window per iteration. With one window per iteration a gate row gets a gradient in a few % of
-  the iterations and Adam keeps moving it after each visit, so the gates drift with how often each
-  step happened to be drawn. Measured (digits-dit, 50 steps, blocks, best calibration error over
-  lambdas and run caps): 990 random windows in 186 s gave 0.0154 / 0.0478 / 0.136 at 1.3x / 2x /
-  3x, 90 tiled iterations in 153 s 0.0140 / 0.0475 / 0.123: alike, a little better at 3x.
-  Without a cap on runs of reuse in the hard plan, plans were far worse (random windows of 1..6:
-  2x 0.27, 3x 1.75).
-* ``level=block`` (default): gates on whole blocks, a gate of 0 becomes residual reuse ``D`` (the
-  executor's gated block mixes with ``x_now + cached residual``). ``level=sublayer`` is the paper's
-  attention and MLP apart (gate 0 -> ``R``); on digits-dit sub-layer reuse keeps each block's norms
-  and modulation (38 % of the time on CPU) and cannot pass 1.71x, and at 1.3x its best calibration
-  error was 0.046 against 0.014 - 0.016 for blocks.
-* ``loss=raw`` (default, the paper: the model output) or ``loss=guided`` (the CFG-combined
-  prediction the sampler uses): measured alike (1.3x 0.014 vs 0.016, 2x 0.0475 both, 3x 0.123 vs
-  0.127), so the paper's stays.
-
-Budget (lambda, theta, max_run): the speed of a hard plan is set by theta (and the run cap), not by
-lambda; lambda shapes the ranking of the gates. So the router is trained on a small lambda grid,
-smallest first, each stage warm-started from the previous one (one optimizer throughout), and the
-gates after each stage are kept. For each kept set and each run cap 1..``max_distance``, theta is
-found by bisection on the latency model (the least reuse that meets ``--budget``); each of those
-hard plans is run on the calibration inputs (``context.evaluate``) and the least-error one wins
-(:func:`search._router.choose_plan`); with ``--max-error`` the fastest one within the target. A grid
-rather than adapting lambda during training: a plan's error is only known after a full sampling
-run, and a warm-started grid costs no extra training and leaves several candidates to compare on
-the true metric (on digits-dit, 50 steps, the three lambdas' best plans erred 0.0140 - 0.0215 at
-1.3x, 0.0475 - 0.0483 at 2x and 0.123 - 0.140 at 3x: no single lambda was best everywhere).
-
-Checkpoints (in ``context.artifacts``, the folder beside the plan, per level): the scores, AdamW's
-state, the stage, the iteration, the random generator's state, the kept gates and the curve, every
-``checkpoint_every`` iterations and at each stage end (one safetensors file, atomic), so that
-``--resume`` continues an interrupted training exactly (and a finished one does not train again).
-At the end the chosen router (``router.safetensors``) and the training curve
-(``training_curve.csv`` / ``.png``) are saved there; the plan's provenance records lambda, theta,
-max_run, iterations, lr and seed.
+Training: the calibration inputs run once at full compute and every transformer call is kept
+(:func:`planner.search._router.record_calls`): its inputs hold the x_t of the full trajectory, its
+output is the teacher. A *window* is a cache-filling step run in full followed by one or more
+steps where the soft-gated model (every gated module returns ``s * fresh + (1 - s) * cached``
+through the executor) is compared with the teacher on the same x_t. Loss = MSE(student, teacher) /
+E[teacher^2] + lambda * sum over the gated modules of w_j * s_j (w_j: the module's compute time,
+mean 1, with ``cost_weighted``). Beyond the paper: windows of 1..``max_distance`` gated steps keep
+the cache in the autograd graph (``mode=rollout``), tiled over all steps every iteration
+(``sampling=tile``), and gates may cover whole blocks (``level=block``: a gate of 0 is residual
+reuse). The budget is met as :func:`planner.search._router.choose_plan` says: every kept set of
+gates, under every cap on consecutive reuses up to ``max_distance``, gets its threshold by
+bisection on the latency model, and the least-error hard plan wins. See docs/strategies/l2c.md.
 """
 
 from __future__ import annotations

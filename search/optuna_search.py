@@ -1,42 +1,25 @@
 """``optuna``: multi-objective plan search (predicted run time vs calibration error) with a Pareto
-front, resumable and distributed over any Optuna storage.
+front, resumable and distributed over any Optuna storage (:mod:`planner.search._optuna_storage`).
 
-Each trial picks a point of the compact plan space of :mod:`search._space` (per depth group of
-blocks: action, interval, tolerance on the profile's change curves; warm-up and cool-down steps),
-turns it into a plan (a pure function of the parameters) and evaluates it through the executor
-(``context.evaluate``). The two objectives, both minimised, are the latency model's predicted
-run time as a fraction of full compute and the calibration error (relative L1 of the final
-latents). The budget is an Optuna constraint (``fraction - 1/speedup <= 0``, or ``error -
-max_error <= 0`` for an error target), stored with the figures in the trial's user attributes so
-any worker can rebuild the front. Samplers: NSGA-II (default), TPE, random; the seed (``--seed``,
-default 0) makes an in-memory study reproducible. Every trial is evaluated, infeasible ones too:
-on digits-dit a trial costs about 0.3 s, and the slower-but-more-accurate points draw the front.
+Each trial picks a point of the compact plan space of :mod:`planner.search._space`, turns it into a
+plan (a pure function of the parameters) and evaluates it through the executor
+(``context.evaluate``). The two objectives, both minimised, are the latency model's predicted run
+time as a fraction of full compute and the calibration error (relative L1 of the final latents).
+The budget is an Optuna constraint (``fraction - 1/speedup <= 0``, or ``error - max_error <= 0``),
+stored with the figures in the trial's user attributes so any worker can rebuild the front. Every
+trial is evaluated, infeasible ones too: the slower, more accurate points draw the front.
 
-A new study starts with a few warm starts (FORA-like points of the space: every group on one
-interval with one action, the shortest interval that meets the budget, and one step longer with a
-cool-down), so the optimizer begins near the known baselines; ``--param warm_start=false`` turns
-them off.
+A new study starts with a few FORA-like points of the space (every group on one interval with one
+action: the shortest interval that meets the budget, and one step longer with a cool-down), so the
+optimizer begins near the known baselines (``warm_start=false`` turns them off).
 
 Result: the feasible trial with the least error (speed budget) or the least predicted time (error
 target) among *all* finished trials of the study, every worker's included. Beside the plan
 (``context.artifacts``) go the Pareto front (one loadable plan per point, ``front.json``,
-``front.csv``, ``trials.csv``) and the baselines' plans and points (``uniform``, ``smoothcache`` at
-the same budget, on the same context); ``planner plan pareto DIR`` draws them.
-
-Storage and workers: without ``--storage`` the study lives in memory. ``--storage`` takes
-``sqlite:///FILE``, any SQLAlchemy database URL (``postgresql://user:pw@host/db``, needs psycopg2)
-or ``journal:FILE`` (Optuna's JournalStorage on a file, also for NFS), and ``--study NAME`` (default
-named after model, sampler and budget). Processes naming the same storage and study join one study;
-``--n-trials K`` is how many trials *this process* runs (default 100), ``--param total_trials=T``
-stops every worker once the study holds T complete trials (a worker may overshoot by the trials
-others have in flight), so re-running a killed worker's command finishes exactly what is missing.
-The study records what it was made for (model fingerprint, sampler and budget, search sampler,
-space version and digest, profile and calibration size) and refuses a worker that differs.
-Killed workers: a joining worker marks as failed the RUNNING trials whose process is gone (same
-host) or that started more than ``stale_after`` seconds ago (default: 600 s or 10 times the median
-trial, whichever is longer); complete trials are never touched. Workers of a shared study get
-distinct sampler seeds (the seed mixed with host and process id), so they do not propose the same
-points; such a study is not bit-reproducible, an in-memory one is.
+``front.csv``, ``trials.csv``) and the baselines' plans and points at the same budget; ``planner
+plan pareto DIR`` draws them. Workers of a shared study get distinct sampler seeds (the seed mixed
+with host and process id), so they do not propose the same points; such a study is not
+bit-reproducible, an in-memory one is. See docs/strategies/optuna.md.
 """
 
 from __future__ import annotations

@@ -157,6 +157,7 @@ def _check_clean(name: str, worker: subprocess.Popen, out: str, err: str, passwo
     return json.loads(out)
 
 
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_workers_share_a_postgresql_study_and_a_killed_ones_trial_fails(postgres_server, shared_study, tmp_path,
                                                                          workers):
     url, password, study = postgres_server.url, postgres_server.password, shared_study

@@ -329,6 +329,7 @@ def test_plans_for_another_model_are_refused():
     assert not hasattr(Toy(), "_diffusers_hook")
 
 
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_torch_compile_matches_eager():
     import torch._dynamo
 

@@ -157,6 +157,7 @@ def test_an_error_target_gives_the_fastest_plan_within_it(digits10, context_of):
     assert plan.prediction.calib_error <= 0.05 and plan.prediction.speedup > 1.0
 
 
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_cli_search_json_then_resume_the_finished_training(digits10, context_of, tmp_path):
     profile = digits10.folder
     out = tmp_path / "plan.json"

@@ -327,6 +327,7 @@ print(json.dumps({"pid": os.getpid(), "claimed": claimed, "lost": lost}))
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_each_queued_trial_is_claimed_by_one_worker(tmp_path, kind):
     # Optuna claims a queued trial by a read and a write; on SQLite both workers could read WAITING
     # and run the same trial (CI saw it: the loser failed on a finished trial). See open_storage.
@@ -370,6 +371,7 @@ def test_sqlite_transactions_take_the_write_lock_when_they_begin(tmp_path):
     other.execute("ROLLBACK")
 
 
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_two_worker_processes_share_one_sqlite_study(ctx10, tmp_path):
     # worker 1: a `planner search` process; worker 2: this test process, joining while worker 1 runs
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -388,6 +390,7 @@ def test_two_worker_processes_share_one_sqlite_study(ctx10, tmp_path):
     assert plan.provenance.params["trials_complete"] >= 7  # worker 2 saw worker 1's trials too
 
 
+@pytest.mark.slow  # several processes or a compile: CI runs it (pytest --slow)
 def test_a_killed_worker_resumes_without_losing_trials(ctx10, tmp_path):
     storage = f"journal:{tmp_path / 'study.log'}"
     first = _worker(ctx10[3], tmp_path, storage, "p.json", "--n-trials", "500", "--param", "total_trials=24")

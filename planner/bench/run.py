@@ -128,9 +128,9 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
     """One point per (budget, strategy): the plan searched on the calibration inputs (failures become
     points carrying their message), saved under ``config.out/plans`` when ``out`` is set."""
     from planner.executor import apply_plan
-    from planner.plan import save_plan
     from planner.profile.store import profile_for
-    from planner.search import get_strategy, make_strategy, strategy_names
+    from planner.search import get_strategy, strategy_names
+    from planner.search.api import search_plan
     from planner.search.budget import Budget
     from planner.search.context import SearchContext
 
@@ -151,14 +151,11 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
         for name in names:
             kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
             point = Point(name, kind, budget.label(), budget=budget.label())
-            if config.out is not None:
-                context.artifacts = Path(config.out) / "plans" / f"{name}-{budget.label()}"
+            out = Path(config.out) / "plans" / f"{name}-{budget.label()}.json" if config.out is not None else None
             t0 = time.perf_counter()
             try:
-                if not budget.speed_met(context.max_speedup()):
-                    raise PlannerError(f"budget {budget.label()} cannot be met (at most {context.max_speedup():.2f}x)")
                 point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
-                plan = make_strategy(name, point.params).search(context, budget)
+                plan = search_plan(None, budget, strategy=name, context=context, out=out, **point.params)
             except Exception as exc:  # noqa: BLE001 - one failing strategy must not end a 30-minute bench
                 point.status = str(exc) if isinstance(exc, PlannerError) else f"failed: {type(exc).__name__}: {exc}"
                 point.search_s = time.perf_counter() - t0
@@ -169,10 +166,7 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
             point.params = plan.provenance.params
             pred = plan.prediction
             point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
-            if not budget.met(pred.speedup, pred.calib_error):
-                point.status = f"missed its budget (predicted {pred.speedup:.2f}x)"
-            if config.out is not None:
-                point.plan = str(save_plan(plan, Path(config.out) / "plans" / f"{name}-{budget.label()}.json"))
+            point.plan = str(out) if out is not None else None
             point.contender = Contender(
                 lambda: runner.run(conditions, seeds, sampler),
                 context=lambda plan=plan: apply_plan(runner.pipe, plan),
