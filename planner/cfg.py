@@ -59,6 +59,15 @@ class CfgLayout(StrEnum):
 CFG_LAYOUTS = tuple(layout.value for layout in CfgLayout)
 
 
+# Names pipelines give their diffusers cache contexts, and the branch each one means.
+CONTEXT_BRANCHES = {"cond": COND, "uncond": UNCOND, "pred_cond": COND, "pred_uncond": UNCOND}
+
+
+def branch_of_context(name: str | None) -> str | None:
+    """The CFG branch a diffusers cache-context name stands for (``None`` for other or no names)."""
+    return CONTEXT_BRANCHES.get(name) if name is not None else None
+
+
 def other_branch(branch: str) -> str:
     """The branch a ``share_cfg`` decision on ``branch`` copies from."""
     return UNCOND if branch == COND else COND

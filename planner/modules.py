@@ -25,6 +25,8 @@ SUBMODULE_KINDS = {
     "ffn": "mlp",
     "ff_context": "mlp",
     "proj_mlp": "mlp",
+    "img_mlp": "mlp",  # Qwen-Image
+    "txt_mlp": "mlp",
 }
 
 KINDS = ("block", "attn", "cross_attn", "mlp")
@@ -70,6 +72,8 @@ def cacheable_modules(transformer) -> list[CacheableModule]:
             found.append(CacheableModule(name, "block", block_index, type(block).__name__))
             for child_name, child in block.named_children():
                 kind = SUBMODULE_KINDS.get(child_name)
+                if kind == "cross_attn" and getattr(child, "is_cross_attention", True) is False:
+                    kind = "attn"  # SD3.5's second attention is a self-attention
                 if kind is not None and child is not None:
                     found.append(CacheableModule(f"{name}.{child_name}", kind, block_index, type(child).__name__))
             block_index += 1

@@ -4,15 +4,18 @@ Profiler, search and eval all go through ``Runner.run``. Same conditions and see
 bit-identical outputs on CPU: every sample's noise comes from its own ``torch.Generator``
 seeded with its seed, and nothing else in a run is random.
 
-A model is named by a short *spec*: ``digits-dit`` (the embedded default), ``tiny:dit``,
-``tiny:pixart``, ``tiny:sd3``, ``tiny:flux``, ``tiny:wan`` (tiny diffusers pipelines built from
-config, for tests), or a local folder written by ``save_pretrained``.
+A model is named by a short *spec*: a zoo name (``digits-dit``, the embedded default; ``tiny:flux``
+and the other tiny test pipelines), a folder written by ``save_pretrained``, a Hugging Face repo id
+in the local cache, or ``module:function`` (:mod:`planner.pipelines.loading`). Text pipelines are
+called with the embeddings of their prompts, encoded once (:mod:`planner.pipelines.encoding`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -37,35 +40,50 @@ def _scheduler_classes() -> dict[str, type]:
 
 @dataclass(frozen=True)
 class Sampler:
-    """How a pipeline is sampled: scheduler name (``default`` keeps the model's own), steps, CFG scale."""
+    """How a pipeline is sampled: scheduler name (``default`` keeps the model's own), steps, CFG scale,
+    and the output size (``None``: the pipeline's default)."""
 
     scheduler: str = "default"
     steps: int = 50
     guidance: float = 3.0
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields as a dict; sizes only when set (what older plans and profiles hold stays the same)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k in ("scheduler", "steps", "guidance")}
+
+    @property
+    def size(self) -> dict[str, int]:
+        """The size arguments of ``pipe(...)`` that are set."""
+        return {k: v for k, v in (("height", self.height), ("width", self.width), ("num_frames", self.num_frames))
+                if v is not None}
 
 
 class Family:
-    """How to drive one kind of pipeline: its conditioning inputs, CFG layout and defaults.
+    """How to drive one kind of pipeline: its conditions, its call arguments, its CFG layout, defaults.
 
-    Subclasses fill in the four methods; a family never touches caching (that is the executor's).
+    Class-conditional families make their conditions (class labels); text families (``text = True``)
+    take :class:`~planner.pipelines.prompts.Prompt` conditions from the runner's prompt sets. A family
+    never touches caching (that is the executor's).
     """
 
     name: str = "base"
+    text: bool = False
     schedulers: tuple[str, ...] = ("default",)
     default_sampler: Sampler = Sampler()
+    max_batch: int | None = None  # samples per pipeline call (None: any); a run is split into such calls
 
     def cfg_layout(self, sampler: Sampler) -> CfgLayout:
         """How the CFG branches reach the transformer under ``sampler``."""
         raise NotImplementedError
 
-    def make_conditions(self, pipe, n: int, seed: int) -> list[Any]:
-        """``n`` deterministic calibration conditions (class labels, or per-sample prompt-embedding dicts)."""
+    def make_conditions(self, runner: "Runner", n: int, seed: int) -> list[Any]:
+        """``n`` deterministic conditions of a class-conditional family (class labels)."""
         raise NotImplementedError
 
-    def call_kwargs(self, pipe, conditions: list[Any], sampler: Sampler) -> dict[str, Any]:
+    def call_kwargs(self, runner: "Runner", conditions: list[Any], sampler: Sampler) -> dict[str, Any]:
         """The conditioning and guidance keyword arguments of ``pipe(...)`` for a batch of conditions."""
         raise NotImplementedError
 
@@ -76,14 +94,35 @@ class Family:
     def output_field(self) -> str:
         return "images"
 
+    def configured(self, pipe, sampler: Sampler):
+        """A context in which ``pipe`` runs as ``sampler`` says, beyond call arguments (e.g. a guider component)."""
+        return contextlib.nullcontext(pipe)
+
 
 class Runner:
-    """A loaded pipeline plus its family: runs conditions x seeds deterministically."""
+    """A loaded pipeline plus its family: runs conditions x seeds deterministically.
 
-    def __init__(self, pipe, family: Family, spec: str):
+    ``calibration_prompts`` / ``evaluation_prompts`` (text families): where conditions come from, for
+    seeds below / from :data:`planner.seeds.EVAL_SEED_BASE` (default: the shipped sets).
+    ``class_labels`` (class-conditional families): the labels conditions cycle through.
+    ``call_args``: more ``pipe(...)`` arguments for every run. ``revision`` and ``dtype`` are recorded.
+    """
+
+    def __init__(self, pipe, family: Family, spec: str, *, calibration_prompts=None, evaluation_prompts=None,
+                 class_labels: list[int] | None = None, call_args: dict | None = None, revision: str | None = None,
+                 embedding_cache: Path | None = None):
+        import inspect
+
         self.pipe = pipe
         self.family = family
         self.spec = spec
+        self.revision = revision
+        self.class_labels = list(class_labels or [])
+        self.call_args = dict(call_args or {})
+        self.call_names = set(inspect.signature(type(pipe).__call__).parameters)
+        self._prompts = {"calibration": calibration_prompts, "evaluation": evaluation_prompts}
+        self._embedding_cache = embedding_cache
+        self._encoder = None
         self._base_scheduler = pipe.scheduler
         self.transformer.eval()
         pipe.set_progress_bar_config(disable=True)
@@ -94,7 +133,12 @@ class Runner:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """Where the transformer runs (with CPU offload: the device it is moved to when it runs)."""
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
 
     def modules(self) -> list[CacheableModule]:
         """The transformer's cacheable modules, in forward order."""
@@ -117,9 +161,48 @@ class Runner:
     def cfg_layout(self, sampler: Sampler | None = None) -> CfgLayout:
         return CfgLayout(self.family.cfg_layout(self.resolve(sampler)))
 
+    # ------------------------------------------------------------------ conditions
+    def prompts(self, purpose: str):
+        """The prompt set for ``calibration`` or ``evaluation`` (the shipped one unless the runner was given one)."""
+        from planner.pipelines import prompts as shipped
+
+        if self._prompts.get(purpose) is None:
+            self._prompts[purpose] = shipped.calibration_prompts() if purpose == "calibration" else shipped.evaluation_prompts()
+        return self._prompts[purpose]
+
     def conditions(self, n: int, seed: int = 0) -> list[Any]:
-        """``n`` deterministic conditions for calibration or evaluation."""
-        return self.family.make_conditions(self.pipe, n, seed)
+        """``n`` deterministic conditions for calibration (seeds below the evaluation range) or evaluation:
+        prompts in turn from the matching prompt set for text families, else the family's own."""
+        from planner.seeds import EVAL_SEED_BASE
+
+        if not self.family.text:
+            return self.family.make_conditions(self, n, seed)
+        purpose = "evaluation" if seed >= EVAL_SEED_BASE else "calibration"
+        prompts = self.prompts(purpose)
+        start = seed - (EVAL_SEED_BASE if purpose == "evaluation" else 0)
+        return [prompts[(start + i) % len(prompts)] for i in range(n)]
+
+    @property
+    def encoder(self):
+        """The prompt encoder of a text family (made on first use; embeddings cached on disk)."""
+        if self._encoder is None:
+            from planner.pipelines.encoding import PromptEncoder, cache_dir
+
+            facts = self.family.facts
+            cache = self._embedding_cache if self._embedding_cache is not None else cache_dir()
+            self._encoder = PromptEncoder(self.pipe, facts.returns, facts.negative_in_encode, facts.encode_settings, cache)
+        return self._encoder
+
+    def prepare(self, conditions: list[Any], release: bool = False) -> None:
+        """Encode every prompt of ``conditions`` now (text families); with ``release`` take the text encoders
+        off the pipeline afterwards: later runs read the cached embeddings."""
+        if not self.family.text:
+            return
+        self.encoder.encode(conditions)
+        if release:
+            from planner.pipelines.encoding import release_text_encoders
+
+            release_text_encoders(self.pipe)
 
     def scheduler_for(self, sampler: Sampler):
         """A fresh scheduler for ``sampler`` (the model's own for ``default``), configured like the model's."""
@@ -128,6 +211,7 @@ class Runner:
         cls = _scheduler_classes()[sampler.scheduler]
         return cls.from_config(self._base_scheduler.config)
 
+    # ------------------------------------------------------------------ running
     @torch.no_grad()
     def run(
         self,
@@ -141,28 +225,43 @@ class Runner:
         """Sample one output per (condition, seed) pair, as one batch; returns a float32 CPU tensor.
 
         ``output="image"`` gives decoded images in [0, 1]; ``"latent"`` the final latents (cheaper:
-        no VAE decode). ``callback`` is a diffusers ``callback_on_step_end``.
+        no VAE decode). ``callback`` is a diffusers ``callback_on_step_end``. A prompt's own seed and
+        call arguments (from a ``.jsonl`` prompt file) take precedence over ``seeds`` and the runner's.
         """
         if len(conditions) != len(seeds):
             raise PlannerError(f"{len(conditions)} conditions but {len(seeds)} seeds")
         if output not in ("image", "latent"):
             raise PlannerError(f"output must be 'image' or 'latent', got {output!r}")
+        size = self.family.max_batch
+        if size is not None and len(conditions) > size:
+            return torch.cat([self.run(conditions[i:i + size], seeds[i:i + size], sampler, output=output, callback=callback)
+                              for i in range(0, len(conditions), size)])
         sampler = self.resolve(sampler)
-        self.pipe.scheduler = self.scheduler_for(sampler)
+        seeds = [getattr(c, "seed", None) if getattr(c, "seed", None) is not None else s for c, s in zip(conditions, seeds)]
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-        kwargs = self.family.call_kwargs(self.pipe, conditions, sampler)
-        kwargs.update(
-            num_inference_steps=sampler.steps,
-            generator=generators,
-            output_type="pt" if output == "image" else "latent",
-        )
+        kwargs = {**self.call_args, **_prompt_args(conditions)}
+        kwargs.update({k: v for k, v in sampler.size.items() if k in self.call_names})
+        kwargs.update(self.family.call_kwargs(self, conditions, sampler))
+        kwargs.update(num_inference_steps=sampler.steps, generator=generators,
+                      output_type="pt" if output == "image" else "latent")
         if callback is not None:
             kwargs["callback_on_step_end"] = callback
+        self.pipe.scheduler = self.scheduler_for(sampler)
         try:
-            result = self.pipe(**kwargs)
+            with self.family.configured(self.pipe, sampler):
+                result = self.pipe(**kwargs)
         finally:
             self.pipe.scheduler = self._base_scheduler
         return self.family.to_tensor(getattr(result, self.family.output_field())).cpu()
+
+
+def _prompt_args(conditions: list[Any]) -> dict[str, Any]:
+    """The call arguments the prompts of one batch carry themselves; they must agree within the batch."""
+    args = {getattr(c, "call_args", ()) for c in conditions}
+    if len(args) > 1:
+        raise PlannerError("prompts with different call_args cannot run in one batch: give them the same call_args, "
+                           "or run them apart")
+    return dict(args.pop()) if args else {}
 
 
 def resolve_device(name: str) -> str:
@@ -176,25 +275,31 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def as_runner(model, device: str = "auto") -> Runner:
-    """A Runner for ``model``: a Runner as it is, a spec loaded on ``device``, or a diffusers pipeline
-    whose family the zoo knows (the pipeline stays on its own device)."""
+def as_runner(model, device: str = "auto", **options) -> Runner:
+    """A Runner for ``model``: a Runner as it is, a spec (see :func:`load_runner`) loaded on ``device``, or
+    a diffusers pipeline object (which stays where it is). ``options`` go to the Runner (prompts, ...)."""
     if isinstance(model, Runner):
         return model
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        return load_runner(str(model), device=resolve_device(device))
-    from planner.zoo import family_of
+        return load_runner(str(model), device=resolve_device(device), **options)
+    from planner.pipelines import family_for
 
-    return Runner(model, family_of(model), spec=type(model).__name__)
+    return Runner(model, family_for(model), spec=type(model).__name__, **options)
 
 
-def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: torch.dtype | None = None) -> Runner:
-    """Load the model a spec names (see the module docstring) on ``device``."""
-    from planner.zoo import load_model
+def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: str | torch.dtype | None = None, *,
+                revision: str | None = None, variant: str | None = None, offload: str = "none",
+                **options) -> Runner:
+    """Load the model a spec names (a zoo name, a folder, a cached Hugging Face repo id, or
+    ``module:function``: :mod:`planner.pipelines.loading`) on ``device``. ``options`` go to the Runner."""
+    from planner.pipelines import family_for
+    from planner.pipelines.loading import load_pipeline, place
 
-    pipe, family = load_model(spec)
-    pipe.to(device)
-    if dtype is not None:
-        pipe.transformer.to(dtype)
-    return Runner(pipe, family, spec)
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    from planner.zoo import default_call_args
 
+    loaded = load_pipeline(spec, revision=revision, variant=variant, dtype=dtype)
+    place(loaded.pipe, device, offload)
+    options["call_args"] = {**default_call_args(spec), **(options.get("call_args") or {})}
+    return Runner(loaded.pipe, family_for(loaded.pipe), loaded.spec, revision=loaded.revision, **options)

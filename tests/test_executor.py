@@ -379,7 +379,7 @@ def test_digits_identity_remove_repeat_and_gates(digits):
         assert torch.equal(digits.run(conds, seeds, s, output="latent"), base)
 
 
-FAMILIES = [("tiny:dit", 4.0), ("tiny:pixart", 4.5), ("tiny:sd3", 5.0), ("tiny:flux", 1.0), ("tiny:flux", 3.0), ("tiny:wan", 5.0)]
+FAMILIES = [("tiny:dit", 4.0), ("tiny:pixart-sigma", 4.5), ("tiny:sd3", 5.0), ("tiny:flux", 1.0), ("tiny:flux", 3.0), ("tiny:wan", 5.0)]
 
 
 def _capture_calls(runner, conds, seeds, sampler):

@@ -17,7 +17,7 @@ LAYERS = {
     "planner.errors": 0, "planner.io": 0, "planner.cfg": 0, "planner.modules": 0, "planner.artifact": 0,
     "planner.seeds": 0, "planner.plan": 0,
     "planner.executor": 1,
-    "planner.runner": 2, "planner.zoo": 2, "planner.profile": 2, "planner.metrics": 2,
+    "planner.runner": 2, "planner.pipelines": 2, "planner.zoo": 2, "planner.profile": 2, "planner.metrics": 2,
     "planner.search": 3,
     "planner.evaluate": 4, "planner.bench": 4,
     "planner.cli": 5, "planner.commands": 5, "planner.__main__": 5,

@@ -326,24 +326,20 @@ def test_no_garbage_collection_lands_in_the_timed_runs(digits_runner, monkeypatc
 
 
 def test_a_latency_model_that_misses_the_plain_runs_is_flagged(digits_runner, monkeypatch):
-    # load that hits only the stopwatched runs: every transformer call there is 100 ms slower (a
-    # plain run takes about 30 ms, so even a loaded machine's noise cannot hide it)
-    import time
-
+    # the plain runs the model is checked against report a tenth of what the stopwatched runs took:
+    # whatever the machine does, the check must flag it (no timing of ours decides the outcome)
     import planner.profile.core as core
+    from planner.profile.timing import RunTimes
 
     runner = digits_runner
     sampler = runner.resolve(Sampler("ddim", 4, 3.0))
-    time_in_context = core.time_in_context
+    time_runs = core.time_runs
 
-    def loaded(*args, **kwargs):
-        hook = runner.transformer.register_forward_pre_hook(lambda module, a: time.sleep(0.1))
-        try:
-            return time_in_context(*args, **kwargs)
-        finally:
-            hook.remove()
+    def fast_plain_runs(*args, **kwargs):
+        real = time_runs(*args, **kwargs)
+        return RunTimes([t / 10 for t in real.clean], [t / 10 for t in real.latent])
 
-    monkeypatch.setattr(core, "time_in_context", loaded)
+    monkeypatch.setattr(core, "time_runs", fast_plain_runs)
     profile = profile_model(runner, sampler, samples=2, lags=1, timing=FAST, flops=False)
     assert profile.meta.latency["relative_error"] > core.LATENCY_CHECK_TOLERANCE
     assert any("predicted speedups are unreliable" in w for w in profile.meta.warnings)
@@ -388,7 +384,7 @@ def test_latency_model_separate_calls_pay_per_branch():
 
 # --------------------------------------------------------------------------- tiny pipelines, artifact, CLI
 
-TINY = [("tiny:dit", 4.0, CfgLayout.COND_UNCOND), ("tiny:pixart", 4.5, CfgLayout.UNCOND_COND), ("tiny:sd3", 5.0, CfgLayout.UNCOND_COND),
+TINY = [("tiny:dit", 4.0, CfgLayout.COND_UNCOND), ("tiny:pixart-sigma", 4.5, CfgLayout.UNCOND_COND), ("tiny:sd3", 5.0, CfgLayout.UNCOND_COND),
         ("tiny:flux", 1.0, CfgLayout.NONE), ("tiny:flux", 3.5, CfgLayout.SEPARATE), ("tiny:wan", 5.0, CfgLayout.SEPARATE)]
 
 

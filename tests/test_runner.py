@@ -1,50 +1,33 @@
-"""The runner on digits-dit and every tiny diffusers pipeline: determinism, CFG layouts, bad input."""
+"""The runner on digits-dit and the tiny diffusers pipelines: determinism, seeds, batches, schedulers,
+the CFG layout each family claims (checked by a probe run), sizes, dtypes, offload, bad input."""
 
 import pytest
 import torch
 
-from planner.errors import PlannerError
 from planner.cfg import CfgLayout
-from planner.runner import Runner, Sampler, load_runner
-from planner.zoo.tiny import KINDS, build_tiny, family_for_pipeline, load_pipeline_folder
+from planner.errors import PlannerError
+from planner.pipelines.probe import check_layout
+from planner.runner import Sampler, load_runner
+from planner.zoo import MODELS
 
-TINY = [f"tiny:{kind}" for kind in KINDS]
-SPECS = ["digits-dit", *TINY]
+TINY = sorted(name for name in MODELS if name.startswith("tiny:"))
+CORE = ["digits-dit", "tiny:dit", "tiny:pixart-sigma", "tiny:sd3", "tiny:flux", "tiny:wan"]
 STEPS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are so small that a second intra-op thread only adds overhead, and on a busy
-    # 2-core machine an oversubscribed thread pool makes a 30 ms run take seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+TORCH_THREADS = 1  # see conftest.py: these models are so small that a second thread only waits
 
 
 @pytest.fixture(scope="module")
-def digits_runner(tmp_path_factory):
-    """The shipped digits-dit; a 5-step throwaway when the weights have not been trained yet."""
-    from planner.zoo.digits import WEIGHTS_DIR, DigitsFamily, TrainConfig, load_digits_pipeline, train_digits_dit
+def runners():
+    cache = {}
 
-    if (WEIGHTS_DIR / "model_index.json").is_file():
-        return load_runner("digits-dit")
-    out = tmp_path_factory.mktemp("digits-dit")
-    train_digits_dit(TrainConfig(steps=5), out_dir=out, progress=False)
-    return Runner(load_digits_pipeline(out), DigitsFamily(), "digits-dit")
+    def get(spec):
+        if spec not in cache:
+            cache[spec] = load_runner(spec)
+        return cache[spec]
 
-
-@pytest.fixture(scope="module", params=SPECS)
-def runner(request):
-    if request.param == "digits-dit":
-        return request.getfixturevalue("digits_runner")
-    return load_runner(request.param)
-
-
-@pytest.fixture(scope="module", params=TINY)
-def tiny_runner(request):
-    return load_runner(request.param)
+    return get
 
 
 def _quick(runner, guidance=None) -> Sampler:
@@ -52,200 +35,116 @@ def _quick(runner, guidance=None) -> Sampler:
     return Sampler(default.scheduler, STEPS, default.guidance if guidance is None else guidance)
 
 
-def _same_conditions(a, b) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, dict):
-            if x.keys() != y.keys() or not all(torch.equal(x[k], y[k]) for k in x):
-                return False
-        elif x != y:
-            return False
-    return True
+@pytest.mark.parametrize("spec", CORE)
+def test_same_conditions_and_seeds_give_bit_identical_outputs(runners, spec):
+    runner = runners(spec)
+    sampler = _quick(runner, 4.0)
+    first, again = runner.conditions(3, seed=0), runner.conditions(3, seed=0)
+    assert first == again
+    assert torch.equal(runner.run(first, [0, 1, 2], sampler), runner.run(again, [0, 1, 2], sampler))
 
 
-def test_same_conditions_and_seeds_give_bit_identical_outputs(runner):
-    sampler = _quick(runner)
-    first = runner.conditions(3, seed=0)
-    again = runner.conditions(3, seed=0)
-    assert _same_conditions(first, again)
-    a = runner.run(first, [0, 1, 2], sampler)
-    b = runner.run(again, [0, 1, 2], sampler)
-    assert torch.equal(a, b)
-
-
-def test_different_seeds_give_different_outputs(runner):
-    sampler = _quick(runner)
+@pytest.mark.parametrize("spec", CORE)
+def test_seeds_and_conditions_matter_and_a_sample_does_not_depend_on_its_batch(runners, spec):
+    runner = runners(spec)
+    sampler = _quick(runner, 4.0)
     conditions = runner.conditions(3, seed=0)
     a = runner.run(conditions, [0, 1, 2], sampler)
     b = runner.run(conditions, [10, 11, 12], sampler)
-    for i in range(3):
-        assert not torch.allclose(a[i], b[i]), f"sample {i} ignored its seed"
-    assert not _same_conditions(conditions, runner.conditions(3, seed=1))
-
-
-def test_a_sample_does_not_depend_on_its_batch(runner):
-    # Not bit-identical: CPU kernels round differently for different batch sizes (~1e-7 here). A
-    # generator or condition mix-up between samples would show as differences of order 1.
-    sampler = _quick(runner)
-    conditions = runner.conditions(3, seed=0)
-    batch = runner.run(conditions, [0, 1, 2], sampler)
+    assert all(not torch.allclose(a[i], b[i]) for i in range(3)), "a sample ignored its seed"
+    assert conditions != runner.conditions(3, seed=1)
+    # not bit-identical: CPU kernels round differently for other batch sizes (~1e-7); a generator or
+    # condition mix-up between samples would differ by much more
     alone = runner.run(conditions[1:2], [1], sampler)
-    assert torch.allclose(batch[1:2], alone, atol=1e-4, rtol=0)
+    assert torch.allclose(a[1:2], alone, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_tiny_builds_are_reproducible_and_leave_the_global_rng_alone(kind):
-    state = torch.random.get_rng_state()
-    pipe_a, family = build_tiny(kind)
-    pipe_b, _ = build_tiny(kind)
-    assert torch.equal(state, torch.random.get_rng_state())
-    a, b = pipe_a.transformer.state_dict(), pipe_b.transformer.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not pipe_a.transformer.training
-    assert pipe_a.transformer.dtype == torch.float32
-    assert family.name == kind
-
-
-def test_tiny_model_is_small_but_has_several_blocks(tiny_runner):
-    blocks = [m for m in tiny_runner.modules() if m.kind == "block"]
-    assert len(blocks) >= 2
-    if tiny_runner.spec == "tiny:flux":
-        lists = {m.name.split(".")[0] for m in blocks}
-        assert lists == {"transformer_blocks", "single_transformer_blocks"}
-    if tiny_runner.spec == "tiny:sd3":
-        assert tiny_runner.transformer.transformer_blocks[-1].context_pre_only
-    assert sum(p.numel() for p in tiny_runner.transformer.parameters()) < 500_000
-
-
-@pytest.mark.parametrize("spec", [s for s in TINY if s != "tiny:dit"])
-def test_tiny_text_and_image_streams_differ_in_shape(spec):
-    # Hooks pair block outputs with inputs by shape; the tiny configs keep that unambiguous.
-    tiny_runner = load_runner(spec)
-    block = tiny_runner.transformer.get_submodule(tiny_runner.modules()[0].name)
-    seen = []
-
-    def record(module, args, kwargs):
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        seen.append((hidden.shape, enc.shape))
-
-    handle = block.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        tiny_runner.run(tiny_runner.conditions(1), [0], _quick(tiny_runner), output="latent")
-    finally:
-        handle.remove()
-    assert seen and all(h != e for h, e in seen)
-
-
-def test_tiny_model_runs_its_default_sampler(tiny_runner):
-    sampler = tiny_runner.family.default_sampler
-    assert sampler.steps <= 20
-    out = tiny_runner.run(tiny_runner.conditions(2, seed=0), [0, 1])
-    assert out.dtype == torch.float32
-    assert out.shape[0] == 2
-    assert out.ndim == (5 if tiny_runner.spec == "tiny:wan" else 4)  # Wan: [B, frames, C, H, W]
-    assert torch.isfinite(out).all()
+@pytest.mark.parametrize("spec", TINY)
+def test_every_tiny_pipeline_runs_and_its_family_claims_the_layout_a_probe_measures(runners, spec):
+    runner = runners(spec)
+    for guidance in (4.0, 1.0):
+        sampler = _quick(runner, guidance)
+        measured = check_layout(runner, sampler)  # raises when the family is wrong
+        assert measured.layout is runner.cfg_layout(sampler)
+        distilled = getattr(runner.family, "facts", None) is not None and runner.family.facts.guidance == "distilled"
+        assert (measured.layout is CfgLayout.NONE) == (guidance <= 1 or distilled)
+    out = runner.run(runner.conditions(2), [0, 1], _quick(runner, 4.0))
+    assert out.dtype == torch.float32 and out.shape[0] == 2 and torch.isfinite(out).all()
+    assert out.ndim == (5 if runner.family.output_field() == "frames" else 4)
     assert out.min() >= 0 and out.max() <= 1
-    latent = tiny_runner.run(tiny_runner.conditions(2, seed=0), [0, 1], Sampler(sampler.scheduler, 2, sampler.guidance), output="latent")
-    assert latent.shape[0] == 2 and torch.isfinite(latent).all()
 
 
-def test_every_allowed_scheduler_runs_deterministically(tiny_runner):
-    conditions = tiny_runner.conditions(2, seed=0)
-    guidance = tiny_runner.family.default_sampler.guidance
-    outputs = {}
-    for name in tiny_runner.family.schedulers:
-        sampler = Sampler(name, STEPS, guidance)
-        out = tiny_runner.run(conditions, [0, 1], sampler)
-        assert torch.isfinite(out).all(), name
-        assert torch.equal(out, tiny_runner.run(conditions, [0, 1], sampler)), name
-        outputs[name] = out
-    # "default" restores the model's own scheduler after any other was used
-    assert torch.equal(outputs["default"], tiny_runner.run(conditions, [0, 1], Sampler("default", STEPS, guidance)))
+def test_tiny_models_are_small_and_cover_the_block_layouts(runners):
+    flux = runners("tiny:flux")
+    lists = {m.name.split(".")[0] for m in flux.modules() if m.kind == "block"}
+    assert lists == {"transformer_blocks", "single_transformer_blocks"}
+    assert runners("tiny:sd3").transformer.transformer_blocks[-1].context_pre_only
+    kinds = {m.name.rsplit(".", 1)[-1]: m.kind for m in runners("tiny:sd3.5").modules() if m.kind != "block"}
+    assert kinds.get("attn2") == "attn"  # SD3.5's second attention attends to the image, not the text
+    assert {m.kind for m in runners("tiny:qwen-image").modules()} == {"block", "attn", "mlp"}
+    for spec in CORE[1:]:
+        assert sum(p.numel() for p in runners(spec).transformer.parameters()) < 500_000
 
 
-def test_flux_runs_both_cfg_modes():
-    runner = load_runner("tiny:flux")
+def test_every_allowed_scheduler_runs_deterministically(runners):
+    for spec in ("tiny:dit", "tiny:pixart-sigma", "tiny:sd3"):
+        runner = runners(spec)
+        conditions = runner.conditions(2, seed=0)
+        outputs = {}
+        for name in runner.family.schedulers:
+            sampler = Sampler(name, STEPS, 4.0)
+            out = runner.run(conditions, [0, 1], sampler)
+            assert torch.isfinite(out).all() and torch.equal(out, runner.run(conditions, [0, 1], sampler)), (spec, name)
+            outputs[name] = out
+        # "default" restores the model's own scheduler after any other was used
+        assert torch.equal(outputs["default"], runner.run(conditions, [0, 1], Sampler("default", STEPS, 4.0)))
+
+
+def test_flux_runs_both_cfg_modes(runners):
+    runner = runners("tiny:flux")
     conditions = runner.conditions(2, seed=0)
     distilled, true_cfg = Sampler("default", STEPS, 1.0), Sampler("default", STEPS, 4.0)
-    assert runner.cfg_layout(distilled) == CfgLayout.NONE
-    assert runner.cfg_layout(true_cfg) == CfgLayout.SEPARATE
-    a = runner.run(conditions, [0, 1], distilled)
-    b = runner.run(conditions, [0, 1], true_cfg)
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    assert a.shape == b.shape
-    assert not torch.allclose(a, b)
+    assert runner.cfg_layout(distilled) is CfgLayout.NONE and runner.cfg_layout(true_cfg) is CfgLayout.SEPARATE
+    a, b = runner.run(conditions, [0, 1], distilled), runner.run(conditions, [0, 1], true_cfg)
+    assert a.shape == b.shape and not torch.allclose(a, b)
 
 
-def _branch_inputs(runner, conditions):
-    """The conditioning input the transformer sees for the cond and the uncond branch, one row per sample."""
-    if isinstance(conditions[0], dict):
-        cond = torch.stack([c["prompt_embeds"] for c in conditions])
-        uncond = torch.stack([c["negative_prompt_embeds"] for c in conditions])
-        return cond, uncond
-    null = int(runner.transformer.config.num_embeds_ada_norm)
-    return torch.tensor(conditions), torch.full((len(conditions),), null)
+def test_sizes_come_from_the_sampler(runners):
+    runner = runners("tiny:pixart-sigma")
+    out = runner.run(runner.conditions(1), [0], Sampler("default", 2, 4.0, height=32, width=16))
+    assert tuple(out.shape[-2:]) == (32, 16)
+    video = runners("tiny:wan").run(runners("tiny:wan").conditions(1), [0], Sampler("default", 2, 4.0, num_frames=9))
+    assert video.shape[2] == 9
 
 
-def _which(x, cond, uncond) -> str:
-    x = x.detach().cpu()
-    for label, ref in (("cond", cond), ("uncond", uncond)):
-        if x.shape == ref.shape and torch.allclose(x.float(), ref.float()):
-            return label
-    return "?"
+def test_bfloat16_and_cpu_offload_run_with_a_plan():
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_runner
+
+    plain = load_runner("tiny:flux", device="cpu")
+    half = load_runner("tiny:flux", device="cpu", dtype="bfloat16")
+    offloaded = load_runner("tiny:flux", device="cpu", offload="model")  # diffusers' offload hooks
+    assert half.dtype == torch.bfloat16
+    sampler = Sampler("default", 4, 4.0)
+    conditions = plain.conditions(2)
+    outputs = []
+    for runner in (plain, half, offloaded):
+        blocks = [m.name for m in runner.modules() if m.kind == "block"]
+        with apply_plan(runner, plan_for_runner(runner, sampler, {b: "CDCD" for b in blocks})) as handle:
+            outputs.append(runner.run(conditions, [0, 1], sampler))
+            assert handle.stats()["fallbacks"] == 0 and handle.stats()["computed_fraction"] == 0.5
+    assert torch.equal(outputs[0], outputs[2])  # offload hooks and plan hooks compose
+    assert (outputs[0] - outputs[1]).abs().mean() < 0.05  # bf16 rounds, and that is all
 
 
-@pytest.mark.parametrize("guidance", [1.0, 4.0])
-def test_cfg_layout_is_what_the_family_claims(runner, guidance):
-    sampler = _quick(runner, guidance)
-    layout = runner.cfg_layout(sampler)
-    n = 2
-    conditions = runner.conditions(n, seed=0)
-    cond, uncond = _branch_inputs(runner, conditions)
-    calls = []
-
-    def record(module, args, kwargs):
-        x = args[0] if args else kwargs["hidden_states"]
-        signal = kwargs["class_labels"] if "class_labels" in kwargs else kwargs["encoder_hidden_states"]
-        calls.append((x.shape[0], signal))
-
-    handle = runner.transformer.register_forward_pre_hook(record, with_kwargs=True)
-    try:
-        runner.run(conditions, [0, 1], sampler, output="latent")
-    finally:
-        handle.remove()
-
-    sizes = [size for size, _ in calls]
-    if layout == CfgLayout.NONE:
-        assert sizes == [n] * STEPS
-        assert all(_which(s, cond, uncond) == "cond" for _, s in calls)
-    elif layout in (CfgLayout.COND_UNCOND, CfgLayout.UNCOND_COND):
-        assert sizes == [2 * n] * STEPS
-        order = ["cond", "uncond"] if layout == CfgLayout.COND_UNCOND else ["uncond", "cond"]
-        for _, s in calls:
-            assert [_which(s[:n], cond, uncond), _which(s[n:], cond, uncond)] == order
-    elif layout == CfgLayout.SEPARATE:
-        assert sizes == [n] * (2 * STEPS)
-        assert [_which(s, cond, uncond) for _, s in calls] == ["cond", "uncond"] * STEPS
-    else:
-        pytest.fail(f"unknown layout {layout!r}")
-    assert (layout == CfgLayout.NONE) == (guidance <= 1)
-
-
-def test_bad_specs_raise_planner_error(tmp_path):
-    for spec in ["no-such-model", "tiny:nope", str(tmp_path)]:
+def test_bad_specs_and_samplers_raise_planner_error(runners, tmp_path):
+    for spec in ["no-such-model", "tiny:nope", str(tmp_path), "tiny:z-image"]:
         with pytest.raises(PlannerError):
             load_runner(spec)
-    with pytest.raises(PlannerError):
-        build_tiny("nope")
     (tmp_path / "model_index.json").write_text('{"_class_name": "NoSuchPipeline"}')
-    with pytest.raises(PlannerError):
+    with pytest.raises(PlannerError, match="not in diffusers"):
         load_runner(str(tmp_path))
-
-
-def test_bad_samplers_raise_planner_error():
-    dit, flux = load_runner("tiny:dit"), load_runner("tiny:flux")
+    dit, flux = runners("tiny:dit"), runners("tiny:flux")
     for runner, bad in [
         (dit, Sampler("flow-euler", 2, 4.0)),
         (dit, Sampler("euler", 2, 4.0)),  # DiTPipeline never scales the initial noise for Euler
@@ -255,32 +154,7 @@ def test_bad_samplers_raise_planner_error():
     ]:
         with pytest.raises(PlannerError):
             runner.run(runner.conditions(1), [0], bad)
-        with pytest.raises(PlannerError):
-            runner.cfg_layout(bad)
     with pytest.raises(PlannerError):
         dit.run(dit.conditions(2), [0], Sampler("default", 2, 4.0))
     with pytest.raises(PlannerError):
         dit.run(dit.conditions(1), [0], Sampler("default", 2, 4.0), output="bogus")
-
-
-def test_family_for_pipeline_knows_the_tiny_classes():
-    for kind in KINDS:
-        pipe, family = build_tiny(kind)
-        found = family_for_pipeline(type(pipe).__name__)
-        assert type(found) is type(family)
-    assert family_for_pipeline("StableDiffusionPipeline") is None
-    assert family_for_pipeline(None) is None
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_saved_tiny_pipeline_reloads_to_identical_outputs(kind, tmp_path):
-    pipe, family = build_tiny(kind)
-    pipe.save_pretrained(tmp_path)
-    original = Runner(pipe, family, f"tiny:{kind}")
-    loaded = Runner(load_pipeline_folder(tmp_path), family_for_pipeline(type(pipe).__name__), str(tmp_path))
-    assert loaded.fingerprint() == original.fingerprint()
-    sampler = _quick(original, 4.0)
-    conditions = original.conditions(2, seed=0)
-    assert torch.equal(original.run(conditions, [0, 1], sampler), loaded.run(conditions, [0, 1], sampler))
-    if kind == "dit":  # the zoo's own folder loading, for a pipeline with no missing components
-        assert torch.equal(original.run(conditions, [0, 1], sampler), load_runner(str(tmp_path)).run(conditions, [0, 1], sampler))

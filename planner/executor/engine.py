@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from planner.cfg import BRANCHES, CfgLayout
+from planner.cfg import BRANCHES, CfgLayout, branch_of_context
 from planner.errors import PlannerError
 from planner.executor import tree
 from planner.modules import module_kind
@@ -200,12 +200,9 @@ class Engine:
     def _branches_of_call(self, args: tuple, kwargs: dict, context_name: str | None) -> tuple[str, ...]:
         r = self.run
         if self.layout is CfgLayout.SEPARATE:
-            if context_name in BRANCHES:
-                branch = context_name
-            elif r.calls <= 2:
+            branch = branch_of_context(context_name)
+            if branch is None and r.calls <= 2:  # no context: cond's call comes first
                 branch = BRANCHES[r.calls - 1]
-            else:
-                branch = None
             if branch is None or branch in r.branches:
                 raise PlannerError(
                     f"plan's CFG layout 'separate' expects one cond and one uncond call per step; step {r.step} got a "

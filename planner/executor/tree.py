@@ -132,12 +132,20 @@ def slice_call(cls: type, args: tuple, kwargs: dict, lo: int, hi: int, full: int
     return new_args, new_kwargs
 
 
+# Blocks diffusers' TransformerBlockRegistry does not know (0.42), whose outputs are a tuple:
+# (index of hidden_states, index of encoder_hidden_states) in what they return.
+UNREGISTERED_BLOCKS = {
+    "ChromaTransformerBlock": (1, 0),  # returns (encoder_hidden_states, hidden_states), as Flux's block
+    "HunyuanVideo15TransformerBlock": (0, 1),  # returns (hidden_states, encoder_hidden_states)
+}
+
+
 class ResidualMap:
     """Where a block's outputs come from: output position -> input argument, for ``reuse_residual``.
 
     Uses diffusers' ``TransformerBlockRegistry`` metadata (``return_hidden_states_index``,
-    ``return_encoder_hidden_states_index`` and the argument names); a block class it does not know is
-    assumed to return one tensor computed from ``hidden_states``.
+    ``return_encoder_hidden_states_index`` and the argument names), then :data:`UNREGISTERED_BLOCKS`;
+    any other block class is assumed to return one tensor computed from ``hidden_states``.
     """
 
     def __init__(self, block_cls: type):
@@ -150,9 +158,9 @@ class ResidualMap:
             self.hs_name, self.ehs_name = md.hidden_states_argument_name, md.encoder_hidden_states_argument_name
             self.registered = True
         except ValueError:
-            self.hs_index, self.ehs_index = 0, None
+            self.hs_index, self.ehs_index = UNREGISTERED_BLOCKS.get(block_cls.__name__, (0, None))
             self.hs_name, self.ehs_name = "hidden_states", "encoder_hidden_states"
-            self.registered = False
+            self.registered = block_cls.__name__ in UNREGISTERED_BLOCKS
 
     @_eager
     def inputs(self, args: tuple, kwargs: dict) -> dict[int, torch.Tensor | None]:

@@ -15,7 +15,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from planner.cfg import COND, UNCOND, CfgLayout, cfg_halves
+from planner.cfg import COND, UNCOND, CfgLayout, branch_of_context, cfg_halves
 from planner.errors import PlannerError
 from planner.modules import CacheableModule
 
@@ -115,7 +115,7 @@ class StepTracker(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         if self.layout is CfgLayout.SEPARATE:
             ctx = self.state._context
-            name = ctx.name if ctx is not None and ctx.name in (COND, UNCOND) else (COND if self.calls % 2 == 0 else UNCOND)
+            name = branch_of_context(ctx.name if ctx is not None else None) or (COND if self.calls % 2 == 0 else UNCOND)
             if name == COND:
                 self.step += 1
             self.branch = name

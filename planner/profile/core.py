@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from dataclasses import replace
 import sys
@@ -39,6 +40,7 @@ from planner.profile.timing import (
     quiet,
     time_runs,
 )
+from planner.pipelines.probe import check_layout
 from planner.runner import Runner, Sampler, resolve_device
 
 
@@ -74,6 +76,8 @@ def _jsonable(obj: Any) -> Any:
         t = obj.detach().cpu().contiguous()
         digest = hashlib.sha256(t.float().numpy().tobytes()).hexdigest()[:16]
         return {"tensor": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "sha256_16": digest}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # a Prompt
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items() if v not in (None, ())}
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -83,6 +87,14 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (int, float, str, bool)):
         return obj
     return str(obj)
+
+
+def prompt_set_digest(conditions: list[Any]) -> str | None:
+    """The digest plans and profiles record of the prompts they were made on (``None`` without prompts)."""
+    from planner.pipelines.prompts import Prompt, PromptSet
+
+    prompts = [c for c in conditions if isinstance(c, Prompt)]
+    return PromptSet(tuple(prompts), "calibration").digest if prompts else None
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -104,6 +116,7 @@ def profile_model(
     costs: str = "measured",
     flops: bool = True,
     calibrate_executor: bool = True,
+    probe: bool = True,
     out: str | Path | None = None,
     name: str | None = None,
     progress: bool = False,
@@ -117,7 +130,9 @@ def profile_model(
     ``min(samples, batch_size)``; a validated latency model. With ``calibrate_executor``
     the per-call overhead of the executor's hooks is measured by running it (otherwise a bare hook's).
     ``costs="flops"`` skips the timing pass: every cost is the module's FLOPs (fvcore) at a nominal
-    rate, so the latency model predicts FLOP speedups, the same on every machine. The model is left
+    rate, so the latency model predicts FLOP speedups, the same on every machine. With ``probe`` a
+    short run first checks that the CFG layout the model's family claims is what the pipeline does
+    (:mod:`planner.pipelines.probe`). Prompts are encoded before anything is timed. The model is left
     without any hook. With ``out`` the profile is also written there (a folder). Bad arguments raise
     PlannerError.
     """
@@ -145,6 +160,8 @@ def profile_model(
 
     conditions = runner.conditions(samples, seed)
     seeds = [seed + i for i in range(samples)]
+    runner.prepare(conditions)  # prompts encoded now: neither pass times the text encoders
+    measured = check_layout(runner, sampler).to_dict() if probe else None
     modules = runner.modules()
     if not modules:
         raise PlannerError(f"{runner.spec}: no cacheable modules found in {type(runner.transformer).__name__}")
@@ -176,6 +193,8 @@ def profile_model(
         name=name or default_profile_name(runner.spec, sampler, str(runner.device)),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_spec=runner.spec,
+        extra={"source": {"revision": runner.revision, "dtype": str(runner.dtype).removeprefix("torch."),
+                          "prompt_set": prompt_set_digest(conditions)}, "probe": measured},
         model_class=type(runner.transformer).__name__,
         fingerprint=runner.fingerprint(),
         modules=tuple(

@@ -324,9 +324,10 @@ class DigitsFamily(Family):
     def cfg_layout(self, sampler: Sampler) -> CfgLayout:
         return CfgLayout.COND_UNCOND if sampler.guidance > 1 else CfgLayout.NONE
 
-    def make_conditions(self, pipe, n: int, seed: int) -> list[int]:
+    def make_conditions(self, runner, n: int, seed: int) -> list[int]:
         # Classes in turn from a seed-chosen start, so any n >= 10 covers every digit evenly.
-        return [(seed + i) % NUM_CLASSES for i in range(n)]
+        labels = runner.class_labels or list(range(NUM_CLASSES))
+        return [labels[(seed + i) % len(labels)] for i in range(n)]
 
-    def call_kwargs(self, pipe, conditions: list[int], sampler: Sampler) -> dict:
+    def call_kwargs(self, runner, conditions: list[int], sampler: Sampler) -> dict:
         return {"class_labels": list(conditions), "guidance_scale": sampler.guidance}
