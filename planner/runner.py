@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -275,16 +275,37 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def as_runner(model, device: str = "auto", **options) -> Runner:
-    """A Runner for ``model``: a Runner as it is, a spec (see :func:`load_runner`) loaded on ``device``, or
-    a diffusers pipeline object (which stays where it is). ``options`` go to the Runner (prompts, ...)."""
+def as_runner(model, device: str = "auto", *, prompts=None, eval_prompts=None, negative_prompt: str | None = None,
+              class_labels: list[int] | None = None, call_args: dict | None = None, **load: Any) -> Runner:
+    """A Runner for ``model``: a Runner as it is, a spec (see :func:`load_runner`, which takes ``load``)
+    loaded on ``device``, or a diffusers pipeline object (which stays where it is).
+
+    ``prompts`` / ``eval_prompts``: calibration / evaluation prompts (a list of strings, a ``.txt`` or
+    ``.jsonl`` file, or a :class:`~planner.pipelines.prompts.PromptSet`; default: the shipped sets),
+    each without its own negative prompt taking ``negative_prompt``. ``class_labels``: the labels a
+    class-conditional model cycles through. ``call_args``: more ``pipe(...)`` arguments for every run."""
     if isinstance(model, Runner):
         return model
+    from planner.pipelines.prompts import as_prompt_set
+
+    options = {"calibration_prompts": as_prompt_set(prompts, negative_prompt),
+               "evaluation_prompts": as_prompt_set(eval_prompts, negative_prompt),
+               "class_labels": class_labels, "call_args": call_args}
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-        return load_runner(str(model), device=resolve_device(device), **options)
+        return load_runner(str(model), device=resolve_device(device), **load, **options)
     from planner.pipelines import family_for
 
     return Runner(model, family_for(model), spec=type(model).__name__, **options)
+
+
+def make_sampler(runner: Runner, sampler: Sampler | None = None, *, scheduler: str | None = None,
+                 steps: int | None = None, guidance: float | None = None, height: int | None = None,
+                 width: int | None = None, num_frames: int | None = None) -> Sampler:
+    """``sampler`` (default: the model family's) with the given fields replaced, checked against the model."""
+    base = sampler or runner.family.default_sampler
+    changes = {k: v for k, v in (("scheduler", scheduler), ("steps", steps), ("guidance", guidance), ("height", height),
+                                 ("width", width), ("num_frames", num_frames)) if v is not None}
+    return runner.resolve(replace(base, **changes))
 
 
 def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: str | torch.dtype | None = None, *,

@@ -52,11 +52,14 @@ def artifacts_dir(plan_path: str | Path) -> Path:
 def run_search(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
                max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
                out: str | Path | None = None, device: str = "auto", progress: bool = False,
-               context: SearchContext | None = None, **settings: Any) -> SearchOutcome:
+               context: SearchContext | None = None, prompts: Any = None, negative_prompt: str | None = None,
+               call_args: dict | None = None, steps: int | None = None, guidance: float | None = None,
+               height: int | None = None, width: int | None = None, num_frames: int | None = None,
+               **settings: Any) -> SearchOutcome:
     """:func:`search_plan`, returning the context and timings with the plan."""
     from planner.profile import Profile
     from planner.profile.store import profile_for
-    from planner.runner import as_runner
+    from planner.runner import as_runner, make_sampler
 
     budget = as_budget(budget, max_error)
     if isinstance(strategy, Strategy):
@@ -70,8 +73,9 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
     chosen.prepare()
     start = time.perf_counter()
     if context is None:
-        runner = as_runner(model, device=device)
-        sampler = runner.resolve(sampler)
+        runner = as_runner(model, device=device, prompts=prompts, negative_prompt=negative_prompt, call_args=call_args)
+        sampler = make_sampler(runner, sampler, steps=steps, guidance=guidance, height=height, width=width,
+                               num_frames=num_frames)
         if not isinstance(profile, Profile):
             profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
     profile_s = time.perf_counter() - start
@@ -99,7 +103,10 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
 def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
                 max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
                 out: str | Path | None = None, device: str = "auto", progress: bool = False,
-                context: SearchContext | None = None, **settings: Any) -> Plan:
+                context: SearchContext | None = None, prompts: Any = None, negative_prompt: str | None = None,
+                call_args: dict | None = None, steps: int | None = None, guidance: float | None = None,
+                height: int | None = None, width: int | None = None, num_frames: int | None = None,
+                **settings: Any) -> Plan:
     """A cache plan for ``model`` that meets ``budget``, found by ``strategy``.
 
     ``model``: a :class:`~planner.runner.Runner`, a diffusers pipeline the zoo knows, or a model spec
@@ -111,8 +118,12 @@ def search_plan(model: Any, budget: str | float | Budget | None = None, *, strat
     ``calib_samples``: calibration inputs (seeds 0..N-1). ``out``: write the plan there.
     ``context``: a :class:`~planner.search.context.SearchContext` to search on instead (several
     searches on one model share its calibration run; ``model``, ``sampler`` and ``profile`` are then
-    unused). Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
+    unused). ``prompts`` (a list, a ``.txt``/``.jsonl`` file), ``negative_prompt``, ``call_args`` and
+    ``steps``, ``guidance``, ``height``, ``width``, ``num_frames``: the calibration inputs and the
+    sampler, as for :func:`planner.runner.as_runner` and :func:`planner.runner.make_sampler`.
+    Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
     """
     return run_search(model, budget, strategy=strategy, max_error=max_error, sampler=sampler, profile=profile,
                       calib_samples=calib_samples, out=out, device=device, progress=progress, context=context,
-                      **settings).plan
+                      prompts=prompts, negative_prompt=negative_prompt, call_args=call_args, steps=steps,
+                      guidance=guidance, height=height, width=width, num_frames=num_frames, **settings).plan

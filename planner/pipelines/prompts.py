@@ -149,6 +149,23 @@ def _frozen(value: Any) -> Any:
     return value
 
 
+def as_prompt_set(prompts: "PromptSet | str | Path | Iterable[str] | None", negative: str | None = None) -> PromptSet | None:
+    """A prompt set from a set, a ``.txt``/``.jsonl`` file, or a list of strings (``None`` stays ``None``); prompts
+    without their own negative prompt take ``negative``."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, PromptSet):
+        found = prompts
+    elif isinstance(prompts, (str, Path)):
+        found = load_prompts(prompts)
+    else:
+        texts = list(prompts)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise PlannerError("prompts must be a non-empty list of strings, a .txt or .jsonl file, or a PromptSet")
+        found = PromptSet(tuple(Prompt(t) for t in texts), "given")
+    return found.with_negative(negative)
+
+
 def calibration_prompts() -> PromptSet:
     """The shipped calibration prompts."""
     return load_prompts(CALIBRATION_FILE)

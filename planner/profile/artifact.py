@@ -273,7 +273,8 @@ def slug(text: str) -> str:
 def default_profile_name(spec: str, sampler: Sampler, device: str) -> str:
     """``<model>_<scheduler><steps>_g<guidance>_<device type>``, e.g. ``digits-dit_ddim50_g3_cpu``."""
     model = slug(Path(spec).name if Path(spec).is_dir() else spec)
-    return f"{model}_{slug(sampler.scheduler)}{sampler.steps}_g{sampler.guidance:g}_{slug(device.split(':')[0])}"
+    size = "".join(f"_{k[0]}{v}" for k, v in sampler.size.items())  # _h512_w512_n81 when sizes are set
+    return f"{model}_{slug(sampler.scheduler)}{sampler.steps}_g{sampler.guidance:g}{size}_{slug(device.split(':')[0])}"
 
 
 def validate_meta(d: Any, where: str = META_FILE) -> dict:

@@ -12,9 +12,9 @@ PROFILES_DIR = Path("profiles")
 def profile_for(runner, sampler, path: str | Path | None = None, *, samples: int = 8, progress: bool = False,
                 folder: str | Path = PROFILES_DIR) -> Profile:
     """The profile at ``path``; without one, the default profile of this model, sampler and device in
-    ``folder`` when it fits the model and holds at least ``samples`` calibration inputs, else a new
-    profile made now and written there."""
-    from planner.profile.core import profile_model
+    ``folder`` when it fits the model, was made on the same calibration prompts and holds at least
+    ``samples`` calibration inputs, else a new profile made now and written there."""
+    from planner.profile.core import profile_model, prompt_set_digest
 
     if path is not None:
         return load_profile(path)
@@ -22,6 +22,8 @@ def profile_for(runner, sampler, path: str | Path | None = None, *, samples: int
     default = Path(folder) / default_profile_name(runner.spec, sampler, str(runner.device))
     if (default / META_FILE).is_file():
         profile = load_profile(default)
-        if profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples:
+        prompts = prompt_set_digest(runner.conditions(profile.meta.samples, profile.meta.seed))
+        recorded = profile.meta.extra.get("source", {}).get("prompt_set")
+        if profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples and recorded == prompts:
             return profile
     return profile_model(runner, sampler, samples=samples, device=str(runner.device), out=default, progress=progress)
