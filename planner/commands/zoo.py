@@ -16,9 +16,9 @@ def register(sub) -> None:
     add_json_flag(lst)
     lst.set_defaults(func=cmd_list)
 
-    train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-dit, digits-classifier)")
-    train.add_argument("name", help="digits-dit or digits-classifier")
-    train.add_argument("--steps", type=int, default=None, help="training steps (digits-dit) or epochs (classifier)")
+    train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-dit*, digits-classifier)")
+    train.add_argument("name", help="digits-dit, digits-dit-wide, digits-dit-deep or digits-classifier")
+    train.add_argument("--steps", type=int, default=None, help="training steps (digit DiTs) or epochs (classifier)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="where to write (default: the packaged weights)")
     add_json_flag(train)
@@ -38,14 +38,17 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise PlannerError(f"--steps must be at least 1, got {args.steps}")
-    if args.name == "digits-dit":
-        from planner.zoo.digits import WEIGHTS_DIR, TrainConfig, train_digits_dit
+    from planner.zoo.digits import ARCHITECTURES
 
-        cfg = TrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
-        out = Path(args.out) if args.out else WEIGHTS_DIR
+    if args.name in ARCHITECTURES:
+        from planner.zoo.digits import WEIGHTS_ROOT, TrainConfig, train_digits_dit
+
+        cfg = TrainConfig(model=args.name, seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        out = Path(args.out) if args.out else WEIGHTS_ROOT / args.name
         _, record = train_digits_dit(cfg, out_dir=out, progress=not args.json)
         payload = {k: v for k, v in record.items() if k != "losses"} | {"out": str(out)}
-        text = f"trained digits-dit in {record['wall_time_s']} s, final loss {record['final_loss_mean_last_100']:.4f}; wrote {out}"
+        text = (f"trained {args.name} in {record['wall_time_s']} s, final loss "
+                f"{record['final_loss_mean_last_100']:.4f}; wrote {out}")
     elif args.name == "digits-classifier":
         from planner.zoo.classifier import WEIGHTS_PATH, train_classifier
 
@@ -54,6 +57,7 @@ def cmd_train(args) -> int:
         payload = record | {"out": str(out)}
         text = f"trained digits-classifier: held-out accuracy {record['held_out_accuracy']:.4f}; wrote {out}"
     else:
-        raise PlannerError(f"cannot train {args.name!r}: trainable models are digits-dit and digits-classifier")
+        names = ", ".join([*ARCHITECTURES, "digits-classifier"])
+        raise PlannerError(f"cannot train {args.name!r}: trainable models are {names}")
     report(args, payload, text)
     return 0

@@ -1,6 +1,7 @@
 """The model zoo: named models the CLI and the runner can load without downloading anything.
 
-* ``digits-dit``: the project's own trained class-conditional DiT (:mod:`planner.zoo.digits`);
+* ``digits-dit``: the project's own trained class-conditional DiT (:mod:`planner.zoo.digits`), the default;
+  ``digits-dit-wide`` and ``digits-dit-deep`` are the same recipe in other shapes (the development suite);
 * ``tiny:<kind>``: tiny but real diffusers pipelines of every supported kind, with tiny text encoders
   and tokenizers built offline (:mod:`planner.zoo.fixtures`), for tests and for trying the planner out.
 
@@ -22,10 +23,13 @@ class ZooEntry:
     trainable: bool = False
 
 
-def _digits():
-    from planner.zoo.digits import load_digits_pipeline
+def _digits(name: str):
+    def load():
+        from planner.zoo.digits import load_digits_pipeline
 
-    return load_digits_pipeline()
+        return load_digits_pipeline(name)
+
+    return load
 
 
 def _fixture(kind: str):
@@ -40,8 +44,14 @@ def _fixture(kind: str):
 def _entries() -> dict[str, ZooEntry]:
     from planner.zoo.fixtures import specs
 
-    entries = {"digits-dit": ZooEntry("digits-dit", "class-conditional pixel-space DiT on sklearn digits (8 blocks, "
-                                                    "shipped weights)", _digits, trainable=True)}
+    from planner.zoo.digits import ARCHITECTURES
+
+    entries = {}
+    for name, arch in ARCHITECTURES.items():
+        shape = (f"{arch['num_layers']} blocks of width {arch['num_attention_heads'] * arch['attention_head_dim']}, "
+                 f"patch {arch['patch_size']}")
+        entries[name] = ZooEntry(name, f"class-conditional pixel-space DiT on sklearn digits ({shape}; shipped "
+                                       "weights)", _digits(name), trainable=True)
     for kind, spec in specs().items():
         if kind in UNSUPPORTED:
             continue

@@ -26,7 +26,8 @@ from planner.cfg import CfgLayout
 from planner.runner import Family, Sampler
 
 NUM_CLASSES = 10
-WEIGHTS_DIR = Path(__file__).parent / "weights" / "digits-dit"
+WEIGHTS_ROOT = Path(__file__).parent / "weights"
+WEIGHTS_DIR = WEIGHTS_ROOT / "digits-dit"
 
 TRANSFORMER_CONFIG = dict(
     sample_size=8,
@@ -39,6 +40,15 @@ TRANSFORMER_CONFIG = dict(
     num_embeds_ada_norm=NUM_CLASSES,  # label table has NUM_CLASSES + 1 rows; the last is the CFG null class
     norm_num_groups=32,
 )
+
+# The digit models of the development suite: one recipe, other shapes, so that a change to a search
+# strategy is judged on more than one network (depth 4 to 12, width 32 to 128, patch 1 and 2).
+ARCHITECTURES: dict[str, dict] = {
+    "digits-dit": TRANSFORMER_CONFIG,
+    "digits-dit-wide": TRANSFORMER_CONFIG | dict(num_layers=4, num_attention_heads=4, attention_head_dim=32),
+    "digits-dit-deep": TRANSFORMER_CONFIG | dict(num_layers=12, patch_size=1, num_attention_heads=2,
+                                                 attention_head_dim=16),
+}
 
 # DDIM's default clip_sample=True wrecks many-step CFG sampling in pixel space.
 SCHEDULER_CONFIG = dict(
@@ -141,11 +151,13 @@ class DigitsDiTPipeline(DiffusionPipeline):
 
 
 def load_digits_pipeline(path: str | Path | None = None) -> DigitsDiTPipeline:
-    """The shipped (or a given) digits-dit pipeline, in eval mode, float32, on CPU."""
+    """A shipped digit model (a name of :data:`ARCHITECTURES`; digits-dit by default) or the one saved at
+    ``path``, in eval mode, float32, on CPU."""
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" is noise for a 3 MiB model
-    pipe = DigitsDiTPipeline.from_pretrained(str(path or WEIGHTS_DIR))
+    folder = WEIGHTS_ROOT / path if path in ARCHITECTURES else (path or WEIGHTS_DIR)
+    pipe = DigitsDiTPipeline.from_pretrained(str(folder))
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -153,8 +165,9 @@ def load_digits_pipeline(path: str | Path | None = None) -> DigitsDiTPipeline:
 
 @dataclass
 class TrainConfig:
-    """The recipe that produced the shipped weights (see the model card)."""
+    """The recipe that produced the shipped weights (see the model cards); ``model`` names the shape."""
 
+    model: str = "digits-dit"
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
@@ -175,7 +188,7 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 def train_digits_dit(
     cfg: TrainConfig, out_dir: str | Path | None = None, progress: bool = True
 ) -> tuple[DigitsDiTPipeline, dict]:
-    """Train digits-dit from scratch; deterministic for a given ``cfg`` and thread count.
+    """Train the digit model ``cfg.model`` from scratch; deterministic for a given ``cfg`` and thread count.
 
     Returns the EMA pipeline and a record (loss curve, wall time, ...). With ``out_dir`` the
     pipeline, a model card and the loss curve are written there (each file atomically).
@@ -185,7 +198,7 @@ def train_digits_dit(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images, labels = load_digits_data()
-    model = DiTTransformer2DModel(**TRANSFORMER_CONFIG)
+    model = DiTTransformer2DModel(**ARCHITECTURES[cfg.model])
     # Each block's LabelEmbedding would drop labels on its own in train mode; drop them once, here.
     for module in model.modules():
         if isinstance(module, LabelEmbedding):
@@ -198,7 +211,7 @@ def train_digits_dit(
 
     losses: list[float] = []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train digits-dit", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc=f"train {cfg.model}", disable=not progress)
     for step in bar:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         x0, y = images[idx], labels[idx].clone()
@@ -282,16 +295,18 @@ def _model_card(pipe: DigitsDiTPipeline, record: dict) -> str:
         f"| {i + 1} | {np.mean(losses[max(0, i - 49): i + 1]):.4f} |" for i in checkpoints if i < len(losses)
     )
     cfg = record["train_config"]
-    return f"""# digits-dit
+    name = cfg.get("model", "digits-dit")
+    role = ("It is dit-cache-planner's embedded\ndefault model" if name == "digits-dit" else
+            "It is one of the other shapes of\nthe development suite (`digits-dit` is the default)")
+    return f"""# {name}
 
 A class-conditional Diffusion Transformer (diffusers `DiTTransformer2DModel`) in pixel space,
-trained by this project on scikit-learn's bundled digits. It is dit-cache-planner's embedded
-default model: small enough to ship and to profile on a laptop CPU, trained so that its blocks
+trained by this project on scikit-learn's bundled digits. {role}: small enough to ship and to profile on a laptop CPU, trained so that its blocks
 really differ from step to step.
 
 | | |
 |---|---|
-| architecture | {json.dumps(TRANSFORMER_CONFIG)} |
+| architecture | {json.dumps(ARCHITECTURES[name])} |
 | parameters | {n_params:,} ({n_params * 4 / 2**20:.1f} MiB fp32) |
 | data | `sklearn.datasets.load_digits`: 1797 grey 8x8 images, 10 classes, scaled to [-1, 1] |
 | objective | epsilon prediction, 1000-step linear DDPM schedule (beta 1e-4 to 0.02) |
@@ -310,7 +325,7 @@ Loss (mean of the 50 steps up to the step shown; the whole curve is `loss_curve.
 |---|---|
 {curve}
 
-Rebuild with `planner zoo train digits-dit` (writes this folder).
+Rebuild with `planner zoo train {name}` (writes this folder).
 """
 
 
