@@ -501,6 +501,13 @@ def _n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _repeat(quality: dict) -> str:
+    r = quality.get("repeat_comparison")
+    if r is None:
+        return "not measured"
+    return f"{r['images']} images, {r['steps']} steps, guidance {r['guidance']}: PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}"
+
+
 def _quality_table(quality: dict) -> str:
     rows = [
         "| steps | guidance | digit accuracy | thickness acc. (chance) / rho | slant acc. (chance) / rho | size acc. (chance) / rho | Frechet | s / image |",
@@ -538,12 +545,14 @@ def model_card(pipe, record: dict, quality: dict | None = None) -> str:
     total = sum(sizes.values())
     size_line = ", ".join(f"{k} {v:,}" for k, v in sizes.items())
     levels = "; ".join(f"{a}: " + " / ".join(cap.LEVEL_NAMES[a]) for a in cap.ATTRIBUTES)
+    layers = f"{arch['text_layers']} layer" + ("s" if arch["text_layers"] != 1 else "")
+    cpu = f", CPU time {record['cpu_time_s']} s" if "cpu_time_s" in record else ""
     if quality is None:
         quality_text = "Not measured yet: run `python benchmarks/mmdit_quality.py --card`."
     else:
         quality_text = f"""Measured by `{quality['command']}` ({quality['prompts']} prompts: every digit x every
 thickness x slant x size combination, phrased at random; seeds {quality['seeds']}; {quality['threads']} CPU
-threads). Digit accuracy: the project's digit classifier against the prompt's digit. Attributes:
+thread(s); timings on a shared machine, the load averages are in `quality.json`). Digit accuracy: the project's digit classifier against the prompt's digit. Attributes:
 accuracy of the level measured from the image against the level asked for (chance: the accuracy if
 they were independent, from the two marginals; 1/3 for thickness and slant, 1/2 for size when
 balanced) and Spearman rho between the asked level and the measured value (z-scored within the
@@ -553,8 +562,8 @@ class). Frechet: distance of classifier features to the 1797 real digits
 {_quality_table(quality)}
 
 Same seeds, 28 against 50 steps (guidance {quality['steps_comparison']['guidance']}): PSNR
-{quality['steps_comparison']['psnr']:.2f} dB, SSIM {quality['steps_comparison']['ssim']:.4f}. Against
-itself (the uncached reference of a cache plan) a full run is bit-identical: PSNR inf, SSIM 1.
+{quality['steps_comparison']['psnr']:.2f} dB, SSIM {quality['steps_comparison']['ssim']:.4f}. A repeated run against the first
+(the uncached reference of a cache plan; {_repeat(quality)}).
 Unconditional (prompt `""`, guidance 1): the classifier's digit histogram is
 {quality['unconditional_digit_histogram']}."""
     return f"""# digits-mmdit
@@ -580,8 +589,8 @@ Without a negative prompt a step is one call, unguided. The empty prompt is the 
 | | |
 |---|---|
 | transformer | `FluxTransformer2DModel`: {arch['double_layers']} double + {arch['single_layers']} single blocks, {arch['heads']} heads x {arch['head_dim']}, RoPE axes {tuple(arch['rope_axes'])}, patch 1 on 1 latent channel packed 2x2 (16 image tokens), no guidance embedding |
-| text | `tokenizer`: `CLIPTokenizer` (BPE learned from the caption vocabulary, every caption word one token; unseen words split into known pieces, unseen characters `<\\|unk\\|>`); `text_encoder`: `CLIPTextModel` {arch['text_layers']} layers x {arch['text_width']} (pooled output); `tokenizer_2`: `T5Tokenizer` (Unigram over the caption words and their capitalised forms; unseen words `<unk>`); `text_encoder_2`: `T5EncoderModel` {arch['text_layers']} layers x {arch['text_width']} ({MAX_SEQUENCE_LENGTH} tokens) |
-| vae | `AutoencoderKL`, one level ({arch['vae_channels']} channels, scale factor 1, 1 latent channel), trained {cfg['vae_steps']} steps to be the identity on pixels (reconstruction PSNR {record['vae_reconstruction_psnr_db']} dB on the data); latents = (pixels in [-1, 1] - {record['latent_shift']}) x {record['latent_scale']} |
+| text | `tokenizer`: `CLIPTokenizer` (BPE learned from the caption vocabulary, every caption word one token; unseen words split into known pieces, unseen characters `<\\|unk\\|>`); `text_encoder`: `CLIPTextModel` {layers} x width {arch['text_width']} (pooled output); `tokenizer_2`: `T5Tokenizer` (Unigram over the caption words and their capitalised forms; unseen words `<unk>`); `text_encoder_2`: `T5EncoderModel` {layers} x width {arch['text_width']} ({MAX_SEQUENCE_LENGTH} tokens) |
+| vae | `AutoencoderKL`, one level ({arch['vae_channels']} channels, scale factor 1, 1 latent channel), trained {cfg['vae_steps']} steps to be the identity on pixels (reconstruction PSNR {record['vae_reconstruction_psnr_db']} dB on the data); latents = (pixels in [-1, 1] - shift_factor) x scaling_factor, shift_factor {record['latent_shift']}, scaling_factor {record['latent_scale']} (zero mean, unit variance on the data) |
 | parameters | {total:,} ({total * 4 / 2**20:.1f} MiB fp32): {size_line} |
 | data | `sklearn.datasets.load_digits`: 1797 grey 8x8 images, 10 classes |
 | captions | drawn afresh for every sample: the digit as a word or numeral in one of several phrasings, each measured attribute named with p=0.6 (levels binned within the digit's class on the real data: {levels}); e.g. "a thick, upright seven", "the digit 3, thin and slanted left", "number two, small"; first letter capitalised with p=0.2; a made-up word inserted with p={cfg['unknown_word_prob']}; replaced by "" with p={cfg['caption_dropout']} (CFG) |
@@ -589,7 +598,7 @@ Without a negative prompt a step is one call, unguided. The empty prompt is the 
 | optimiser | AdamW lr {cfg['lr']}, weight decay {cfg['weight_decay']}, {cfg['warmup_steps']} warm-up steps then cosine decay, batch {cfg['batch_size']} |
 | steps | {cfg['steps']}, EMA decay {cfg['ema_decay']} (the EMA weights of transformer and text encoders are shipped) |
 | seed | {cfg['seed']} (training is deterministic for a given thread count) |
-| wall time | {record['wall_time_s']} s on {record['threads']} CPU threads, VAE included ({record['vae_wall_time_s']} s); load average at the end {record['load_average_at_end']} (the machine was shared) |
+| wall time | {record['wall_time_s']} s on {record['threads']} CPU threads{cpu}, VAE included ({record['vae_wall_time_s']} s); load average at the end {record['load_average_at_end']} on 2 cores: the machine was shared, so this is an upper bound |
 | final loss | {record['final_loss_mean_last_100']:.4f} (mean of the last 100 steps) |
 | sampler | `FlowMatchEulerDiscreteScheduler`, shift 1, {DEFAULT_STEPS} steps, true CFG {DEFAULT_GUIDANCE} against "" |
 | versions | planner {planner.__version__}, torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__} |
@@ -606,8 +615,10 @@ Mean of the 50 steps up to the step shown; the whole curve is `loss_curve.csv`.
 |---|---|
 {curve}
 
-Rebuild with `planner.zoo.mmdit.train_digits_mmdit(TrainConfig(), out_dir)` under
-`torch.set_num_threads(2)`, then `python benchmarks/mmdit_quality.py --card`.
+Rebuild with `OMP_WAIT_POLICY=PASSIVE python -m planner.zoo.mmdit --threads 2` (that is
+`train_digits_mmdit(TrainConfig(), out_dir)` under `torch.set_num_threads(2)`; the passive wait
+policy only matters on a busy machine, where spinning OpenMP threads slow training many times
+over), then `python benchmarks/mmdit_quality.py --card`.
 """
 
 
