@@ -11,8 +11,8 @@ Folders, Hugging Face repo ids and ``module:function`` specs are loaded by
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,8 @@ def _fixture(kind: str):
 
 
 def _entries() -> dict[str, ZooEntry]:
-    from planner.zoo.fixtures import specs
-
     from planner.zoo.digits import ARCHITECTURES
+    from planner.zoo.fixtures import specs
 
     entries = {}
     for name, arch in ARCHITECTURES.items():

@@ -178,10 +178,11 @@ class TrainConfig:
     seed: int = 0
 
 
-def _lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+def warmup_cosine(step: int, *, steps: int, warmup_steps: int) -> float:
+    """The learning-rate factor of the zoo's recipes: linear warm-up, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -207,7 +208,7 @@ def train_digits_dit(
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     noise_sched = DDPMScheduler(**SCHEDULER_CONFIG)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps=cfg.steps, warmup_steps=cfg.warmup_steps))
 
     losses: list[float] = []
     start = time.perf_counter()
@@ -247,40 +248,22 @@ def train_digits_dit(
 
 
 def save_digits_model(pipe: DigitsDiTPipeline, record: dict, out_dir: str | Path) -> Path:
-    """Write the pipeline folder, ``loss_curve.csv`` and ``MODEL_CARD.md`` into ``out_dir``.
+    """Write the pipeline folder, ``loss_curve.csv`` and ``MODEL_CARD.md`` into ``out_dir``, swapped in whole
+    (an interrupted save never leaves a half-written model behind)."""
+    from planner.io import atomic_dir, write_text_atomic
 
-    The pipeline goes to a sibling temporary folder first and replaces ``out_dir`` in one rename,
-    so an interrupted save never leaves a half-written model behind.
-    """
-    import os
-    import shutil
-    import tempfile
-
-    from planner.io import write_text_atomic
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes folders private; the model is meant to be shared
-    try:
+    with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        losses = record["losses"]
-        curve = "step,loss,loss_ema50\n" + "".join(
-            f"{i},{v:.6f},{np.mean(losses[max(0, i - 49): i + 1]):.6f}\n" for i, v in enumerate(losses)
-        )
-        write_text_atomic(tmp / "loss_curve.csv", curve)
+        write_text_atomic(tmp / "loss_curve.csv", loss_curve_csv(record["losses"]))
         write_text_atomic(tmp / "MODEL_CARD.md", _model_card(pipe, record))
-        backup = None
-        if out_dir.exists():
-            backup = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-        os.replace(tmp, out_dir)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
+
+
+def loss_curve_csv(losses: list[float]) -> str:
+    """A training loss curve as CSV: ``step,loss,loss_mean50`` (the mean of the 50 steps up to each)."""
+    return "step,loss,loss_mean50\n" + "".join(
+        f"{i},{v:.6f},{np.mean(losses[max(0, i - 49): i + 1]):.6f}\n" for i, v in enumerate(losses)
+    )
 
 
 def _model_card(pipe: DigitsDiTPipeline, record: dict) -> str:
