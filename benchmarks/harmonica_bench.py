@@ -51,7 +51,7 @@ def search_timed(strategy: str, params: dict, context, label: str, folder: Path 
 
 def measure(runner, sampler, plans: dict, seeds: list[int], repeats: int) -> dict:
     """Full compute and every plan on ``seeds``, timed interleaved; ``{name: figures}`` plus ``"full"``."""
-    from planner.evaluate import REFERENCE, Contender, digit_scores, quality, time_against_reference
+    from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference
     from planner.executor import apply_plan
 
     conditions = runner.conditions(len(seeds), seed=seeds[0])
@@ -64,9 +64,9 @@ def measure(runner, sampler, plans: dict, seeds: list[int], repeats: int) -> dic
         repeats=repeats, reference_every=len(plans),
     )
     full = timed.outputs[REFERENCE]
-    out = {"full": {**digit_scores(full, conditions), "seconds": min(timed.reference_seconds)}}
+    out = {"full": {**meter_scores(runner, full, conditions), "seconds": min(timed.reference_seconds)}}
     for name, plan in plans.items():
-        q = quality(timed.outputs[name], full, conditions, digits=True)
+        q = {**quality(timed.outputs[name], full), **meter_scores(runner, timed.outputs[name], conditions)}
         out[name] = {"realized": timed.timings[name].speedup, "predicted": plan.prediction.speedup,
                      "calib_error": plan.prediction.calib_error, **q}
     return out

@@ -100,7 +100,7 @@ def row_of(method: str, label: str, plan, search_s: float, verify: dict | None, 
         "method": method, "budget": label, "search_s": round(search_s, 1),
         "predicted": plan.prediction.speedup, "calib_error": plan.prediction.calib_error,
         "realized": verify["speedup"], "psnr": verify["psnr"], "ssim": verify["ssim"],
-        "accuracy": verify["digits"]["plan"]["accuracy"], "full_accuracy": verify["digits"]["full"]["accuracy"],
+        "accuracy": verify["meter"]["plan"]["accuracy"], "full_accuracy": verify["meter"]["full"]["accuracy"],
         "train_s": params.get("train_s"), "level": params.get("level"),
         "lambda": params.get("lambda"), "theta": params.get("theta"), "note": note,
     }
@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                 short = fewer_steps(runner, steps, plan.prediction.speedup, seeds, 3.0, args.repeats)
                 versus.append({"budget": label, "l2c_predicted": plan.prediction.speedup, "l2c_speedup": v["speedup"],
                                "l2c_psnr": v["psnr"],
-                               "l2c_accuracy": v["digits"]["plan"]["accuracy"], **{f"ddim_{k}": x for k, x in short.items()}})
+                               "l2c_accuracy": v["meter"]["plan"]["accuracy"], **{f"ddim_{k}": x for k, x in short.items()}})
             for name in [b for b in args.baselines.split(",") if b]:
                 start = time.perf_counter()
                 try:

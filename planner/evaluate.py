@@ -11,9 +11,11 @@ load (other jobs on a shared box) so hits both sides of every ratio alike. Set-u
 installing a plan's hooks happens outside the timer; on a GPU every run is fenced by
 ``torch.cuda.synchronize``.
 
-Quality (``quality``): PSNR, SSIM, MSE and relative L1 against the full run from the same seeds;
-for digits-dit also the digit classifier's accuracy and the Frechet distance of classifier
-features to the real digits.
+Quality (``quality``): pooled PSNR (the headline), mean, 5th-percentile and worst per-image PSNR,
+SSIM, MSE and relative L1 against the full run from the same seeds (:mod:`planner.metrics`); and
+where the model has a meter of its own (the digit models: the classifier's accuracy, the Frechet
+distance of classifier features to the real digits; digits-mmdit: adherence to the prompt's digit
+and attributes), its scores for both runs.
 """
 
 from __future__ import annotations
@@ -157,31 +159,21 @@ def time_against_reference(reference: Contender, contenders: dict[str, Contender
 # --------------------------------------------------------------------------- quality
 
 
-def quality(output: torch.Tensor, reference: torch.Tensor, conditions: list[Any] | None = None,
-            digits: bool = False) -> dict[str, float | None]:
-    """PSNR, SSIM, MSE and relative L1 of ``output`` against ``reference`` (images in [0, 1]); with
-    ``digits`` also the classifier's accuracy on ``conditions`` and the Frechet distance to real digits."""
+def quality(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """The scores of :func:`planner.metrics.compare` of ``output`` against ``reference`` (images in [0, 1])."""
     from planner.metrics import compare
 
-    scores: dict[str, float | None] = dict(compare(output, reference))
-    if digits:
-        scores.update(digit_scores(output, conditions))
-    return scores
+    return compare(output, reference)
 
 
-def digit_scores(images: torch.Tensor, conditions: list[Any] | None) -> dict[str, float | None]:
-    """Digit classifier accuracy (intended labels = ``conditions``) and Frechet distance (``None`` below 2 images)."""
-    from planner.metrics import digit_accuracy, digit_frechet_distance
-
-    return {
-        "accuracy": digit_accuracy(images, conditions) if conditions is not None else None,
-        "frechet": digit_frechet_distance(images) if len(images) >= 2 else None,
-    }
+# Column titles of the meters' scores in reports.
+METER_LABELS = {"accuracy": "digit accuracy", "frechet": "Frechet distance", "thickness": "thickness acc.",
+                "slant": "slant acc.", "size": "size acc."}
 
 
-def is_digits(runner) -> bool:
-    """Whether the runner drives digits-dit (whose outputs the digit classifier can read)."""
-    return getattr(runner.family, "name", None) == "digits"
+def meter_scores(runner, images: torch.Tensor, conditions: list[Any]) -> dict[str, float | None]:
+    """The model's own quality scores of ``images`` drawn for ``conditions`` (``{}`` for models without a meter)."""
+    return runner.meter(images, conditions) if runner.meter is not None else {}
 
 
 # --------------------------------------------------------------------------- one plan
@@ -194,9 +186,8 @@ def evaluate_plan(runner, sampler, plan, seeds: list[int], repeats: int = 5, war
     Refuses seeds overlapping the plan's calibration seeds unless ``force`` (before any model runs).
     Returns a JSON-ready report: ``seeds`` (compact text), ``n``, ``full_s`` / ``plan_s`` (medians)
     with ``full_range_s`` / ``plan_range_s``, ``speedup`` (median of interleaved per-run ratios),
-    ``speedup_range`` (their min and max), ``repeats``, PSNR/SSIM/MSE/rel. L1, ``executor`` stats,
-    and for digits-dit ``digits`` = ``{"full": ..., "plan": ...}``, each the classifier's accuracy and
-    the Frechet distance to the real digits.
+    ``speedup_range`` (their min and max), ``repeats``, the :func:`quality` scores, ``executor`` stats,
+    and for models with a meter ``meter`` = ``{"full": ..., "plan": ...}``, its scores of each run.
     """
     return evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats, warmup, force, progress)[0]
 
@@ -241,8 +232,8 @@ def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats:
         **quality(planned, full),
         "executor": _executor_summary(handles[-1].stats()),
     }
-    if is_digits(runner):
-        report["digits"] = {"full": digit_scores(full, conditions), "plan": digit_scores(planned, conditions)}
+    if runner.meter is not None:
+        report["meter"] = {"full": meter_scores(runner, full, conditions), "plan": meter_scores(runner, planned, conditions)}
     return report, full, planned
 
 
@@ -263,22 +254,24 @@ def eval_markdown(report: dict) -> str:
             return "-"
         return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
 
-    digits = report.get("digits")
-    head = "| run | time s (median, min-max) | speedup (min-max) | PSNR dB | SSIM | rel. L1 |"
-    sep = "|---|---|---|---|---|---|"
-    if digits:
-        head += " digit accuracy | Frechet distance |"
-        sep += "---|---|"
+    meter = report.get("meter") or {"full": {}, "plan": {}}
+    names = list(meter["full"])
+    head = ("| run | time s (median, min-max) | speedup (min-max) | PSNR dB pooled | mean | p5 | worst | SSIM | rel. L1 |"
+            + "".join(f" {METER_LABELS.get(n, n)} |" for n in names))
+    sep = "|---" * (9 + len(names)) + "|"
     lo, hi = report["full_range_s"]
-    full = f"| full compute | {report['full_s']:.3f} ({lo:.3f}-{hi:.3f}) | 1.00x | | | |"
+    full = f"| full compute | {report['full_s']:.3f} ({lo:.3f}-{hi:.3f}) | 1.00x |" + " |" * 6
     lo, hi = report["plan_range_s"]
     slo, shi = report["speedup_range"]
     plan = (f"| plan ({report['plan_strategy']}) | {report['plan_s']:.3f} ({lo:.3f}-{hi:.3f}) | "
-            f"{report['speedup']:.2f}x ({slo:.2f}-{shi:.2f}) | {num(report['psnr'], '.2f')} | "
-            f"{num(report['ssim'], '.4f')} | {num(report['rel_l1'], '.4f')} |")
-    if digits:
-        full += f" {num(digits['full']['accuracy'], '.3f')} | {num(digits['full']['frechet'], '.1f')} |"
-        plan += f" {num(digits['plan']['accuracy'], '.3f')} | {num(digits['plan']['frechet'], '.1f')} |"
+            f"{report['speedup']:.2f}x ({slo:.2f}-{shi:.2f}) | "
+            + " | ".join(num(report[k], ".2f") for k in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst"))
+            + f" | {num(report['ssim'], '.4f')} | {num(report['rel_l1'], '.4f')} |")
+    for n in names:
+        fmt = ".1f" if n == "frechet" else ".3f"
+        full += f" {num(meter['full'][n], fmt)} |"
+        plan += f" {num(meter['plan'][n], fmt)} |"
     note = (f"\n\n{report['n']} held-out seeds {report['seeds']}, {report['repeats']} interleaved timed runs per side "
-            "after a warm-up; speedup = median of per-run ratios.")
+            "after a warm-up; speedup = median of per-run ratios. PSNR pooled: from the MSE over all images; mean, "
+            "p5, worst: of the per-image PSNRs.")
     return f"{head}\n{sep}\n{full}\n{plan}{note}"

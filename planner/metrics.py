@@ -1,9 +1,14 @@
 """Quality of a cached run against the uncached reference from the same seeds.
 
-Images are ``[B, C, H, W]`` (video ``[B, C, F, H, W]`` is folded into frames) with values in
-``[0, data_range]``. Per-image scores are averaged over the batch. For digits-dit there are also
-the digit classifier's accuracy and a Frechet distance between classifier features of generated
-and real digits (an FID on our own feature extractor).
+Images are ``[B, C, H, W]`` (video ``[B, C, F, H, W]``: SSIM folds it into frames, the PSNRs take a
+whole video as one sample) with values in ``[0, data_range]``.
+
+The headline PSNR is *pooled*: from the mean squared error over every pixel of every image, so one
+sample that drifts far off pulls it down as much as its error weighs. Beside it stand the mean of
+the per-image PSNRs (which a few near-perfect images can flatter), the worst image and the 5th
+percentile. For the digit models there are also the digit classifier's accuracy and a Frechet
+distance between classifier features of generated and real digits (an FID on our own feature
+extractor).
 """
 
 from __future__ import annotations
@@ -37,17 +42,39 @@ def rel_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
 
 
-def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB, per image then averaged; ``inf`` when every image matches exactly.
+# An image that matches its reference exactly counts as this many dB in the per-image statistics,
+# where an infinity would swamp a mean; the pooled PSNR needs no such cap.
+PSNR_CEILING_DB = 100.0
 
-    Images that match exactly are left out of the average of the others (an ``inf`` would swamp it).
-    """
-    out, ref = _as_images(output), _as_images(reference)
+
+def _db(mse_value: torch.Tensor | float, data_range: float) -> torch.Tensor:
+    return 10 * torch.log10(data_range**2 / torch.as_tensor(mse_value, dtype=torch.float64))
+
+
+def per_image_psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """PSNR in dB of each sample (a video is one sample), capped at :data:`PSNR_CEILING_DB`."""
+    out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
     per_image = ((out - ref) ** 2).flatten(1).mean(1)
-    if (per_image == 0).all():
-        return math.inf
-    finite = per_image[per_image > 0]
-    return (10 * torch.log10(data_range**2 / finite)).mean().item()
+    return _db(per_image, data_range).clamp(max=PSNR_CEILING_DB)
+
+
+def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
+    """Pooled peak signal-to-noise ratio in dB: from the MSE over all pixels of all images; ``inf`` when
+    every image matches exactly."""
+    error = mse(output, reference)
+    return math.inf if error == 0 else _db(error, data_range).item()
+
+
+def psnr_summary(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
+    """``psnr`` (pooled, the headline), ``psnr_mean`` (mean of per-image PSNRs), ``psnr_p5`` (their 5th
+    percentile) and ``psnr_worst`` (the lowest)."""
+    per_image = per_image_psnr(output, reference, data_range)
+    return {
+        "psnr": psnr(output, reference, data_range),
+        "psnr_mean": per_image.mean().item(),
+        "psnr_p5": torch.quantile(per_image, 0.05).item(),
+        "psnr_worst": per_image.min().item(),
+    }
 
 
 def _window(size: int, sigma: float | None) -> torch.Tensor:
@@ -109,16 +136,16 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 
 def compare(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
-    """PSNR, SSIM, MSE and relative L1 of ``output`` against ``reference``."""
+    """The PSNRs of :func:`psnr_summary`, SSIM, MSE and relative L1 of ``output`` against ``reference``."""
     return {
-        "psnr": psnr(output, reference, data_range),
+        **psnr_summary(output, reference, data_range),
         "ssim": ssim(output, reference, data_range),
         "mse": mse(output, reference),
         "rel_l1": rel_l1(output, reference),
     }
 
 
-# --- digits-dit only: the classifier-based meters -------------------------------------------------
+# --- the digit models only: the classifier-based meters -------------------------------------------------
 
 
 def digit_accuracy(images: torch.Tensor, labels) -> float:

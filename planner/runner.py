@@ -74,6 +74,7 @@ class Family:
     schedulers: tuple[str, ...] = ("default",)
     default_sampler: Sampler = Sampler()
     max_batch: int | None = None  # samples per pipeline call (None: any); a run is split into such calls
+    meter: Callable[[torch.Tensor, list], dict] | None = None  # the family's own quality scores, if any
 
     def cfg_layout(self, sampler: Sampler) -> CfgLayout:
         """How the CFG branches reach the transformer under ``sampler``."""
@@ -103,23 +104,30 @@ class Runner:
     """A loaded pipeline plus its family: runs conditions x seeds deterministically.
 
     ``calibration_prompts`` / ``evaluation_prompts`` (text families): where conditions come from, for
-    seeds below / from :data:`planner.seeds.EVAL_SEED_BASE` (default: the shipped sets).
+    seeds below / from :data:`planner.seeds.EVAL_SEED_BASE` (default: the shipped sets); prompts without
+    a negative prompt of their own take ``negative_prompt``.
     ``class_labels`` (class-conditional families): the labels conditions cycle through.
     ``call_args``: more ``pipe(...)`` arguments for every run. ``revision`` and ``dtype`` are recorded.
+    ``default_sampler`` replaces the family's; ``meter`` (``(images, conditions) -> dict``) the family's
+    model-specific quality scores.
     """
 
     def __init__(self, pipe, family: Family, spec: str, *, calibration_prompts=None, evaluation_prompts=None,
                  class_labels: list[int] | None = None, call_args: dict | None = None, revision: str | None = None,
-                 embedding_cache: Path | None = None):
+                 embedding_cache: Path | None = None, default_sampler: Sampler | None = None,
+                 meter: Callable[[torch.Tensor, list], dict] | None = None, negative_prompt: str | None = None):
         import inspect
 
         self.pipe = pipe
         self.family = family
         self.spec = spec
         self.revision = revision
+        self.default_sampler = default_sampler or family.default_sampler
+        self.meter = meter or family.meter
         self.class_labels = list(class_labels or [])
         self.call_args = dict(call_args or {})
         self.call_names = set(inspect.signature(type(pipe).__call__).parameters)
+        self.negative_prompt = negative_prompt
         self._prompts = {"calibration": calibration_prompts, "evaluation": evaluation_prompts}
         self._embedding_cache = embedding_cache
         self._encoder = None
@@ -148,8 +156,8 @@ class Runner:
         return model_fingerprint(self.transformer)
 
     def resolve(self, sampler: Sampler | None) -> Sampler:
-        """``sampler`` checked against this model (``None`` gives the family default)."""
-        sampler = sampler or self.family.default_sampler
+        """``sampler`` checked against this model (``None`` gives the default sampler)."""
+        sampler = sampler or self.default_sampler
         if sampler.scheduler not in self.family.schedulers:
             raise PlannerError(
                 f"scheduler {sampler.scheduler!r} does not fit {self.spec}; choose one of {', '.join(self.family.schedulers)}"
@@ -168,7 +176,7 @@ class Runner:
 
         if self._prompts.get(purpose) is None:
             self._prompts[purpose] = shipped.calibration_prompts() if purpose == "calibration" else shipped.evaluation_prompts()
-        return self._prompts[purpose]
+        return self._prompts[purpose].with_negative(self.negative_prompt)
 
     def conditions(self, n: int, seed: int = 0) -> list[Any]:
         """``n`` deterministic conditions for calibration (seeds below the evaluation range) or evaluation:
@@ -190,7 +198,8 @@ class Runner:
 
             facts = self.family.facts
             cache = self._embedding_cache if self._embedding_cache is not None else cache_dir()
-            self._encoder = PromptEncoder(self.pipe, facts.returns, facts.negative_in_encode, facts.encode_settings, cache)
+            settings = {**facts.encode_settings, **self.call_args}  # e.g. max_sequence_length reaches the encoder
+            self._encoder = PromptEncoder(self.pipe, facts.returns, facts.negative_in_encode, settings, cache)
         return self._encoder
 
     def prepare(self, conditions: list[Any], release: bool = False) -> None:
@@ -288,9 +297,8 @@ def as_runner(model, device: str = "auto", *, prompts=None, eval_prompts=None, n
         return model
     from planner.pipelines.prompts import as_prompt_set
 
-    options = {"calibration_prompts": as_prompt_set(prompts, negative_prompt),
-               "evaluation_prompts": as_prompt_set(eval_prompts, negative_prompt),
-               "class_labels": class_labels, "call_args": call_args}
+    options = {"calibration_prompts": as_prompt_set(prompts), "evaluation_prompts": as_prompt_set(eval_prompts),
+               "negative_prompt": negative_prompt, "class_labels": class_labels, "call_args": call_args}
     if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
         return load_runner(str(model), device=resolve_device(device), **load, **options)
     from planner.pipelines import family_for
@@ -301,8 +309,8 @@ def as_runner(model, device: str = "auto", *, prompts=None, eval_prompts=None, n
 def make_sampler(runner: Runner, sampler: Sampler | None = None, *, scheduler: str | None = None,
                  steps: int | None = None, guidance: float | None = None, height: int | None = None,
                  width: int | None = None, num_frames: int | None = None) -> Sampler:
-    """``sampler`` (default: the model family's) with the given fields replaced, checked against the model."""
-    base = sampler or runner.family.default_sampler
+    """``sampler`` (default: the runner's) with the given fields replaced, checked against the model."""
+    base = sampler or runner.default_sampler
     changes = {k: v for k, v in (("scheduler", scheduler), ("steps", steps), ("guidance", guidance), ("height", height),
                                  ("width", width), ("num_frames", num_frames)) if v is not None}
     return runner.resolve(replace(base, **changes))
@@ -318,9 +326,27 @@ def load_runner(spec: str = "digits-dit", device: str = "cpu", dtype: str | torc
 
     if isinstance(dtype, torch.dtype):
         dtype = str(dtype).removeprefix("torch.")
-    from planner.zoo import default_call_args
-
     loaded = load_pipeline(spec, revision=revision, variant=variant, dtype=dtype)
     place(loaded.pipe, device, offload)
-    options["call_args"] = {**default_call_args(spec), **(options.get("call_args") or {})}
-    return Runner(loaded.pipe, family_for(loaded.pipe), loaded.spec, revision=loaded.revision, **options)
+    family = family_for(loaded.pipe)
+    return Runner(loaded.pipe, family, loaded.spec, revision=loaded.revision, **_zoo_options(spec, family, options))
+
+
+def _zoo_options(spec: str, family: Family, options: dict) -> dict:
+    """``options`` completed with what the zoo entry of ``spec`` (if it is one) says its model needs."""
+    from planner.pipelines.prompts import as_prompt_set
+    from planner.zoo import MODELS
+
+    entry = MODELS.get(spec)
+    if entry is None:
+        return options
+    out = dict(options)
+    out["call_args"] = {**entry.call_args, **(options.get("call_args") or {})}
+    if entry.sampler:
+        out["default_sampler"] = replace(family.default_sampler, **entry.sampler)
+    if entry.prompts is not None:
+        for purpose, texts in zip(("calibration", "evaluation"), entry.prompts()):
+            if out.get(f"{purpose}_prompts") is None:
+                out[f"{purpose}_prompts"] = as_prompt_set(texts, source=f"{spec} {purpose} prompts")
+    out.setdefault("meter", entry.meter)
+    return out

@@ -31,7 +31,7 @@ def test_sample_writes_a_grid_and_reports_accuracy(tmp_path, capsys):
     assert main(["sample", "--n", "10", "--steps", "10", "--out", str(out), "--json"]) == 0
     payload = json.loads(capsys.readouterr().out)
     assert out.is_file() and payload["n"] == 10
-    assert payload["classifier_accuracy"] >= 0.8
+    assert payload["meter"]["accuracy"] >= 0.8
     from PIL import Image
 
     assert Image.open(out).size[0] > 8 * 10

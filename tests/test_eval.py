@@ -149,7 +149,7 @@ def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits6):
     assert out["speedup_range"][0] <= out["speedup"] <= out["speedup_range"][1]
     assert math.isinf(out["psnr"]) and out["ssim"] == pytest.approx(1.0) and out["rel_l1"] == 0.0
     assert out["executor"]["computed_fraction"] == 1.0 and out["executor"]["fallbacks"] == 0
-    assert out["digits"]["full"] == out["digits"]["plan"] and 0.0 <= out["digits"]["full"]["accuracy"] <= 1.0
+    assert out["meter"]["full"] == out["meter"]["plan"] and 0.0 <= out["meter"]["full"]["accuracy"] <= 1.0
     md = eval_markdown(out)
     assert md.splitlines()[0].startswith("| run |") and "| inf |" in md and "digit accuracy" in md
     assert json_safe(out)["psnr"] == "inf"
@@ -164,7 +164,7 @@ def test_eval_cli_writes_json_markdown_and_png(digits6, cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert payload["plan"] == str(plan_path) and payload["model"] == "digits-dit" and payload["n"] == 4
-    assert {"speedup", "speedup_range", "full_s", "plan_s", "psnr", "ssim", "rel_l1", "digits"} <= set(payload)
+    assert {"speedup", "speedup_range", "full_s", "plan_s", "psnr", "psnr_worst", "ssim", "rel_l1", "meter"} <= set(payload)
     assert 0 < payload["psnr"] < 200 and payload["executor"]["computed_fraction"] < 1.0
     assert json.loads((tmp_path / "report.json").read_text())["seeds"] == "1000000..1000003"
     md = (tmp_path / "report.md").read_text()

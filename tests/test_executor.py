@@ -402,7 +402,7 @@ def _capture_calls(runner, conds, seeds, sampler):
 @pytest.mark.parametrize("spec, guidance", FAMILIES, ids=[f"{s}-{g}" for s, g in FAMILIES])
 def test_model_families_run_mixed_plans(spec, guidance):
     runner = load_runner(spec)
-    s = runner.resolve(Sampler(runner.family.default_sampler.scheduler, 5, guidance))
+    s = runner.resolve(Sampler(runner.default_sampler.scheduler, 5, guidance))
     layout = runner.cfg_layout(s)
     conds, seeds = runner.conditions(2), [0, 1]
     base = runner.run(conds, seeds, s, output="latent")

@@ -16,12 +16,26 @@ def test_psnr_of_a_constant_offset_is_20_db():
     assert metrics.mse(out, ref) == pytest.approx(0.01)
 
 
-def test_psnr_is_infinite_for_identical_images_and_skips_exact_matches():
-    ref = torch.rand(3, 1, 8, 8)
+def test_psnr_is_infinite_for_identical_images_and_pools_the_error_of_all_images():
+    ref = torch.rand(4, 1, 8, 8)
     assert metrics.psnr(ref.clone(), ref) == math.inf
     out = ref.clone()
-    out[1] += 0.01  # only image 1 differs: its PSNR is 40 dB, the exact matches do not dilute it
-    assert metrics.psnr(out, ref) == pytest.approx(40.0, abs=1e-4)
+    out[1] += 0.01  # only image 1 differs: 40 dB on its own, MSE 1e-4 / 4 over the batch
+    assert metrics.psnr(out, ref) == pytest.approx(40.0 + 10 * math.log10(4), abs=1e-4)
+
+
+def test_one_diverging_image_shows_in_the_pooled_worst_and_percentile_psnr_not_in_the_mean():
+    ref = torch.zeros(20, 1, 8, 8)
+    out = ref + 0.001  # 60 dB each
+    out[7] = 0.1  # one image at 20 dB
+    summary = metrics.psnr_summary(out, ref)
+    pooled_mse = (19 * 1e-6 + 1e-2) / 20
+    assert summary["psnr"] == pytest.approx(10 * math.log10(1 / pooled_mse), abs=1e-6)  # about 33 dB
+    assert summary["psnr_mean"] == pytest.approx((19 * 60 + 20) / 20, abs=1e-6)  # 58 dB: the outlier hides
+    assert summary["psnr_worst"] == pytest.approx(20.0, abs=1e-6)
+    assert 20.0 <= summary["psnr_p5"] < 60.0
+    exact = metrics.psnr_summary(ref.clone(), ref)
+    assert exact["psnr"] == math.inf and exact["psnr_mean"] == metrics.PSNR_CEILING_DB
 
 
 def test_rel_l1_by_hand():
@@ -64,11 +78,12 @@ def test_frechet_distance_rejects_mismatched_features():
         metrics.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
 
 
-def test_video_tensors_are_folded_into_frames():
+def test_a_video_is_one_sample_of_the_psnr():
     ref = torch.zeros(1, 3, 2, 4, 4)
     out = ref.clone()
-    out[:, :, 1] += 0.1  # frame 1 is off by 0.1 (20 dB), frame 0 is exact
-    assert metrics.psnr(out, ref) == pytest.approx(20.0)
+    out[:, :, 1] += 0.1  # frame 1 is off by 0.1, frame 0 is exact: MSE 0.005 over the video
+    assert metrics.psnr(out, ref) == pytest.approx(10 * math.log10(200))
+    assert metrics.per_image_psnr(out, ref).shape == (1,)
 
 
 def test_classifier_reads_real_held_out_digits():

@@ -190,7 +190,7 @@ def test_calibration_and_evaluation_seeds_are_disjoint():
 ])
 def test_search_on_tiny_families_gives_plans_that_run(tiny, spec, guidance, strategy, params):
     runner = tiny(spec.removeprefix("tiny:"))
-    sampler = runner.resolve(Sampler(runner.family.default_sampler.scheduler, 5, guidance))
+    sampler = runner.resolve(Sampler(runner.default_sampler.scheduler, 5, guidance))
     profile = profile_model(runner, sampler, samples=2, lags=2, costs="flops")
     ctx = SearchContext.build(runner, sampler, profile, samples=2)
     plan = get_strategy(strategy)(**params).search(ctx, Budget.parse("1.2x"))

@@ -106,3 +106,28 @@ def test_training_lowers_the_loss_writes_a_model_and_is_deterministic(tmp_path):
     _, again = train_digits_dit(TrainConfig(steps=3, batch_size=8), progress=False)
     _, third = train_digits_dit(TrainConfig(steps=3, batch_size=8), progress=False)
     assert again["losses"] == third["losses"]
+
+
+@pytest.mark.parametrize("name", ["digits-dit-wide", "digits-dit-deep"])
+def test_the_suite_models_ship_with_their_architecture_and_draw_digits(name):
+    from planner.metrics import digit_accuracy
+    from planner.zoo.digits import ARCHITECTURES, WEIGHTS_ROOT
+
+    config = json.loads((WEIGHTS_ROOT / name / "transformer" / "config.json").read_text())
+    assert {k: config[k] for k in ARCHITECTURES[name]} == ARCHITECTURES[name]
+    assert f"# {name}" in (WEIGHTS_ROOT / name / "MODEL_CARD.md").read_text()
+    runner = load_runner(name)
+    labels = list(range(10))
+    images = runner.run(labels, list(range(10)), Sampler("ddim", 20, 3.0))
+    assert digit_accuracy(images, labels) >= 0.8
+    assert runner.meter(images, labels)["accuracy"] == digit_accuracy(images, labels)
+
+
+def test_zoo_train_builds_the_named_shape(tmp_path):
+    from planner.cli import main
+
+    out = tmp_path / "deep"
+    assert main(["zoo", "train", "digits-dit-deep", "--steps", "2", "--out", str(out), "--json"]) == 0
+    config = json.loads((out / "transformer" / "config.json").read_text())
+    assert (config["num_layers"], config["patch_size"]) == (12, 1)
+    assert load_runner(str(out)).family.name == "digits"

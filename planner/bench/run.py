@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.evaluate import REFERENCE, Contender, digit_scores, is_digits, quality, time_against_reference
+from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference
 from planner.seeds import check_held_out, evaluation_seeds
 
 KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
@@ -218,12 +218,11 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
 
 def _rows(runner, conditions, points: list[Point], timed, sampler) -> list[dict]:
     full = timed.outputs[REFERENCE]
-    digits = is_digits(runner)
     ref = timed.reference_seconds
     reference = {"method": NO_CACHE, "kind": KIND_REFERENCE, "setting": f"{sampler.steps} steps", "budget": None,
                  "status": "ok", "speedup": 1.0, "speedup_min": None, "speedup_max": None,
                  "median_s": statistics.median(ref), "predicted_speedup": 1.0, "calib_error": 0.0, "search_s": None,
-                 **quality(full, full), **(digit_scores(full, conditions) if digits else {}), "plan": None,
+                 **quality(full, full), **meter_scores(runner, full, conditions), "plan": None,
                  "params": None}
     rows = [reference]
     for p in points:
@@ -234,7 +233,7 @@ def _rows(runner, conditions, points: list[Point], timed, sampler) -> list[dict]
             t = timed.timings[p.key]
             lo, hi = t.speedup_range
             row.update(speedup=t.speedup, speedup_min=lo, speedup_max=hi, median_s=t.median_s)
-            row.update(quality(timed.outputs[p.key], full, conditions, digits))
+            row.update(quality(timed.outputs[p.key], full), **meter_scores(runner, timed.outputs[p.key], conditions))
         row["plan"], row["params"] = p.plan, json.dumps(p.params, sort_keys=True) if p.params else None
         rows.append(row)
     return rows

@@ -72,7 +72,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     runner = load_runner(args.model, device=device)
     changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-    sampler = runner.resolve(replace(runner.family.default_sampler, **changes))
+    sampler = runner.resolve(replace(runner.default_sampler, **changes))
     out = Path(args.out) if args.out else Path(DEFAULT_DIR) / default_profile_name(runner.spec, sampler, device)
     profile = profile_model(
         runner,

@@ -27,7 +27,7 @@ def runner_and_sampler(args):
     from planner.runner import load_runner, resolve_device
 
     runner = load_runner(args.model, device=resolve_device(args.device))
-    sampler = runner.family.default_sampler
+    sampler = runner.default_sampler
     changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     return runner, runner.resolve(replace(sampler, **changes))
 
@@ -66,14 +66,11 @@ def cmd_sample(args) -> int:
 
     payload = {"model": args.model, "sampler": sampler.to_dict(), "n": args.n, "seconds": round(seconds, 3), "out": args.out}
     text = f"{args.n} samples of {args.model} ({sampler.scheduler}, {sampler.steps} steps, guidance {sampler.guidance}) in {seconds:.2f} s -> {args.out}"
-    if runner.family.name == "digits":
-        from planner.metrics import digit_accuracy, digit_frechet_distance
+    if runner.meter is not None:
+        from planner.evaluate import METER_LABELS, meter_scores
 
-        payload["classifier_accuracy"] = digit_accuracy(images, conditions)
-        text += f"\nclassifier accuracy {payload['classifier_accuracy']:.3f}"
-        if args.n >= 2:
-            payload["frechet_distance"] = digit_frechet_distance(images)
-            text += f", Frechet distance to real digits {payload['frechet_distance']:.3f}"
+        payload["meter"] = meter_scores(runner, images, conditions)
+        text += "\n" + ", ".join(f"{METER_LABELS.get(k, k)} {v:.3f}" for k, v in payload["meter"].items() if v is not None)
     report(args, payload, text)
     return 0
 

@@ -16,10 +16,12 @@ def register(sub) -> None:
     add_json_flag(lst)
     lst.set_defaults(func=cmd_list)
 
-    train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-dit*, digits-classifier)")
-    train.add_argument("name", help="digits-dit, digits-dit-wide, digits-dit-deep or digits-classifier")
-    train.add_argument("--steps", type=int, default=None, help="training steps (digit DiTs) or epochs (classifier)")
+    train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-*, digits-classifier)")
+    train.add_argument("name", help="digits-dit, digits-dit-wide, digits-dit-deep, digits-mmdit or digits-classifier")
+    train.add_argument("--steps", type=int, default=None, help="training steps (DiTs) or epochs (classifier)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=None,
+                       help="CPU threads (training is deterministic for a given thread count; default: torch's)")
     train.add_argument("--out", default=None, help="where to write (default: the packaged weights)")
     add_json_flag(train)
     train.set_defaults(func=cmd_train)
@@ -38,6 +40,12 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise PlannerError(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PlannerError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from planner.zoo.digits import ARCHITECTURES
 
     if args.name in ARCHITECTURES:
@@ -49,6 +57,16 @@ def cmd_train(args) -> int:
         payload = {k: v for k, v in record.items() if k != "losses"} | {"out": str(out)}
         text = (f"trained {args.name} in {record['wall_time_s']} s, final loss "
                 f"{record['final_loss_mean_last_100']:.4f}; wrote {out}")
+    elif args.name == "digits-mmdit":
+        from planner.zoo.mmdit import WEIGHTS_DIR, TrainConfig, train_digits_mmdit
+
+        cfg = TrainConfig(seed=args.seed, **({"steps": args.steps} if args.steps else {}))
+        out = Path(args.out) if args.out else WEIGHTS_DIR
+        _, record = train_digits_mmdit(cfg, out_dir=out, progress=not args.json)
+        payload = {k: v for k, v in record.items() if k != "losses"} | {"out": str(out)}
+        text = (f"trained digits-mmdit in {record['wall_time_s']} s, final loss "
+                f"{record['final_loss_mean_last_100']:.4f}; wrote {out} (its quality figures: "
+                "benchmarks/mmdit_quality.py --card)")
     elif args.name == "digits-classifier":
         from planner.zoo.classifier import WEIGHTS_PATH, train_classifier
 
@@ -57,7 +75,7 @@ def cmd_train(args) -> int:
         payload = record | {"out": str(out)}
         text = f"trained digits-classifier: held-out accuracy {record['held_out_accuracy']:.4f}; wrote {out}"
     else:
-        names = ", ".join([*ARCHITECTURES, "digits-classifier"])
+        names = ", ".join([*ARCHITECTURES, "digits-mmdit", "digits-classifier"])
         raise PlannerError(f"cannot train {args.name!r}: trainable models are {names}")
     report(args, payload, text)
     return 0

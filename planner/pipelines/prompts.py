@@ -149,9 +149,10 @@ def _frozen(value: Any) -> Any:
     return value
 
 
-def as_prompt_set(prompts: "PromptSet | str | Path | Iterable[str] | None", negative: str | None = None) -> PromptSet | None:
-    """A prompt set from a set, a ``.txt``/``.jsonl`` file, or a list of strings (``None`` stays ``None``); prompts
-    without their own negative prompt take ``negative``."""
+def as_prompt_set(prompts: "PromptSet | str | Path | Iterable[str] | None", negative: str | None = None, *,
+                  source: str = "given") -> PromptSet | None:
+    """A prompt set from a set, a ``.txt``/``.jsonl`` file, or a list of strings (named ``source``; ``None`` stays
+    ``None``); prompts without their own negative prompt take ``negative``."""
     if prompts is None:
         return None
     if isinstance(prompts, PromptSet):
@@ -162,7 +163,7 @@ def as_prompt_set(prompts: "PromptSet | str | Path | Iterable[str] | None", nega
         texts = list(prompts)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise PlannerError("prompts must be a non-empty list of strings, a .txt or .jsonl file, or a PromptSet")
-        found = PromptSet(tuple(Prompt(t) for t in texts), "given")
+        found = PromptSet(tuple(Prompt(t) for t in texts), source)
     return found.with_negative(negative)
 
 

@@ -265,6 +265,26 @@ def evaluation_prompts(seed: int = 0) -> list[str]:
     return prompts
 
 
+def calibration_prompts() -> list[str]:
+    """The :func:`evaluation_prompts` combinations phrased from another seed, less any text the evaluation set
+    holds: what searches calibrate on, held out from what plans are evaluated on."""
+    held_out = set(evaluation_prompts())
+    return [p for p in evaluation_prompts(seed=1) if p not in held_out]
+
+
+def interleave_digits(prompts: list[str]) -> list[str]:
+    """``prompts`` reordered so that the digits take turns (any 10 consecutive prompts name every digit, while
+    each digit's prompts last) and each digit's attributes come in a fixed shuffled order: the order runs take
+    prompts in, so that a few samples already vary."""
+    by_digit: dict[int | None, list[str]] = {}
+    for p in prompts:
+        by_digit.setdefault(parse_prompt(p).digit, []).append(p)
+    columns = [by_digit[d] for d in sorted(by_digit, key=lambda d: -1 if d is None else d)]
+    for i, column in enumerate(columns):
+        random.Random(i).shuffle(column)
+    return [col[i] for i in range(max(map(len, columns))) for col in columns if i < len(col)]
+
+
 # --- the meter -----------------------------------------------------------------------------------
 
 
@@ -321,3 +341,17 @@ def prompt_adherence(images, prompts: list[str]) -> dict:
         }
     result["attributes"] = attrs
     return result
+
+
+def prompt_meter(images, conditions: list) -> dict[str, float | None]:
+    """digits-mmdit's own quality scores for images drawn for prompt ``conditions``: digit ``accuracy``
+    against the prompt's digit, the accuracy of each attribute the prompts ask for, and the ``frechet``
+    distance of classifier features to the real digits."""
+    from planner.metrics import digit_frechet_distance
+
+    texts = [getattr(c, "prompt", c) for c in conditions]
+    adherence = prompt_adherence(images, texts)
+    scores: dict[str, float | None] = {"accuracy": adherence.get("digit_accuracy")}
+    scores.update({name: a["accuracy"] for name, a in adherence.get("attributes", {}).items()})
+    scores["frechet"] = digit_frechet_distance(torch.as_tensor(images).float()) if len(texts) >= 2 else None
+    return scores

@@ -329,3 +329,12 @@ class DigitsFamily(Family):
 
     def call_kwargs(self, runner, conditions: list[int], sampler: Sampler) -> dict:
         return {"class_labels": list(conditions), "guidance_scale": sampler.guidance}
+
+
+def digit_meter(images: torch.Tensor, labels: list[int]) -> dict[str, float | None]:
+    """The digit models' own quality scores: the classifier's ``accuracy`` against the intended labels and the
+    ``frechet`` distance of classifier features to the real digits (``None`` below 2 images)."""
+    from planner.metrics import digit_accuracy, digit_frechet_distance
+
+    return {"accuracy": digit_accuracy(images, labels),
+            "frechet": digit_frechet_distance(images) if len(images) >= 2 else None}

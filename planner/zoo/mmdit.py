@@ -601,31 +601,8 @@ Mean of the 50 steps up to the step shown; the whole curve is `loss_curve.csv`.
 |---|---|
 {curve}
 
-Rebuild with `OMP_WAIT_POLICY=PASSIVE python -m planner.zoo.mmdit --threads 2` (that is
+Rebuild with `OMP_WAIT_POLICY=PASSIVE planner zoo train digits-mmdit --threads 2` (that is
 `train_digits_mmdit(TrainConfig(), out_dir)` under `torch.set_num_threads(2)`; the passive wait
 policy only matters on a busy machine, where spinning OpenMP threads slow training many times
 over), then `python benchmarks/mmdit_quality.py --card`.
 """
-
-
-def main(argv=None) -> None:
-    """``python -m planner.zoo.mmdit [--out DIR] [--steps N] [--batch-size B] [--threads 2]``: train and save."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description="train digits-mmdit from scratch and save the pipeline folder")
-    ap.add_argument("--out", default=str(WEIGHTS_DIR))
-    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
-    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    ap.add_argument("--seed", type=int, default=TrainConfig.seed)
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--vae-steps", type=int, default=TrainConfig.vae_steps)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr, vae_steps=args.vae_steps)
-    _, record = train_digits_mmdit(cfg, args.out)
-    print(f"saved {args.out}: {record['wall_time_s']} s, final loss {record['final_loss_mean_last_100']:.4f}")
-
-
-if __name__ == "__main__":
-    main()
