@@ -16,13 +16,18 @@ What each action returns (per CFG branch, per module):
   inputs; a ``None`` output such as SD3's last block's stays ``None``). Residuals telescope:
   when blocks i..j all last computed at the same step and all reuse their residuals now, the
   result is ``x_i,now + (out_j,c - x_i,c)``, the range residual (equal up to float rounding).
-* ``forecast`` (F): ``o2 + (o2 - o1) * (k - m2) / (m2 - m1)`` from the last two computed outputs
-  ``o1`` (step m1) and ``o2`` (step m2), at step k: first-order Taylor / Adams-Bashforth 2 in step
-  units. With only one output cached it reuses it.
+* ``forecast`` (F): ``o2 + (o2 - o1) * (t_k - t2) / (t2 - t1)`` from the last two computed outputs
+  ``o1`` (at time t1) and ``o2`` (at t2), at step k: first-order Taylor extrapolation in the
+  sampler's own time (the plan's timesteps, which for flow-matching schedulers are sigma x 1000;
+  step indices where a plan records none). With only one output cached it reuses it.
+* ``forecast2`` (Q): the same from the last three computed outputs with the quadratic through them
+  (Newton's polynomial, a second-order Taylor forecast that needs no even spacing). With two
+  outputs cached it forecasts to first order, with one it reuses.
 * ``share_cfg`` (S): this branch gets the other branch's fresh output of this step (the module
   runs once, on the other half only). Its own cache entry is left as it was.
 
-Caches follow HarmoniCa's rule: an entry is refreshed only when its module computes. The first
+Forecasts on attention/MLP sub-layers extrapolate the output before the block's gate and residual,
+as reuse does. Caches follow HarmoniCa's rule: an entry is refreshed only when its module computes. The first
 step always computes (plans are checked for it). A reuse with nothing cached computes instead and
 counts as a fallback in ``stats()``. When only one CFG half computes, the module runs on that half
 (batch-dimension arguments sliced; rotary embeddings never) and the full output is assembled.

@@ -44,6 +44,7 @@ class _Run:
         self.visited: set[int] = set()  # steps that ran (all of 0..max_step unless at_step skipped some)
         self.token = None  # at_step block the current step belongs to
         self.accounted = False  # folded into the stats totals
+        self.times: dict[int, float] = {}  # the timestep each step ran at (forecasts extrapolate in it)
 
 
 class Engine:
@@ -60,6 +61,8 @@ class Engine:
         self.gates = gates
         self.detach_cache = detach_cache
         self.hooks: dict[str, Any] = {}  # module name -> CacheHook
+        timesteps = [float(t) for t in plan.sampler.timesteps]
+        self.times = timesteps if len(timesteps) == self.steps else None  # the plan's, when it knows them
         # Read by the hooks on every call:
         self.in_call = False
         self.step = 0
@@ -76,6 +79,13 @@ class Engine:
         self._last_executed: dict[str, dict[str, str]] = {}
         self._last_steps: list[int] = []
         self._parents = {m: module_kind(m)[1] for m in plan.model.modules}
+
+    def time_of(self, step: int) -> float:
+        """The sampler's time at ``step``: the plan's timestep, else the one the step ran at in this run, else
+        (steps driven by ``at_step`` without timesteps) the step index."""
+        if self.times is not None:
+            return self.times[step]
+        return self.run.times.get(step, float(step))
 
     # ------------------------------------------------------------------ calls
     # Pure bookkeeping (and a .item() on the timestep): never traced by torch.compile.
@@ -115,6 +125,8 @@ class Engine:
         if not 0 <= r.step < self.steps:
             raise PlannerError(f"step {r.step} is outside the plan's {self.steps} steps")
         r.calls += 1
+        if t is not None:
+            r.times.setdefault(r.step, t)
         active = self._branches_of_call(args, kwargs, context_name)
         r.max_step = max(r.max_step, r.step)
         r.visited.add(r.step)

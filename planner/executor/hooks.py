@@ -28,6 +28,9 @@ from planner.plan import COMPUTE
 if TYPE_CHECKING:
     from planner.executor.engine import Engine
 
+# The order of each forecast action: how many computed outputs beyond one it extrapolates from.
+FORECAST_ORDER = {"F": 1, "Q": 2}
+
 TRACKER_HOOK = "dit_cache_plan.tracker"
 MODULE_HOOK = "dit_cache_plan.module"
 
@@ -82,9 +85,21 @@ class StepTrackerHook(ModelHook):
         return module
 
 
+def lagrange_weights(xs: list[float], at: float) -> list[float]:
+    """The weights ``w_i`` with ``sum_i w_i f(xs[i])`` = the polynomial through the points, at ``at``."""
+    out = []
+    for i, xi in enumerate(xs):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != i:
+                w *= (at - xj) / (xi - xj)
+        out.append(w)
+    return out
+
+
 class _BranchCache:
-    """What one module keeps for one CFG branch: its last (one or two) computed outputs with their
-    steps, and for ``reuse_residual`` the inputs of the last compute."""
+    """What one module keeps for one CFG branch: its last computed outputs with their steps (one, or
+    as many as its forecasts need), and for ``reuse_residual`` the inputs of the last compute."""
 
     __slots__ = ("outputs", "inputs")
 
@@ -121,11 +136,12 @@ class CacheHook(ModelHook):
             self.set_codes(codes, ready_for_all)
 
     def set_codes(self, codes: dict[str, str], ready_for_all: bool = False) -> None:
-        """Take ``codes`` as this module's decisions, keeping what forecast / residual reuse will need."""
+        """Take ``codes`` as this module's decisions, keeping what forecasts / residual reuse will need."""
         self.codes = dict(codes)
         for b in BRANCHES:
-            if ready_for_all or "F" in self.codes.get(b, ""):
-                self.keep[b] = 2
+            planned = self.codes.get(b, "")
+            need = 3 if ready_for_all or "Q" in planned else 2 if "F" in planned else 1
+            self.keep[b] = max(self.keep[b], need)
         wants_residual = ready_for_all and self.is_block or any("D" in c for c in self.codes.values())
         if wants_residual and self.residual is None:
             self.residual = tree.ResidualMap(self.cls)
@@ -209,10 +225,8 @@ class CacheHook(ModelHook):
                 part = fresh[b]
             elif r == "R":
                 part = self.caches[b].outputs[-1][1]
-            elif r == "F":
-                (m1, o1), (m2, o2) = self.caches[b].outputs
-                scale = (step - m2) / (m2 - m1)
-                part = tree.tree_map(lambda a, c: c + (c - a) * scale, o1, o2)
+            elif r in FORECAST_ORDER:
+                part = self._forecast(self.caches[b].outputs[-1 - FORECAST_ORDER[r]:], step)
             elif r == "D":
                 entry = self.caches[b]
                 now = self._branch_inputs(b, active, args, kwargs)
@@ -226,18 +240,30 @@ class CacheHook(ModelHook):
 
     @_python
     def _resolve(self, branch: str, code: str) -> str:
-        """The action really taken: reuse with nothing cached computes; forecast with one entry reuses."""
+        """The action really taken: reuse with nothing cached computes; a forecast from fewer outputs than its
+        order needs takes the highest order they allow (one output: reuse)."""
         if code == COMPUTE:
             return COMPUTE
         entry = self.caches.get(branch)
         n = len(entry.outputs) if entry is not None else 0
         if n == 0:
             return COMPUTE
-        if code == "F" and n < 2:
-            return "R"
+        if code in FORECAST_ORDER and n <= FORECAST_ORDER[code]:
+            return {1: "R", 2: "F"}[n]
         if code == "D" and entry.inputs is None:
             return COMPUTE
         return code
+
+    @_python
+    def _forecast(self, points: list[tuple[int, Any]], step: int) -> Any:
+        """The polynomial through ``points`` (``(step, output)``, oldest first) at ``step``, in sampler time."""
+        at, xs = self.engine.time_of(step), [self.engine.time_of(m) for m, _ in points]
+        outputs = [o for _, o in points]
+        if len(points) == 2:  # o2 + (o2 - o1) * scale: three tensor operations
+            scale = (at - xs[1]) / (xs[1] - xs[0])
+            return tree.tree_map(lambda a, c: c + (c - a) * scale, *outputs)
+        weights = lagrange_weights(xs, at)
+        return tree.tree_map(lambda *os: sum(w * o for w, o in zip(weights, os)), *outputs)
 
     # ------------------------------------------------------------------ soft gates
     @_eager
@@ -275,10 +301,9 @@ class CacheHook(ModelHook):
             entry = self.caches.get(b)
             if entry is None:
                 entry = self.caches[b] = _BranchCache()
-            if self.keep[b] == 2 and entry.outputs and entry.outputs[-1][0] != step:
-                entry.outputs = entry.outputs[-1:] + [(step, fresh[b])]  # (a step replayed via at_step replaces)
-            else:
-                entry.outputs = [(step, fresh[b])]
+            older = [o for o in entry.outputs if o[0] != step]  # a step replayed via at_step replaces itself
+            entry.outputs = older[-(self.keep[b] - 1):] if self.keep[b] > 1 else []
+            entry.outputs.append((step, fresh[b]))
             if self.residual is not None:
                 entry.inputs = self._branch_inputs(b, active, args, kwargs)
 

@@ -27,12 +27,13 @@ ACTION_CODES = {
     "C": "compute",  # run the module and refresh its cache
     "R": "reuse",  # last computed output (sub-layers: before gate/residual)
     "D": "reuse_residual",  # this step's input + last computed (output - input); blocks only
-    "F": "forecast",  # first-order extrapolation from the last two computed outputs
+    "F": "forecast",  # first-order extrapolation in sampler time from the last two computed outputs
+    "Q": "forecast2",  # second-order extrapolation in sampler time from the last three computed outputs
     "S": "share_cfg",  # copy the other CFG branch's fresh output of this step
 }
 CODE_OF = {name: code for code, name in ACTION_CODES.items()}
 COMPUTE = "C"
-REUSE_CODES = "RDFS"
+REUSE_CODES = "RDFQS"
 
 
 @dataclass
