@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.plan import Plan, save_plan
+from planner.plan import Plan, artifacts_dir, staged_plan
 from planner.search import Strategy, make_strategy
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
@@ -44,11 +44,6 @@ def as_budget(budget: str | float | Budget | None, max_error: float | None = Non
     return Budget.parse(budget, max_error)
 
 
-def artifacts_dir(plan_path: str | Path) -> Path:
-    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
-    return Path(plan_path).with_suffix("")
-
-
 def run_search(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
                max_error: float | None = None, sampler: Any = None, profile: Any = None, calib_samples: int = 8,
                out: str | Path | None = None, device: str = "auto", progress: bool = False,
@@ -75,21 +70,32 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
         profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
     profile_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
-                                  artifacts=artifacts_dir(out) if out is not None else None)
-    if budget.speedup is not None and not budget.speed_met(context.max_speedup()):
-        raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
-                           f"the first gives {context.max_speedup():.2f}x")
-    plan = chosen.search(context, budget)
-    search_s = time.perf_counter() - start
-    pred = plan.prediction
-    if not budget.met(pred.speedup, pred.calib_error):
-        raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
-                           f"({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
-    if out is not None:
-        out = save_plan(plan, out)
-    return SearchOutcome(plan, context, chosen, profile_s, search_s, Path(out) if out is not None else None)
+    def search(artifacts: Path | None, checkpoints: Path | None) -> tuple[Plan, SearchContext, float]:
+        start = time.perf_counter()
+        context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
+                                      artifacts=artifacts, checkpoints=checkpoints)
+        if budget.speedup is not None and not budget.speed_met(context.max_speedup()):
+            raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
+                               f"the first gives {context.max_speedup():.2f}x")
+        plan = chosen.search(context, budget)
+        search_s = time.perf_counter() - start
+        pred = plan.prediction
+        if not budget.met(pred.speedup, pred.calib_error):
+            raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
+                               f"({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
+        return plan, context, search_s
+
+    if out is None:
+        plan, context, search_s = search(None, None)
+        return SearchOutcome(plan, context, chosen, profile_s, search_s, None)
+    # The plan and its by-products (a front, a router) are one artifact: staged, then published together;
+    # checkpoints go straight to the plan's folder, where --resume finds them after a kill.
+    out = Path(out)
+    with staged_plan(out) as staged:
+        plan, context, search_s = search(staged.folder, artifacts_dir(out))
+        staged.plan = plan
+    context.artifacts = artifacts_dir(out)
+    return SearchOutcome(plan, context, chosen, profile_s, search_s, out)
 
 
 def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",

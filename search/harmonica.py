@@ -55,6 +55,7 @@ every recomputation).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -238,9 +239,9 @@ class HarmoniCa(Strategy):
         else:
             plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=s.max_runs)
         trainer.save_beside_plan(plan, {"proxy": s.proxy, "lambda": [round(float(x), 4) for x in trainer.lambdas]})
-        if trainer.folder is not None:
+        if context.artifacts is not None:
             import pandas as pd
 
             rows = pd.DataFrame(trainer.proxy_rows)
-            write_atomic(trainer.folder.parent / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))
+            write_atomic(Path(context.artifacts) / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))
         return plan

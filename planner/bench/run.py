@@ -52,6 +52,9 @@ class BenchConfig:
     fewer_steps: bool = True
     profile: str | None = None
     out: Path | None = None
+    # Where the files go while the bench runs (``planner bench``: a temporary folder that becomes ``out``
+    # as a whole at the end); recorded paths name ``out``. ``None``: ``out`` itself.
+    write_to: Path | None = None
     progress: bool = True
 
 
@@ -152,7 +155,7 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
             kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
             point = Point(name, kind, budget.label(), budget=budget.label())
             if config.out is not None:
-                context.artifacts = Path(config.out) / "plans" / f"{name}-{budget.label()}"
+                context.artifacts = Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}"
             t0 = time.perf_counter()
             try:
                 if not budget.speed_met(context.max_speedup()):
@@ -172,7 +175,8 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
             if not budget.met(pred.speedup, pred.calib_error):
                 point.status = f"missed its budget (predicted {pred.speedup:.2f}x)"
             if config.out is not None:
-                point.plan = str(save_plan(plan, Path(config.out) / "plans" / f"{name}-{budget.label()}.json"))
+                save_plan(plan, Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}.json")
+                point.plan = str(Path(config.out) / "plans" / f"{name}-{budget.label()}.json")
             point.contender = Contender(
                 lambda: runner.run(conditions, seeds, sampler),
                 context=lambda plan=plan: apply_plan(runner.pipe, plan),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import finite_float, steps_arg
 
 # Colours of the steps x modules map, one per action (and for sub-layers skipped with their block).
 ACTION_COLOURS = {
@@ -38,8 +39,8 @@ def register(sub) -> None:
     val = psub.add_parser("validate", help="check a plan alone, or against a model and a sampler")
     val.add_argument("plan", help="plan JSON file")
     val.add_argument("--model", default=None, help="also check against this model (digits-dit, tiny:flux, a folder)")
-    val.add_argument("--steps", type=int, default=None, help="also check against a run of this many steps")
-    val.add_argument("--guidance", type=float, default=None, help="with --model: check the CFG layout at this guidance")
+    val.add_argument("--steps", type=steps_arg, default=None, help="also check against a run of this many steps")
+    val.add_argument("--guidance", type=finite_float, default=None, help="with --model: check the CFG layout at this guidance")
     val.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
     add_json_flag(val)
     val.set_defaults(func=cmd_validate)
@@ -146,8 +147,10 @@ def cmd_show(args) -> int:
 def cmd_plot(args) -> int:
     from planner.plan import load_plan
 
+    from planner.io import check_output_path
+
     plan = load_plan(args.plan)
-    out = Path(args.out) if args.out else Path(args.plan).with_suffix(".png")
+    out = check_output_path(Path(args.out) if args.out else Path(args.plan).with_suffix(".png"))
     plot_plan(plan, out, title=Path(args.plan).name)
     report(args, {"plan": args.plan, "out": str(out)}, f"wrote {out}")
     return 0
@@ -242,9 +245,11 @@ def cmd_pareto(args) -> int:
     front point dominates each baseline."""
     from planner.search._pareto import front_folder, load_front, plot_front, summarize_front
 
+    from planner.io import check_output_path
+
     folder = front_folder(args.front)
     doc = load_front(folder)
-    out = Path(args.out) if args.out else folder / "front.png"
+    out = check_output_path(Path(args.out) if args.out else folder / "front.png")
     plot_front(doc, out, folder / "trials.csv")
     s = {"front": str(folder), "out": str(out), **summarize_front(doc)}
     best = next((p for p in s["points"] if p["trial"] == s["best"]), None)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import int_in, seed_arg
+
+train_steps_arg = int_in(0, 10_000_000)
 
 
 def register(sub) -> None:
@@ -18,8 +21,8 @@ def register(sub) -> None:
 
     train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-dit, digits-classifier)")
     train.add_argument("name", help="digits-dit or digits-classifier")
-    train.add_argument("--steps", type=int, default=None, help="training steps (digits-dit) or epochs (classifier)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=train_steps_arg, default=None, help="training steps (digits-dit) or epochs (classifier)")
+    train.add_argument("--seed", type=seed_arg, default=0)
     train.add_argument("--out", default=None, help="where to write (default: the packaged weights)")
     add_json_flag(train)
     train.set_defaults(func=cmd_train)
@@ -38,6 +41,10 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise PlannerError(f"--steps must be at least 1, got {args.steps}")
+    from planner.io import check_output_path
+
+    if args.out and args.name in ("digits-dit", "digits-classifier"):
+        check_output_path(args.out, "folder" if args.name == "digits-dit" else "file")
     if args.name == "digits-dit":
         from planner.zoo.digits import WEIGHTS_DIR, TrainConfig, train_digits_dit
 

@@ -88,14 +88,29 @@ def _family_for_class(class_name: str | None, where: str):
 
 
 def _load_folder(path: Path) -> tuple:
-    import json
+    """``(pipeline, family)`` from a ``save_pretrained`` folder; PlannerError naming the folder when its
+    index, configs or weights cannot be read (a damaged folder is the user's input, not a bug)."""
+    from planner.artifact import loads_json
+    from planner.io import read_text_limited
 
-    class_name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+    index = loads_json(read_text_limited(path / "model_index.json", "model_index.json", 1 << 20),
+                       str(path / "model_index.json"))
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise PlannerError(f"{path / 'model_index.json'}: expected an object naming the pipeline in _class_name")
+    class_name = index["_class_name"]
     family = _family_for_class(class_name, str(path))
-    if class_name == "DigitsDiTPipeline":
-        from planner.zoo.digits import load_digits_pipeline
+    try:
+        if class_name == "DigitsDiTPipeline":
+            from planner.zoo.digits import load_digits_pipeline
 
-        return load_digits_pipeline(path), family
-    from planner.zoo.tiny import load_pipeline_folder
+            return load_digits_pipeline(path), family
+        from planner.zoo.tiny import load_pipeline_folder
 
-    return load_pipeline_folder(path), family
+        return load_pipeline_folder(path), family
+    except PlannerError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - diffusers, transformers, safetensors and torch raise many kinds here
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise PlannerError(f"{path}: cannot load the model folder ({type(exc).__name__}: {first})") from exc
