@@ -226,13 +226,29 @@ def check_output_path(path: str | os.PathLike, what: str = "file") -> Path:
     return path
 
 
-def _make_parent(path: Path) -> None:
+def _make_parent(path: Path) -> list[Path]:
+    """Create the folders ``path`` goes in; returns those it made (deepest first), for :func:`_unmake`."""
+    made, parent = [], path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        made.append(parent)
+        parent = parent.parent
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise PlannerError(f"cannot write {path}: a file is in the way of its folder") from None
     except OSError as exc:
+        _unmake(made)
         raise PlannerError(f"cannot write {path}: {os_reason(exc)}") from None
+    return made
+
+
+def _unmake(made: list[Path]) -> None:
+    """Remove the folders a failed write created (if still empty): a failure leaves nothing new behind."""
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
 
 
 @contextlib.contextmanager
@@ -241,23 +257,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     OS errors (a read-only folder, a full disk, ``path`` being a folder) become PlannerError naming ``path``."""
     path = Path(path)
-    _make_parent(path)
     if path.is_dir():
         raise PlannerError(f"cannot write {path}: it is a folder")
+    made = _make_parent(path)
     remove_leftovers(path)
     tmp = path.parent / _temp_name(path.name, "tmp")
+    done = False
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask decides, as for any file
-    except OSError as exc:
-        raise PlannerError(f"cannot write {path}: {os_reason(exc)}") from None
-    try:
         yield tmp
         os.replace(tmp, path)
+        done = True
     except OSError as exc:
         raise PlannerError(f"cannot write {path}: {os_reason(exc)}") from None
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if not done:
+            _unmake(made)
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
@@ -370,16 +387,18 @@ def atomic_folder(path: str | os.PathLike, keep_empty: bool = True) -> Iterator[
     ``keep_empty=False``: a block that leaves the folder empty removes ``path`` instead of leaving an
     empty folder there. OS errors become PlannerError naming ``path``."""
     path = Path(path)
-    _make_parent(path)
     if os.path.lexists(path) and not path.is_dir():
         raise PlannerError(f"cannot write {path}: it is a file, not a folder")
+    made = _make_parent(path)
     recover_folder(path)
     remove_leftovers(path)
     staging = path.parent / _temp_name(path.name, "tmp")
     try:
         os.mkdir(staging)
     except OSError as exc:
+        _unmake(made)
         raise PlannerError(f"cannot write {path}: {os_reason(exc)}") from None
+    done = False
     try:
         yield staging
         if not keep_empty and not any(staging.iterdir()):
@@ -390,11 +409,14 @@ def atomic_folder(path: str | os.PathLike, keep_empty: bool = True) -> Iterator[
             return
         _fsync_tree(staging)
         swap_in(staging, path)
+        done = True
     except OSError as exc:
         raise PlannerError(f"cannot write {path}: {os_reason(exc)}") from None
     finally:
         if os.path.lexists(staging):
             _remove(staging)
+        if not done and not os.path.lexists(path):
+            _unmake(made)
 
 
 def carry_over(old: Path, new: Path, carry: Callable[[Path], bool]) -> list[str]:

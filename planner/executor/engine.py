@@ -12,9 +12,9 @@ Step tracking (robust without help from the pipeline):
 
 Checks against the run (:meth:`Engine._check_run`), at the first transformer call of every run, before
 anything is computed: with a pipeline, its scheduler's class, config hash and timesteps (their number,
-and their values when the plan knows them) and its CFG switch where the pipeline exposes one; with or
-without one, for batched CFG layouts that the two halves of the first call's input are the same latents
-(a run without CFG has distinct samples there). A bare transformer has no scheduler to ask: its calls'
+and their values when the plan knows them) and its CFG switch where the pipeline exposes one, else,
+for batched CFG layouts, that the two halves of the first call's input are the same latents (a run
+without CFG has distinct samples there). A bare transformer has no scheduler to ask: its calls'
 timesteps are compared with the plan's at every step (the first call catches another scheduler or step
 count; a run that diverges later, or runs more steps than planned, is refused at that step). A mismatch
 raises PlannerError saying what differs; with ``strict=False`` the run goes on after one warning per
@@ -255,14 +255,18 @@ class Engine:
             cfg_on = getattr(pipe, "do_classifier_free_guidance")
         except Exception:  # property reading a field this pipeline never set
             cfg_on = None
+        self._cfg_flag = cfg_on if isinstance(cfg_on, bool) else None
         if isinstance(cfg_on, bool) and cfg_on != (self.layout is not CfgLayout.NONE):
             state = "on" if cfg_on else "off"
             self._mismatch(f"plan was made for CFG layout {self.layout.value!r}, but the pipeline runs with CFG {state}")
 
+    _cfg_flag: bool | None = None
+
     def _check_first_call(self, args: tuple, kwargs: dict) -> None:
-        """Batched CFG: the first call of a run carries the same latents twice ([cond, uncond] or
-        [uncond, cond]); distinct halves mean the run has no CFG."""
-        if len(self.layout.batch_order) != 2:
+        """Batched CFG through a pipeline that does not say whether CFG is on (DiT, PixArt): its first call
+        carries the same latents twice ([cond, uncond] or [uncond, cond]); distinct halves mean CFG is off.
+        (A bare transformer may be fed any halves: only an odd batch tells there.)"""
+        if self.pipe is None or self._cfg_flag is not None or len(self.layout.batch_order) != 2:
             return
         hs = tree.get_arg(self.transformer_cls, "hidden_states", args, kwargs)
         if not isinstance(hs, torch.Tensor) or hs.dim() == 0 or hs.shape[0] % 2:
