@@ -91,7 +91,7 @@ def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
 def check_plan_output(out: Path) -> None:
     """PlannerError unless the plan file and its by-product folder beside it can be written."""
     from planner.io import check_output_path
-    from planner.search.api import artifacts_dir
+    from planner.plan import artifacts_dir
 
     if out.suffix != ".json":
         raise PlannerError(f"--out names a plan file, which ends in .json: {out}")
