@@ -7,6 +7,7 @@ must be one whose family we know).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,18 +100,24 @@ def _load_folder(path: Path) -> tuple:
         raise PlannerError(f"{path / 'model_index.json'}: expected an object naming the pipeline in _class_name")
     class_name = index["_class_name"]
     family = _family_for_class(class_name, str(path))
-    try:
-        if class_name == "DigitsDiTPipeline":
-            from planner.zoo.digits import load_digits_pipeline
+    # Warnings raised on the way are shown only when the folder loads: for a damaged folder they are
+    # noise around the one-line error.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if class_name == "DigitsDiTPipeline":
+                from planner.zoo.digits import load_digits_pipeline
 
-            return load_digits_pipeline(path), family
-        from planner.zoo.tiny import load_pipeline_folder
+                pipe = load_digits_pipeline(path)
+            else:
+                from planner.zoo.tiny import load_pipeline_folder
 
-        return load_pipeline_folder(path), family
-    except PlannerError:
-        raise
-    except MemoryError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - diffusers, transformers, safetensors and torch raise many kinds here
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise PlannerError(f"{path}: cannot load the model folder ({type(exc).__name__}: {first})") from exc
+                pipe = load_pipeline_folder(path)
+        except (PlannerError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - diffusers, transformers, safetensors and torch raise many kinds here
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise PlannerError(f"{path}: cannot load the model folder ({type(exc).__name__}: {first})") from exc
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return pipe, family
