@@ -38,8 +38,9 @@ import shutil
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from planner.errors import PlannerError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
+from collections.abc import Callable
 
 MAX_STEPS = 10_000  # sampling steps of a run, a plan or a profile
 MAX_SEEDS = 100_000  # seeds (inputs) of one evaluation or sampling run

@@ -926,7 +926,7 @@ def test_atomic_folder_survives_sigkill_at_every_step(tmp_path, exchange):
             for part in ("a", "b", "c"):
                 (tmp / part).write_text("old " + part)
         run = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(k), str(target), "1" if exchange else "0"],
-                             env=env, capture_output=True, text=True, timeout=120)
+                             env=env, capture_output=True, text=True, timeout=120, check=False)
         if run.returncode == 0:
             assert "finished" in run.stdout
             break
@@ -960,7 +960,7 @@ def test_concurrent_writers_leave_one_complete_folder(tmp_path):
 def test_killed_writers_temp_files_are_removed_by_the_next_write(tmp_path):
     import planner.io as pio
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     pid = int(dead.stdout)
     host = pio._HOST
     (tmp_path / f".x.json.tmp-{host}-{pid}-abcdef").write_text("half")
@@ -983,10 +983,9 @@ def test_plan_and_by_products_publish_together(tmp_path, monkeypatch):
     (tmp_path / "plans" / "x" / "block").mkdir(parents=True)
     (tmp_path / "plans" / "x" / "block" / "checkpoint.safetensors").write_text("ckpt")
     (tmp_path / "plans" / "x" / "router.safetensors").write_text("old router")
-    with pytest.raises(PlannerError):
-        with staged_plan(out) as staged:
-            (staged.folder / "router.safetensors").write_text("new router")
-            raise PlannerError("search failed")
+    with pytest.raises(PlannerError), staged_plan(out) as staged:
+        (staged.folder / "router.safetensors").write_text("new router")
+        raise PlannerError("search failed")
     assert not out.exists() and (tmp_path / "plans" / "x" / "router.safetensors").read_text() == "old router"
     with staged_plan(out) as staged:
         (staged.folder / "router.safetensors").write_text("new router")
@@ -1034,7 +1033,7 @@ def test_journal_in_a_subfolder_with_a_stale_lock_finishes(tmp_path, stale):
     (tmp_path / "runs").mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     first = subprocess.run([sys.executable, "-c", JOURNAL_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
     assert first.returncode == 0, first.stderr
     lock = tmp_path / "runs" / "study.log.lock"
     if stale == "optuna-symlink":
@@ -1042,12 +1041,14 @@ def test_journal_in_a_subfolder_with_a_stale_lock_finishes(tmp_path, stale):
         os.symlink("runs/study.log", lock)
         os.utime(lock, (1, 1), follow_symlinks=False)
     else:
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
         import socket
+
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                              check=True)
 
         lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}\n")
     again = subprocess.run([sys.executable, "-c", JOURNAL_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
-                           text=True, timeout=300)
+                           text=True, timeout=300, check=False)
     assert again.returncode == 0, again.stderr
     assert again.stdout.split()[-1] == "4"
 

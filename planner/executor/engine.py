@@ -10,7 +10,7 @@ Step tracking (robust without help from the pipeline):
   run means the pipeline runs more steps than the plan: refused;
 * ``handle.at_step(i)`` overrides all of this for callers that drive steps themselves.
 
-Checks against the run (:meth:`Engine._check_run`), at the first transformer call of every run, before
+Checks against the run (:meth:`Engine._check_pipe`, :meth:`Engine._check_first_call`), at the first transformer call of every run, before
 anything is computed: with a pipeline, its scheduler's class, config hash and timesteps (their number,
 and their values when the plan knows them) and its CFG switch where the pipeline exposes one, else,
 for batched CFG layouts, that the two halves of the first call's input are the same latents (a run
@@ -71,7 +71,9 @@ class Engine:
     def __init__(self, plan: Plan, transformer: torch.nn.Module, pipe: Any, gates: torch.Tensor | None, detach_cache: bool,
                  strict: bool = True):
         self.plan = plan
-        self.strict = strict
+        self.strict = strict  # False: mismatches with the run are warned about, not refused
+        self._pipe_timesteps: list[float] | None = None  # the pipeline scheduler's, read at the start of a run
+        self._cfg_flag: bool | None = None  # the pipeline's do_classifier_free_guidance, where it has one
         self.steps = plan.steps
         self.layout = plan.layout
         self.branches = plan.branches
@@ -221,8 +223,6 @@ class Engine:
             warnings.warn(f"{message}; running anyway (strict=False): outputs will differ from what the plan "
                           "was made for", stacklevel=2)
 
-    _pipe_timesteps: Any = None
-
     def _check_pipe(self) -> None:
         """At the start of a run: the pipeline's scheduler (class, config, timesteps) and CFG switch must
         fit the plan."""
@@ -259,8 +259,6 @@ class Engine:
         if isinstance(cfg_on, bool) and cfg_on != (self.layout is not CfgLayout.NONE):
             state = "on" if cfg_on else "off"
             self._mismatch(f"plan was made for CFG layout {self.layout.value!r}, but the pipeline runs with CFG {state}")
-
-    _cfg_flag: bool | None = None
 
     def _check_first_call(self, args: tuple, kwargs: dict) -> None:
         """Batched CFG through a pipeline that does not say whether CFG is on (DiT, PixArt): its first call
