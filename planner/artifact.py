@@ -10,6 +10,7 @@ whatever the artifact, reads ``SOURCE: $.json.path: what was expected``, on one 
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -126,9 +127,28 @@ def loads_json(text: str, source: str) -> Any:
     if depth > MAX_JSON_DEPTH:
         raise PlannerError(f"{source}: JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}): not a planner artifact")
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise PlannerError(f"{source}: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except _NotStrict as exc:
+        raise PlannerError(f"{source}: not strict JSON: {exc} (artifacts write non-finite numbers as strings)") from None
+    except ValueError as exc:  # an integer literal of thousands of digits
+        raise PlannerError(f"{source}: not a planner artifact: {str(exc)[:120]}") from None
+
+
+class _NotStrict(Exception):
+    pass
+
+
+def _refuse_constant(name: str):
+    raise _NotStrict(f"bare {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotStrict(f"number {text[:20]} overflows")
+    return value
 
 
 def max_nesting(text: str) -> int:

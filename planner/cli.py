@@ -2,7 +2,11 @@
 
 Each command group lives in its own module under ``planner/commands`` and exposes
 ``register(subparsers)``; adding a command is adding a file and a line in ``COMMAND_MODULES``.
-User errors (``PlannerError``, bad arguments) end in one line on stderr and exit status 2.
+User errors end in one line on stderr, ``planner: error: ...``, and exit status 2, whatever the command:
+bad arguments, :class:`PlannerError`, OS errors (a file that cannot be read or written, named with its
+reason), text that is not UTF-8, and running out of memory (:func:`user_error` is the one mapping).
+Anything else is a bug and shows its traceback. ``planner --debug COMMAND`` shows the traceback of
+user errors too. Every message and every text report is printed with control characters escaped.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 import planner
 from planner.errors import PlannerError
-from planner.io import json_safe
+from planner.io import json_safe, os_reason, printable
 
 COMMAND_MODULES = [
     "planner.commands.zoo",
@@ -32,13 +36,14 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2 (argparse's own usage dump is noise here)."""
 
     def error(self, message: str):
-        self.exit(2, f"planner: error: {message}\n")
+        self.exit(2, f"planner: error: {printable(message, keep_newlines=False)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser, with every command module that can be imported registered."""
     parser = _Parser(prog="planner", description="Profile a Diffusion Transformer, search a cache plan, apply it.")
     parser.add_argument("--version", action="version", version=f"planner {planner.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMAND_MODULES:
         try:
@@ -61,7 +66,7 @@ def report(args: argparse.Namespace, payload: dict[str, Any], text: str) -> None
     if getattr(args, "json", False):
         print(json.dumps(json_safe(payload), default=_json_default, allow_nan=False))
     else:
-        print(text)
+        print(printable(text))
 
 
 def _json_default(obj):
@@ -72,21 +77,55 @@ def _json_default(obj):
     return str(obj)
 
 
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message for an error caused by the user's input or environment, ``None`` for a bug.
+
+    Library code raises :class:`PlannerError` where it knows the cause; this maps what can still
+    escape from the edges: OS errors (named with their path and reason), undecodable text, memory."""
+    if isinstance(exc, PlannerError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        reason = os_reason(exc)
+        if exc.filename is not None and exc.filename2 is not None:
+            return f"cannot move {exc.filename} to {exc.filename2}: {reason}"
+        if exc.filename is not None:
+            return f"{exc.filename}: {reason}"
+        return f"{type(exc).__name__}: {reason}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not UTF-8 text (bad byte at offset {exc.start})"
+    if isinstance(exc, MemoryError):
+        return "out of memory (an input asks for more than this machine has)"
+    if isinstance(exc, RecursionError):
+        return "input nested too deeply"
+    return None
+
+
+def error_line(message: str) -> str:
+    """``planner: error: MESSAGE`` on one line, control characters and line breaks escaped."""
+    return f"planner: error: {printable(message, keep_newlines=False)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``planner`` console script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # bad arguments (one line already printed), --help, --version
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except PlannerError as exc:
-        print(f"planner: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("planner: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None or args.debug:
+            raise
+        print(error_line(message), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

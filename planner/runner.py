@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +24,7 @@ import torch
 
 from planner.cfg import CfgLayout
 from planner.errors import PlannerError
+from planner.limits import MAX_STEPS
 from planner.modules import CacheableModule, cacheable_modules, model_fingerprint
 
 
@@ -162,8 +165,10 @@ class Runner:
             raise PlannerError(
                 f"scheduler {sampler.scheduler!r} does not fit {self.spec}; choose one of {', '.join(self.family.schedulers)}"
             )
-        if sampler.steps < 1:
-            raise PlannerError(f"steps must be at least 1, got {sampler.steps}")
+        if isinstance(sampler.steps, bool) or not isinstance(sampler.steps, numbers.Integral) or not 1 <= sampler.steps <= MAX_STEPS:
+            raise PlannerError(f"steps must be an integer from 1 to {MAX_STEPS}, got {sampler.steps!r}")
+        if not isinstance(sampler.guidance, numbers.Real) or not math.isfinite(sampler.guidance):
+            raise PlannerError(f"guidance must be a finite number, got {sampler.guidance!r}")
         return sampler
 
     def cfg_layout(self, sampler: Sampler | None = None) -> CfgLayout:

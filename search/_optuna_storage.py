@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import socket
 import statistics
 import time
@@ -48,6 +49,8 @@ def redact(url: str | None) -> str:
             return make_url(url).render_as_string(hide_password=True)
         except (ArgumentError, ValueError):
             return url.split("://", 1)[0] + "://***"
+    if "@" in url:  # not a URL, but it may still hold user:password@host
+        return re.sub(r"[^@]*@", "***@", url, count=1)
     return url
 
 
@@ -63,7 +66,7 @@ def check_storage_url(url: str | None) -> None:
             raise PlannerError(f"cannot open storage {url}: folder {path.parent} does not exist")
         return
     if "://" not in url:
-        raise PlannerError(f"cannot read storage URL {url!r}: {STORAGE_HELP}")
+        raise PlannerError(f"cannot read storage URL {redact(url)!r}: {STORAGE_HELP}")
     try:
         make_url(url)
     except (ArgumentError, ValueError) as e:
@@ -79,8 +82,12 @@ def open_storage(url: str | None):
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
+        from planner.search._journal_lock import JournalLock
+
+        # An absolute path and a lock a killed worker cannot turn into a hang (see _journal_lock).
+        path = os.path.abspath(url[len("journal:"):])
         try:
-            return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+            return JournalStorage(JournalFileBackend(path, lock_obj=JournalLock(path)))
         except OSError as e:
             raise PlannerError(f"cannot open storage {url}: {_reason(e)}") from None
     dialect = make_url(url).get_backend_name()

@@ -16,14 +16,13 @@ relative L1 of the final latents against full compute on the calibration inputs.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.io import write_atomic, write_json_atomic
+from planner.io import atomic_folder, json_text, write_atomic
 
 FRONT_FORMAT = "dit-cache-planner-front"
 FRONT_VERSION = 1
@@ -62,24 +61,22 @@ def dominating(front: Sequence[Point], target: Point) -> int | None:
 
 
 def write_front(folder: Path, doc: dict, plans: dict[str, Any], trials_rows: list[dict]) -> Path:
-    """Write ``front.json``, ``front.csv``, ``trials.csv`` and the plans (``{file name: Plan}``) into
-    ``folder`` atomically, and remove front plans of earlier runs that are no longer on the front."""
+    """Write ``front.json``, ``front.csv``, ``trials.csv`` and the plans (``{file name: Plan}``) as the
+    folder ``folder``, atomically as a whole (a front of an earlier run there is replaced, never mixed in)."""
     import pandas as pd
 
-    from planner.plan import save_plan
+    from planner.plan import plan_to_json
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, plan in plans.items():
-        save_plan(plan, folder / name)
-    for old in folder.glob("front-trial-*.json"):
-        if old.name not in plans:
-            old.unlink(missing_ok=True)
     rows = [{k: v for k, v in p.items() if k != "params"} | {f"param.{k}": v for k, v in p["params"].items()}
             for p in doc["points"]]
-    for name, frame in (("front.csv", pd.DataFrame(rows)), ("trials.csv", pd.DataFrame(trials_rows))):
-        write_atomic(folder / name, lambda tmp, f=frame: f.to_csv(tmp, index=False, float_format="%.6g"))
-    return write_json_atomic(folder / FRONT_FILE, doc)
+    with atomic_folder(folder) as staging:
+        for name, plan in plans.items():
+            (staging / name).write_text(plan_to_json(plan.validate()), encoding="utf-8")
+        for name, frame in (("front.csv", pd.DataFrame(rows)), ("trials.csv", pd.DataFrame(trials_rows))):
+            frame.to_csv(staging / name, index=False, float_format="%.6g")
+        (staging / FRONT_FILE).write_text(json_text(doc), encoding="utf-8")
+    return folder / FRONT_FILE
 
 
 def front_folder(path: str | Path) -> Path:
@@ -94,19 +91,82 @@ def front_folder(path: str | Path) -> Path:
 
 def load_front(path: str | Path) -> dict:
     """The ``front.json`` of a front folder (or of the plan it lies beside); PlannerError if there is none."""
+    import warnings
+
+    from planner.artifact import loads_json
+    from planner.io import read_text_limited, recover_folder
+    from planner.plan.io import bundle_mismatch
+
     folder = front_folder(path)
+    recover_folder(folder)
     file = folder / FRONT_FILE
     if not file.is_file():
         raise PlannerError(f"{folder}: no {FRONT_FILE} (run `planner search --strategy optuna` first)")
-    try:
-        doc = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PlannerError(f"{file}: not valid JSON ({type(e).__name__})") from None
+    doc = loads_json(read_text_limited(file, "Pareto front"), str(file))
     if not isinstance(doc, dict) or doc.get("format") != FRONT_FORMAT:
         raise PlannerError(f"{file}: not a Pareto front written by the planner")
-    if int(doc.get("version", 0)) > FRONT_VERSION:
-        raise PlannerError(f"{file}: front format version {doc.get('version')} is newer than this planner reads")
+    version = doc.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PlannerError(f"{file}: $.version: expected a format version (an integer >= 1), got {version!r}")
+    if version > FRONT_VERSION:
+        raise PlannerError(f"{file}: front format version {version} is newer than this planner reads")
+    _check_front(doc, str(file))
+    if (why := bundle_mismatch(folder)) is not None:
+        warnings.warn(why, stacklevel=2)
     return doc
+
+
+def _check_front(doc: dict, source: str) -> None:
+    """PlannerError (one line, naming the JSON path) unless ``doc`` has the fields summaries and plots read;
+    numbers written as ``"inf"``/``"nan"`` (strict JSON) become floats again."""
+    from planner.artifact import json_path
+
+    def number(value: Any, *where: Any, low: float | None = None) -> float:
+        if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (low is not None and not value >= low):
+            bound = f" >= {low:g}" if low is not None else ""
+            raise PlannerError(f"{source}: {json_path(*where)}: expected a number{bound}, got {value!r}")
+        return float(value)
+
+    def obj(value: Any, *where: Any) -> dict:
+        if not isinstance(value, dict):
+            raise PlannerError(f"{source}: {json_path(*where)}: expected an object")
+        return value
+
+    points = doc.get("points")
+    if not isinstance(points, list):
+        raise PlannerError(f"{source}: $.points: expected an array of front points")
+    for i, p in enumerate(points):
+        obj(p, "points", i)
+        if isinstance(p.get("trial"), bool) or not isinstance(p.get("trial"), int):
+            raise PlannerError(f"{source}: {json_path('points', i, 'trial')}: expected a trial number")
+        for key in ("fraction", "speedup", "error"):
+            p[key] = number(p.get(key), "points", i, key, low=0.0)
+        if not isinstance(p.get("params", {}), dict):
+            raise PlannerError(f"{source}: {json_path('points', i, 'params')}: expected an object")
+        p.setdefault("feasible", None)
+        p.setdefault("plan", None)
+    baselines = doc.get("baselines", [])
+    if not isinstance(baselines, list):
+        raise PlannerError(f"{source}: $.baselines: expected an array")
+    for i, b in enumerate(baselines):
+        obj(b, "baselines", i)
+        if not isinstance(b.get("name"), str):
+            raise PlannerError(f"{source}: {json_path('baselines', i, 'name')}: expected a name")
+        if "failed" in b:
+            b["failed"] = str(b["failed"])
+            continue
+        for key in ("fraction", "speedup", "error"):
+            b[key] = number(b.get(key), "baselines", i, key, low=0.0)
+    for key in ("budget", "study"):
+        if doc.get(key) is not None:
+            obj(doc[key], key)
+    budget = doc.get("budget") or {}
+    if budget.get("speedup") is not None:
+        budget["speedup"] = number(budget["speedup"], "budget", "speedup", low=1.0)
+    if doc.get("best") is not None and (isinstance(doc["best"], bool) or not isinstance(doc["best"], int)):
+        raise PlannerError(f"{source}: $.best: expected a trial number or null")
 
 
 def summarize_front(doc: dict) -> dict:
@@ -129,6 +189,23 @@ def summarize_front(doc: dict) -> dict:
     }
 
 
+def _read_trials(path: Path):
+    """``trials.csv`` (fraction and error of every finished trial); PlannerError when it is damaged."""
+    import pandas as pd
+
+    from planner.io import MAX_ARTIFACT_BYTES
+
+    if path.stat().st_size > MAX_ARTIFACT_BYTES:
+        raise PlannerError(f"{path}: larger than any trials table")
+    try:
+        trials = pd.read_csv(path)
+        fraction = pd.to_numeric(trials["fraction"], errors="raise")
+        error = pd.to_numeric(trials["error"], errors="raise")
+    except Exception as e:  # noqa: BLE001 - pandas raises many kinds for a damaged table
+        raise PlannerError(f"{path}: unreadable trials table ({type(e).__name__}: {str(e)[:100]})") from None
+    return pd.DataFrame({"fraction": fraction, "error": error})
+
+
 BASELINE_MARKERS = {"uniform": ("s", "#d62728"), "smoothcache": ("D", "#9467bd"), "greedy": ("^", "#2ca02c")}
 
 
@@ -139,11 +216,10 @@ def plot_front(doc: dict, out: str | Path, trials_csv: Path | None = None) -> Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     if trials_csv is not None and Path(trials_csv).is_file():
-        trials = pd.read_csv(trials_csv)
+        trials = _read_trials(Path(trials_csv))
         if len(trials):
             ax.scatter(trials.fraction, trials.error, s=10, color="#bbbbbb", label=f"trials ({len(trials)})", zorder=1)
     pts = sorted(doc["points"], key=lambda p: p["fraction"])

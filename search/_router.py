@@ -419,8 +419,10 @@ def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: di
     """One safetensors file with ``tensors`` and ``meta`` (JSON, under the metadata key ``meta``), atomically."""
     from safetensors.torch import save_file
 
+    from planner.io import json_safe
+
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    text = json.dumps(meta)
+    text = json.dumps(json_safe(meta), allow_nan=False)  # strict JSON: a NaN loss is written as "nan"
     return write_atomic(path, lambda tmp: save_file(clean, str(tmp), metadata={"meta": text}))
 
 
@@ -428,15 +430,24 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, meta)`` from :func:`save_checkpoint`; PlannerError (one line) on a missing or bad file."""
     from safetensors import SafetensorError, safe_open
 
+    from planner.artifact import MAX_JSON_DEPTH, max_nesting
+    from planner.io import MAX_ARTIFACT_BYTES
+
     path = Path(path)
     if not path.is_file():
         raise PlannerError(f"no checkpoint at {path}")
+    if path.stat().st_size > MAX_ARTIFACT_BYTES:
+        raise PlannerError(f"{path}: larger than any checkpoint ({MAX_ARTIFACT_BYTES // 2**20} MiB at most)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "null"))
+            text = (f.metadata() or {}).get("meta", "null")
+            if max_nesting(text) > MAX_JSON_DEPTH:
+                raise ValueError(f"metadata nested more than {MAX_JSON_DEPTH} levels deep")
+            meta = json.loads(text)
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a file handle, not a dict)
     except (SafetensorError, OSError, ValueError) as e:  # a damaged header or metadata
-        raise PlannerError(f"cannot read checkpoint {path}: {e}") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PlannerError(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(meta, dict):
         raise PlannerError(f"checkpoint {path} has no metadata record")
     return tensors, meta

@@ -8,8 +8,9 @@ are kept (:class:`~planner.search._router.Gates`); the strategy then picks the b
 them. Subclasses say what a unit is (:meth:`RouterTrainer.train_unit`) and what state of their own a
 checkpoint holds; everything else is here.
 
-Checkpoints (``context.artifacts/<level>/checkpoint.safetensors``, one safetensors file written
-atomically, no pickle): the scores, the optimizer's state, the kept gates, the curve and the
+Checkpoints (``<level>/checkpoint.safetensors`` in ``context.checkpoints``, the plan's folder itself
+while ``context.artifacts`` is the temporary folder the by-products are staged in; one safetensors
+file written atomically, no pickle): the scores, the optimizer's state, the kept gates, the curve and the
 subclass's state, every ``checkpoint_every`` units and at each stage end. ``resume`` continues
 exactly; a checkpoint made with other settings, for another model or sampler, or holding counters
 outside the grid is refused in one line.
@@ -74,7 +75,10 @@ class RouterTrainer:
         self.weights = gate_costs(context.latency, self.names) if settings.cost_weighted else torch.ones(len(self.names))
         self.curve = TrainingCurve()
         self.progress = Progress()
-        self.folder = Path(context.artifacts) / level if context.artifacts is not None else None
+        # The checkpoints live where a killed search's --resume finds them: the plan's folder (context.checkpoints),
+        # not the temporary folder its by-products are staged in (context.artifacts) until the plan is written.
+        work = getattr(context, "checkpoints", None) or context.artifacts
+        self.folder = Path(work) / level if work is not None else None
 
     # ------------------------------------------------------------------ what subclasses say
     def training_key(self) -> dict:
@@ -207,15 +211,15 @@ class RouterTrainer:
 
     def save_beside_plan(self, plan, extra: dict | None = None) -> None:
         """The chosen router (``router.safetensors``) and the training curve in the plan's folder."""
-        if self.folder is None:
+        if self.ctx.artifacts is None:
             return
         params = plan.provenance.params
         chosen = next(g for g in self.progress.snapshots if g.params[self.penalty] == params[self.penalty])
         router = chosen.router(max_run=params.get("max_run"))
         record = {self.penalty: params[self.penalty], "theta": params["theta"],
                   "iterations": chosen.params["iterations"], "lr": params["lr"], "seed": params["seed"], **(extra or {})}
-        save_router(self.folder.parent, router, record)
-        self.curve.save(self.folder.parent)
+        save_router(self.ctx.artifacts, router, record)
+        self.curve.save(self.ctx.artifacts)
 
 
 def common_params(settings, level: str, train_s: float, **extra: Any) -> dict:

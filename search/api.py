@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.plan import Plan, save_plan
+from planner.plan import Plan, artifacts_dir, staged_plan
 from planner.search import Strategy, make_strategy
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
@@ -42,11 +42,6 @@ def as_budget(budget: str | float | Budget | None, max_error: float | None = Non
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         return Budget(speedup=float(budget), max_error=max_error)
     return Budget.parse(budget, max_error)
-
-
-def artifacts_dir(plan_path: str | Path) -> Path:
-    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
-    return Path(plan_path).with_suffix("")
 
 
 def run_search(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",
@@ -80,24 +75,36 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
             profile = profile_for(runner, sampler, profile, samples=calib_samples, progress=progress)
     profile_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    if context is None:
-        context = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
-                                      artifacts=artifacts_dir(out) if out is not None else None)
-    elif out is not None:
-        context.artifacts = artifacts_dir(out)
-    if budget.speedup is not None and not budget.speed_met(context.max_speedup()):
-        raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
-                           f"the first gives {context.max_speedup():.2f}x")
-    plan = chosen.search(context, budget)
-    search_s = time.perf_counter() - start
-    pred = plan.prediction
-    if not budget.met(pred.speedup, pred.calib_error):
-        raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
-                           f"({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
-    if out is not None:
-        out = save_plan(plan, out)
-    return SearchOutcome(plan, context, chosen, profile_s, search_s, Path(out) if out is not None else None)
+    def search(artifacts: Path | None, checkpoints: Path | None) -> tuple[Plan, SearchContext, float]:
+        start = time.perf_counter()
+        ctx = context
+        if ctx is None:
+            ctx = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
+                                      artifacts=artifacts, checkpoints=checkpoints)
+        else:  # a shared context: this search's by-products go to this plan's folders
+            ctx.artifacts, ctx.checkpoints = artifacts, checkpoints
+        if budget.speedup is not None and not budget.speed_met(ctx.max_speedup()):
+            raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
+                               f"the first gives {ctx.max_speedup():.2f}x")
+        plan = chosen.search(ctx, budget)
+        search_s = time.perf_counter() - start
+        pred = plan.prediction
+        if not budget.met(pred.speedup, pred.calib_error):
+            raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
+                               f"({pred.speedup:.2f}x, error {pred.calib_error:.4f})")
+        return plan, ctx, search_s
+
+    if out is None:
+        plan, context, search_s = search(None, None)
+        return SearchOutcome(plan, context, chosen, profile_s, search_s, None)
+    # The plan and its by-products (a front, a router) are one artifact: staged, then published together;
+    # checkpoints go straight to the plan's folder, where --resume finds them after a kill.
+    out = Path(out)
+    with staged_plan(out) as staged:
+        plan, context, search_s = search(staged.folder, artifacts_dir(out))
+        staged.plan = plan
+    context.artifacts = artifacts_dir(out)
+    return SearchOutcome(plan, context, chosen, profile_s, search_s, out)
 
 
 def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",

@@ -35,7 +35,7 @@ class SearchContext:
     """Calibration inputs, references and costs for one (model, sampler) pair."""
 
     def __init__(self, runner, sampler, profile, conditions: list[Any], seeds: list[int], *, progress: bool = False,
-                 artifacts: Path | None = None):
+                 artifacts: Path | None = None, checkpoints: Path | None = None):
         if any(s >= EVAL_SEED_BASE for s in seeds):
             raise PlannerError(f"calibration seeds must lie below {EVAL_SEED_BASE}")
         self.runner = runner
@@ -48,16 +48,19 @@ class SearchContext:
         # Where a strategy may keep by-products of its search (a Pareto front, a router and its training
         # curve, a resumable checkpoint): the CLI sets it to the folder named like the plan, next to it.
         self.artifacts = Path(artifacts) if artifacts is not None else None
+        # Where resumable training state goes (checkpoints): the plan's folder itself, which a killed search
+        # leaves in place, while the by-products are staged in ``artifacts`` (default: ``artifacts``).
+        self.checkpoints = Path(checkpoints) if checkpoints is not None else self.artifacts
         self.evaluations = 0
         self._check_profile()
         self.reference = self.run_full()
 
     @classmethod
     def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False,
-              artifacts: Path | None = None) -> "SearchContext":
+              artifacts: Path | None = None, checkpoints: Path | None = None) -> "SearchContext":
         """A context with ``samples`` calibration inputs (conditions from seed 0, calibration seeds)."""
         return cls(runner, sampler, profile, runner.conditions(samples, seed=0), calibration_seeds(samples),
-                   progress=progress, artifacts=artifacts)
+                   progress=progress, artifacts=artifacts, checkpoints=checkpoints)
 
     def _check_profile(self) -> None:
         meta = self.profile.meta
@@ -68,6 +71,29 @@ class SearchContext:
                 f"profile {meta.name} is for {meta.steps} steps at guidance {meta.sampler.guidance:g}, "
                 f"the search for {self.sampler.steps} steps at guidance {self.sampler.guidance:g}"
             )
+        self._check_profile_scheduler()
+
+    def _check_profile_scheduler(self) -> None:
+        """The profile must come from the search's scheduler: same class and config (profiles made before
+        these were recorded: the class their scheduler name gives on this model)."""
+        from planner.plan.build import config_hash
+
+        meta = self.profile.meta
+        ours = self.runner.scheduler_for(self.sampler)
+        cls = type(ours).__name__
+        theirs = meta.scheduler_class
+        if theirs is None:
+            try:
+                theirs = type(self.runner.scheduler_for(meta.sampler)).__name__
+            except (KeyError, ValueError):
+                theirs = meta.sampler.scheduler
+        if theirs != cls:
+            raise PlannerError(f"profile {meta.name} was made with scheduler {meta.sampler.scheduler} ({theirs}), "
+                               f"the search runs {self.sampler.scheduler} ({cls}); profile with --scheduler "
+                               f"{self.sampler.scheduler} or give the matching --profile")
+        if meta.scheduler_config is not None and meta.scheduler_config != config_hash(ours.config):
+            raise PlannerError(f"profile {meta.name} was made with a {cls} configured otherwise (config hash "
+                               f"{meta.scheduler_config}, the search's {config_hash(ours.config)})")
 
     @cached_property
     def modules(self):

@@ -23,6 +23,7 @@ as a run of hard zeros. See docs/strategies/harmonica.md.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -206,9 +207,9 @@ class HarmoniCa(Strategy):
         else:
             plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=s.max_runs)
         trainer.save_beside_plan(plan, {"proxy": s.proxy, "lambda": [round(float(x), 4) for x in trainer.lambdas]})
-        if trainer.folder is not None:
+        if context.artifacts is not None:
             import pandas as pd
 
             rows = pd.DataFrame(trainer.proxy_rows)
-            write_atomic(trainer.folder.parent / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))
+            write_atomic(Path(context.artifacts) / PROXY_FILE, lambda tmp: rows.to_csv(tmp, index=False))
         return plan

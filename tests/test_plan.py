@@ -174,7 +174,7 @@ def test_versions_older_minor_loads_newer_major_refused(monkeypatch):
     # a newer minor loads, ignoring fields it adds
     newer = dict(doc, version="1.4.0")
     newer["sampler"] = dict(doc["sampler"], sigma_schedule="karras")
-    with pytest.warns(UserWarning, match="newer than 1.0.0"):
+    with pytest.warns(UserWarning, match=f"newer than {PLAN_FORMAT.version}"):
         assert loads_plan(json.dumps(newer)).steps == 6
     with pytest.raises(PlannerError, match=r"plan format version 2\.0\.0 is newer than this planner reads \(1\.x\); upgrade"):
         loads_plan(json.dumps(dict(doc, version="2.0.0")))

@@ -52,6 +52,9 @@ class BenchConfig:
     fewer_steps: bool = True
     profile: str | None = None
     out: Path | None = None
+    # Where the files go while the bench runs (``planner bench``: a temporary folder that becomes ``out``
+    # as a whole at the end); recorded paths name ``out``. ``None``: ``out`` itself.
+    write_to: Path | None = None
     progress: bool = True
 
 
@@ -151,7 +154,8 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
         for name in names:
             kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
             point = Point(name, kind, budget.label(), budget=budget.label())
-            out = Path(config.out) / "plans" / f"{name}-{budget.label()}.json" if config.out is not None else None
+            out = (Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}.json"
+                   if config.out is not None else None)
             t0 = time.perf_counter()
             try:
                 point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
@@ -166,7 +170,8 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
             point.params = plan.provenance.params
             pred = plan.prediction
             point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
-            point.plan = str(out) if out is not None else None
+            if out is not None:
+                point.plan = str(Path(config.out) / "plans" / out.name)
             point.contender = Contender(
                 lambda: runner.run(conditions, seeds, sampler),
                 context=lambda plan=plan: apply_plan(runner.pipe, plan),

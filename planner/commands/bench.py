@@ -3,12 +3,14 @@ held-out seeds; writes a results table (CSV, markdown), a Pareto plot and the en
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.commands.sample import add_sampler_args
 from planner.errors import PlannerError
+from planner.limits import count_arg, int_in, repeats_arg
+
+threads_arg = int_in(0, 4096)
 
 BENCH_DIR = Path("bench")
 DEFAULT_SAMPLES = 32
@@ -25,13 +27,13 @@ def register(sub) -> None:
     p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
                    help="knob values traced for a peer (threshold, or TaylorSeer's cache interval), repeatable")
     p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
+    p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs of every method, interleaved with full compute")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds of every method first")
-    p.add_argument("--reference-every", type=int, default=4, help="a full-compute run after every N method runs")
+    p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs of every method, interleaved with full compute")
+    p.add_argument("--warmup", type=repeats_arg, default=1, help="untimed rounds of every method first")
+    p.add_argument("--reference-every", type=count_arg, default=4, help="a full-compute run after every N method runs")
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-sampling-steps baseline")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=None, help="output folder (default: bench/<model>)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_sampler_args(p, steps=None, guidance=None)
@@ -47,10 +49,9 @@ def parse_strategy_params(items: list[str]) -> dict[str, dict]:
         key, eq, value = rest.partition("=")
         if not sep or not strategy or not eq or not key:
             raise PlannerError(f"--param takes STRATEGY:KEY=VALUE, got {item!r}")
-        try:
-            params.setdefault(strategy, {})[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params.setdefault(strategy, {})[key] = value
+        from planner.commands.search import param_value
+
+        params.setdefault(strategy, {})[key] = param_value(value, f"{strategy}:{key}")
     return params
 
 
@@ -68,6 +69,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from planner.bench import BenchConfig, run_bench
+    from planner.io import atomic_folder, check_output_path
     from planner.bench.peers import parse_sweeps
     from planner.bench.report import environment, write_outputs
     from planner.commands.sample import runner_and_sampler
@@ -84,6 +86,10 @@ def cmd_bench(args) -> int:
             raise PlannerError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     budgets = [Budget.parse(b).label() for b in args.budgets.split(",") if b.strip()]
+    if not budgets:
+        raise PlannerError(f"--budgets names no budget: {args.budgets!r} (write e.g. 1.5x,2x,3x)")
+    if args.out:
+        check_output_path(args.out, "folder")
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
     config = BenchConfig(
         budgets=budgets, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
@@ -95,12 +101,17 @@ def cmd_bench(args) -> int:
     )
     runner, sampler = runner_and_sampler(args)
     out = Path(args.out) if args.out else BENCH_DIR / slug(Path(args.model).name if Path(args.model).is_dir() else args.model)
+    check_output_path(out, "folder")
     config.out = out
-    result = run_bench(runner, sampler, config)
-    env = environment(runner)
-    title = (f"{runner.spec}, {sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}; "
-             f"{len(config.seeds)} held-out seeds, {env['device']}, {env['torch_threads']} threads")
-    files = write_outputs(result, env, out, targets, title)
+    # The bench folder is one artifact: written into a temporary folder, swapped in whole at the end.
+    with atomic_folder(out) as staging:
+        config.write_to = staging
+        result = run_bench(runner, sampler, config)
+        env = environment(runner)
+        title = (f"{runner.spec}, {sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}; "
+                 f"{len(config.seeds)} held-out seeds, {env['device']}, {env['torch_threads']} threads")
+        written = write_outputs(result, env, staging, targets, title)
+    files = {name: str(out / Path(path).name) for name, path in written.items()}
 
     payload = {"out": str(out), "files": files, "wall_s": round(result.info["wall_s"], 1), "skipped": result.skipped,
                "info": {**result.info, "seeds": format_seeds(result.info["seeds"])}, "environment": env,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import repeats_arg
 
 DEFAULT_SAMPLES = 32
 
@@ -16,8 +17,8 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, help="model to run it on (default: the model the plan names)")
     p.add_argument("--seeds", default=None,
                    help=f"held-out seeds: a range 100..131, a list 1,5..7 (default: {DEFAULT_SAMPLES} seeds from 1000000)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per side, interleaved after a warm-up run")
-    p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing")
+    p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs per side, interleaved after a warm-up run")
+    p.add_argument("--warmup", type=repeats_arg, default=1, help="untimed rounds before timing")
     p.add_argument("--force", action="store_true", help="evaluate even on seeds the plan was calibrated on")
     p.add_argument("--out", default=None, help="write the JSON report here, and the markdown table beside it (.md)")
     p.add_argument("--png", default=None, help="save sample grids full / planned / difference to this PNG")
@@ -30,7 +31,7 @@ def cmd_eval(args) -> int:
     from planner.evaluate import eval_markdown, evaluate_plan_with_outputs
     from planner.io import json_safe
     from planner.seeds import EVAL_SEED_BASE, check_held_out, evaluation_seeds, parse_seeds
-    from planner.io import write_json_atomic, write_text_atomic
+    from planner.io import check_output_path, write_json_atomic, write_text_atomic
     from planner.plan import load_plan
     from planner.runner import Sampler, load_runner, resolve_device
 
@@ -43,6 +44,11 @@ def cmd_eval(args) -> int:
     check_held_out(seeds, plan.provenance.calib_seeds, args.force)  # refuse before loading anything
     if args.out and Path(args.out).suffix == ".md":
         raise PlannerError("--out names the JSON report (the markdown table goes beside it as .md)")
+    if args.out:
+        check_output_path(args.out)
+        check_output_path(Path(args.out).with_suffix(".md"))
+    if args.png:
+        check_output_path(args.png)
     model = args.model or plan.model.spec
     if not model:
         raise PlannerError(f"plan {args.plan} names no model spec: give --model")

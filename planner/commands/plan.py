@@ -7,6 +7,8 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import finite_float, steps_arg
+from planner.plan import ACTION_CODES
 
 # Colours of the steps x modules map, one per action (and for sub-layers skipped with their block).
 ACTION_COLOURS = {
@@ -14,6 +16,7 @@ ACTION_COLOURS = {
     "R": "#3b75af",
     "D": "#519e3e",
     "F": "#ef8636",
+    "Q": "#c5392b",
     "S": "#8d69b8",
     "-": "#c8c8c8",
 }
@@ -38,8 +41,8 @@ def register(sub) -> None:
     val = psub.add_parser("validate", help="check a plan alone, or against a model and a sampler")
     val.add_argument("plan", help="plan JSON file")
     val.add_argument("--model", default=None, help="also check against this model (digits-dit, tiny:flux, a folder)")
-    val.add_argument("--steps", type=int, default=None, help="also check against a run of this many steps")
-    val.add_argument("--guidance", type=float, default=None, help="with --model: check the CFG layout at this guidance")
+    val.add_argument("--steps", type=steps_arg, default=None, help="also check against a run of this many steps")
+    val.add_argument("--guidance", type=finite_float, default=None, help="with --model: check the CFG layout at this guidance")
     val.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
     add_json_flag(val)
     val.set_defaults(func=cmd_validate)
@@ -131,7 +134,8 @@ def cmd_show(args) -> int:
         + (f", {pv['created']}" if pv["created"] else "")
     )
     if s["reusing_modules"]:
-        lines.append("reusing modules (C compute, R reuse, D reuse_residual, F forecast, S share_cfg):")
+        legend = ", ".join(f"{code} {name}" for code, name in ACTION_CODES.items())
+        lines.append(f"reusing modules ({legend}):")
         width = max(len(k) for k in s["reusing_modules"])
         for name, codes in s["reusing_modules"].items():
             if isinstance(codes, str):
@@ -146,8 +150,10 @@ def cmd_show(args) -> int:
 def cmd_plot(args) -> int:
     from planner.plan import load_plan
 
+    from planner.io import check_output_path
+
     plan = load_plan(args.plan)
-    out = Path(args.out) if args.out else Path(args.plan).with_suffix(".png")
+    out = check_output_path(Path(args.out) if args.out else Path(args.plan).with_suffix(".png"))
     plot_plan(plan, out, title=Path(args.plan).name)
     report(args, {"plan": args.plan, "out": str(out)}, f"wrote {out}")
     return 0
@@ -164,7 +170,6 @@ def plot_plan(plan, out: str | Path, title: str | None = None) -> Path:
     from matplotlib.patches import Patch
 
     from planner.io import write_atomic
-    from planner.plan import ACTION_CODES
 
     modules = list(plan.model.modules)
     eff = plan.effective_compute()
@@ -242,9 +247,11 @@ def cmd_pareto(args) -> int:
     front point dominates each baseline."""
     from planner.search._pareto import front_folder, load_front, plot_front, summarize_front
 
+    from planner.io import check_output_path
+
     folder = front_folder(args.front)
     doc = load_front(folder)
-    out = Path(args.out) if args.out else folder / "front.png"
+    out = check_output_path(Path(args.out) if args.out else folder / "front.png")
     plot_front(doc, out, folder / "trials.csv")
     s = {"front": str(folder), "out": str(out), **summarize_front(doc)}
     best = next((p for p in s["points"] if p["trial"] == s["best"]), None)

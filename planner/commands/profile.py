@@ -9,6 +9,9 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import MAX_STEPS, count_arg, finite_float, int_in, seed_arg, steps_arg
+
+lags_arg = int_in(0, MAX_STEPS)
 
 DEFAULT_DIR = "profiles"
 
@@ -24,13 +27,13 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, 50 for digits-dit)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale, <= 1 turns CFG off (default: the model's, 3 for digits-dit)")
+    p.add_argument("--steps", type=steps_arg, default=None, help="sampling steps (default: the model's, 50 for digits-dit)")
+    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale, <= 1 turns CFG off (default: the model's, 3 for digits-dit)")
     p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's default sampler's)")
-    p.add_argument("--samples", type=int, default=8, help="calibration inputs (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input; the others count up")
-    p.add_argument("--lags", type=int, default=3, help="compare each output with 1..LAGS steps back (default 3)")
-    p.add_argument("--batch-size", type=int, default=None, help="calibration inputs per run (default: all at once)")
+    p.add_argument("--samples", type=count_arg, default=8, help="calibration inputs (default 8)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first calibration input; the others count up")
+    p.add_argument("--lags", type=lags_arg, default=3, help="compare each output with 1..LAGS steps back (default 3)")
+    p.add_argument("--batch-size", type=count_arg, default=None, help="calibration inputs per run (default: all at once)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument("--costs", choices=("measured", "flops"), default="measured",
@@ -43,7 +46,7 @@ def register(sub) -> None:
     actions = p.add_subparsers(dest="profile_action", metavar="{show,plot}")
     s = actions.add_parser("show", help="summarise a profile: most/least stable modules, per-step curve, where the time goes")
     s.add_argument("path", help="profile folder (or its meta.json)")
-    s.add_argument("--top", type=int, default=5, help="modules listed per ranking (default 5)")
+    s.add_argument("--top", type=count_arg, default=5, help="modules listed per ranking (default 5)")
     add_json_flag(s)
     s.set_defaults(func=cmd_show)
     pl = actions.add_parser("plot", help="draw a profile's heatmaps, curves and cost chart as PNGs")
@@ -57,6 +60,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """Run the profiler the flags describe and write its folder."""
     from dataclasses import replace
 
+    from planner.io import check_output_path
     from planner.profile import profile_model
     from planner.profile.artifact import default_profile_name
     from planner.runner import resolve_device
@@ -69,11 +73,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise PlannerError(f"--lags must be at least 1, got {args.lags}")
     if args.batch_size is not None and args.batch_size < 1:
         raise PlannerError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out:
+        check_output_path(args.out, "folder")
     device = resolve_device(args.device)
     runner = load_runner(args.model, device=device)
     changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
     sampler = runner.resolve(replace(runner.default_sampler, **changes))
     out = Path(args.out) if args.out else Path(DEFAULT_DIR) / default_profile_name(runner.spec, sampler, device)
+    check_output_path(out, "folder")
     profile = profile_model(
         runner,
         sampler,
@@ -114,6 +121,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlannerError("plotting needs matplotlib (pip install matplotlib)") from None
+    if args.out:
+        from planner.io import check_output_path
+
+        check_output_path(args.out, "folder")
     profile = load_profile(args.path)
     paths = plot_profile(profile, args.out)
     report(args, {"files": [str(p) for p in paths]}, "\n".join(f"wrote {p}" for p in paths))

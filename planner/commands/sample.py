@@ -9,13 +9,14 @@ import torch
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import count_arg, finite_float, seed_arg, steps_arg
 
 
 def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.0) -> None:
     """The model and sampler flags shared by every command that runs a model."""
     parser.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
-    parser.add_argument("--steps", type=int, default=steps, help="number of sampling steps")
-    parser.add_argument("--guidance", type=float, default=guidance, help="CFG scale (<= 1 turns CFG off)")
+    parser.add_argument("--steps", type=steps_arg, default=steps, help="number of sampling steps")
+    parser.add_argument("--guidance", type=finite_float, default=guidance, help="CFG scale (<= 1 turns CFG off)")
     parser.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's own)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -35,8 +36,8 @@ def runner_and_sampler(args):
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample a model without caching and save a PNG grid")
     add_sampler_args(p)
-    p.add_argument("--n", type=int, default=100, help="number of samples")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first sample (the others count up)")
+    p.add_argument("--n", type=count_arg, default=100, help="number of samples")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first sample (the others count up)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     add_json_flag(p)
     p.set_defaults(func=cmd_sample)
@@ -45,10 +46,11 @@ def register(sub) -> None:
 def cmd_sample(args) -> int:
     from tqdm.auto import tqdm
 
-    from planner.io import write_atomic
+    from planner.io import check_output_path, write_atomic
 
     if args.n < 1:
         raise PlannerError(f"--n must be at least 1, got {args.n}")
+    check_output_path(args.out)
     runner, sampler = runner_and_sampler(args)
     conditions = runner.conditions(args.n, seed=args.seed)
     seeds = list(range(args.seed, args.seed + args.n))

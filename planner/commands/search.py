@@ -9,6 +9,7 @@ from pathlib import Path
 from planner.cli import add_json_flag, report
 from planner.commands.sample import add_sampler_args, runner_and_sampler
 from planner.errors import PlannerError
+from planner.limits import count_arg, finite_float, seed_arg
 
 PLANS_DIR = Path("plans")
 
@@ -17,19 +18,19 @@ def register(sub) -> None:
     p = sub.add_parser("search", help="search a cache plan that meets a speed budget (or an error target)")
     p.add_argument("--strategy", default="greedy", help="a registered strategy (`planner strategies` lists them)")
     p.add_argument("--budget", default=None, help="predicted speedup (2x) or run-time fraction (60%%); default 2x")
-    p.add_argument("--max-error", type=float, default=None, help="instead of a budget: relative L1 of the final output")
+    p.add_argument("--max-error", type=finite_float, default=None, help="instead of a budget: relative L1 of the final output")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
-    p.add_argument("--calib-samples", type=int, default=8, help="calibration inputs (seeds 0..N-1)")
+    p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs (seeds 0..N-1)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy setting (VALUE read as JSON when it parses), repeatable")
     p.add_argument("--list-params", action="store_true", help="print the strategy's settings and exit")
     p.add_argument("--out", default=None, help="plan file (default: plans/<model>-<sampler>-<strategy>-<budget>.json)")
     p.add_argument("--verify", action="store_true", help="then measure realized speedup and PSNR/SSIM on held-out seeds")
-    p.add_argument("--verify-samples", type=int, default=8)
+    p.add_argument("--verify-samples", type=count_arg, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     run = p.add_argument_group("search runs (strategies that declare them: optuna's study, learned routers' training)")
-    run.add_argument("--seed", type=int, default=None, help="random seed of the search (default: the strategy's, 0)")
-    run.add_argument("--n-trials", type=int, default=None, help="trials this process runs (optuna)")
+    run.add_argument("--seed", type=seed_arg, default=None, help="random seed of the search (default: the strategy's, 0)")
+    run.add_argument("--n-trials", type=count_arg, default=None, help="trials this process runs (optuna)")
     run.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///f.db, postgresql://..., journal:FILE)")
     run.add_argument("--study", default=None, help="study name in --storage (workers that name one study share it)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint next to the plan (learned routers)")
@@ -51,11 +52,20 @@ def parse_params(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise PlannerError(f"--param takes KEY=VALUE, got {item!r}")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
+        params[key] = param_value(value, key)
     return params
+
+
+def param_value(text: str, key: str):
+    """A ``--param`` value: JSON when it parses (nested at most as deep as any artifact), else the string."""
+    from planner.artifact import MAX_JSON_DEPTH, max_nesting
+
+    if max_nesting(text) > MAX_JSON_DEPTH:
+        raise PlannerError(f"--param {key}: value nested more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        return json.loads(text)
+    except ValueError:  # not JSON (JSONDecodeError), or an integer of thousands of digits: keep the text
+        return text
 
 
 def strategy_params(args) -> dict:
@@ -78,6 +88,17 @@ def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
     return PLANS_DIR / f"{model}-{slug(sampler.scheduler)}{sampler.steps}-g{sampler.guidance:g}-{strategy}-{budget.label()}.json"
 
 
+def check_plan_output(out: Path) -> None:
+    """PlannerError unless the plan file and its by-product folder beside it can be written."""
+    from planner.io import check_output_path
+    from planner.plan import artifacts_dir
+
+    if out.suffix != ".json":
+        raise PlannerError(f"--out names a plan file, which ends in .json: {out}")
+    check_output_path(out)
+    check_output_path(artifacts_dir(out), "folder")
+
+
 def cmd_search(args) -> int:
     from planner.search import make_strategy
     from planner.search.api import as_budget, run_search
@@ -90,8 +111,11 @@ def cmd_search(args) -> int:
     if args.calib_samples < 1:
         raise PlannerError(f"--calib-samples must be at least 1, got {args.calib_samples}")
     progress = not (args.quiet or args.json)
+    if args.out:
+        check_plan_output(Path(args.out))
     runner, sampler = runner_and_sampler(args)
     out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
+    check_plan_output(out)
     outcome = run_search(runner, budget, strategy=strategy, sampler=sampler, profile=args.profile,
                          calib_samples=args.calib_samples, out=out, progress=progress)
     plan, pred = outcome.plan, outcome.plan.prediction

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
+from planner.limits import int_in, seed_arg
+
+train_steps_arg = int_in(0, 10_000_000)
 
 
 def register(sub) -> None:
@@ -18,9 +21,9 @@ def register(sub) -> None:
 
     train = zoo_sub.add_parser("train", help="rebuild a shipped model from its recipe (digits-*, digits-classifier)")
     train.add_argument("name", help="digits-dit, digits-dit-wide, digits-dit-deep, digits-mmdit or digits-classifier")
-    train.add_argument("--steps", type=int, default=None, help="training steps (DiTs) or epochs (classifier)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=None,
+    train.add_argument("--steps", type=train_steps_arg, default=None, help="training steps (DiTs) or epochs (classifier)")
+    train.add_argument("--seed", type=seed_arg, default=0)
+    train.add_argument("--threads", type=int_in(1, 1024), default=None,
                        help="CPU threads (training is deterministic for a given thread count; default: torch's)")
     train.add_argument("--out", default=None, help="where to write (default: the packaged weights)")
     add_json_flag(train)
@@ -40,9 +43,11 @@ def cmd_list(args) -> int:
 def cmd_train(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise PlannerError(f"--steps must be at least 1, got {args.steps}")
+    from planner.io import check_output_path
+
+    if args.out:
+        check_output_path(args.out, "file" if args.name == "digits-classifier" else "folder")
     if args.threads is not None:
-        if args.threads < 1:
-            raise PlannerError(f"--threads must be at least 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)

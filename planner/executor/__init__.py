@@ -51,9 +51,14 @@ def apply_plan(target: Any, plan: Plan | str | Path, *, strict: bool = True) -> 
     """Apply ``plan`` (a Plan or a plan file) to a pipeline, Runner or transformer; returns the handle.
 
     Checks first (PlannerError on a mismatch): the plan's own rules, and that it fits the model
-    (class, block count, module names, and with ``strict`` the fingerprint). At the first call of
-    every run it checks the pipeline's step count and CFG switch when given a pipeline, and during
-    the run the number of steps and calls per step.
+    (class, block count, module names, and with ``strict`` the fingerprint). At the first transformer
+    call of every run, before anything is computed, it checks the run against the sampler the plan
+    records: given a pipeline, its scheduler's class, config hash, number and values of timesteps,
+    and its CFG switch; for batched CFG plans, that the call carries CFG halves. Given a bare
+    transformer it compares each step's timestep with the plan's (so another scheduler or step count
+    is refused at the first call, a run longer than the plan at the step after its last). During the
+    run it checks the calls per step. ``strict=False`` skips the fingerprint check and turns the run
+    checks into one ``warnings.warn`` per run (steps beyond the plan then run uncached).
     """
     from planner.executor.session import install
 

@@ -10,6 +10,16 @@ Step tracking (robust without help from the pipeline):
   run means the pipeline runs more steps than the plan: refused;
 * ``handle.at_step(i)`` overrides all of this for callers that drive steps themselves.
 
+Checks against the run (:meth:`Engine._check_pipe`, :meth:`Engine._check_first_call`), at the first transformer call of every run, before
+anything is computed: with a pipeline, its scheduler's class, config hash and timesteps (their number,
+and their values when the plan knows them) and its CFG switch where the pipeline exposes one, else,
+for batched CFG layouts, that the two halves of the first call's input are the same latents (a run
+without CFG has distinct samples there). A bare transformer has no scheduler to ask: its calls'
+timesteps are compared with the plan's at every step (the first call catches another scheduler or step
+count; a run that diverges later, or runs more steps than planned, is refused at that step). A mismatch
+raises PlannerError saying what differs; with ``strict=False`` the run goes on after one warning per
+run (steps beyond the plan then run without caching).
+
 The CFG branch: batched layouts carry both halves in one call (``[cond, uncond]`` for DiT,
 ``[uncond, cond]`` for PixArt/SD3); with ``separate`` calls it is the diffusers cache-context
 name when the pipeline set one (Flux, Wan), else the call order within the step (cond first).
@@ -17,6 +27,8 @@ name when the pipeline set one (Flux, Wan), else the call order within the step 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -30,12 +42,19 @@ from planner.plan import ACTION_CODES, COMPUTE, REUSE_CODES, Plan
 _MAX_EXAMPLES = 5
 
 
+def _close(a: float, b: float) -> bool:
+    """Timesteps equal up to half-precision rounding (the pipeline may cast them to the model's dtype)."""
+    return math.isclose(a, b, rel_tol=1e-2, abs_tol=1e-6)
+
+
 class _Run:
     """Where the current run is."""
 
     def __init__(self) -> None:
         self.started = False
         self.complete = False
+        self.warned = False  # a mismatch was let through (strict=False) and said once
+        self.checked = False  # the first-call checks ran
         self.step = -1
         self.last_t: float | None = None
         self.calls = 0  # calls begun in the current step
@@ -50,8 +69,12 @@ class _Run:
 class Engine:
     """Shared state of one applied plan: read by every hook, written by the step tracker."""
 
-    def __init__(self, plan: Plan, transformer: torch.nn.Module, pipe: Any, gates: torch.Tensor | None, detach_cache: bool):
+    def __init__(self, plan: Plan, transformer: torch.nn.Module, pipe: Any, gates: torch.Tensor | None, detach_cache: bool,
+                 strict: bool = True):
         self.plan = plan
+        self.strict = strict  # False: mismatches with the run are warned about, not refused
+        self._pipe_timesteps: list[float] | None = None  # the pipeline scheduler's, read at the start of a run
+        self._cfg_flag: bool | None = None  # the pipeline's do_classifier_free_guidance, where it has one
         self.steps = plan.steps
         self.layout = plan.layout
         self.branches = plan.branches
@@ -115,7 +138,10 @@ class Engine:
                 r = self._start_run(check_pipe=True)
                 r.step = 0
             elif r.complete:
-                raise PlannerError(f"plan was made for {self.steps} steps, the pipeline runs more")
+                self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs more")
+                r.last_t = t  # strict=False: the steps beyond the plan run as they are, uncached
+                self.in_call, self.active = False, []
+                return
             elif t < r.last_t:
                 self._check_calls_done()
                 r.step += 1
@@ -124,6 +150,12 @@ class Engine:
             r.last_t = t
         if not 0 <= r.step < self.steps:
             raise PlannerError(f"step {r.step} is outside the plan's {self.steps} steps")
+        if self.forced_step is None:
+            if not r.checked:
+                r.checked = True
+                self._check_first_call(args, kwargs)
+            if self.pipe is None or self._pipe_timesteps is None:
+                self._check_timestep(r.step, t)
         r.calls += 1
         if t is not None:
             r.times.setdefault(r.step, t)
@@ -193,21 +225,78 @@ class Engine:
                 )
             raise PlannerError(f"plan's CFG layout {self.layout!r} expects 1 transformer call per step, step {r.step} made {r.calls}")
 
+    def _mismatch(self, message: str) -> None:
+        """A run that differs from what the plan was made for: PlannerError, or with ``strict=False`` one
+        warning per run."""
+        if self.strict:
+            raise PlannerError(f"{message} (apply_plan(..., strict=False) runs it anyway)")
+        if not self.run.warned:
+            self.run.warned = True
+            warnings.warn(f"{message}; running anyway (strict=False): outputs will differ from what the plan "
+                          "was made for", stacklevel=2)
+
     def _check_pipe(self) -> None:
-        """At the start of a run: the pipeline's step count and CFG switch must fit the plan."""
-        pipe = self.pipe
+        """At the start of a run: the pipeline's scheduler (class, config, timesteps) and CFG switch must
+        fit the plan."""
+        from planner.plan.build import config_hash
+
+        pipe, s = self.pipe, self.plan.sampler
+        self._pipe_timesteps = None
         if pipe is None:
             return
-        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
-        if timesteps is not None and len(timesteps) != self.steps:
-            raise PlannerError(f"plan was made for {self.steps} steps, the pipeline runs {len(timesteps)}")
+        sched = getattr(pipe, "scheduler", None)
+        cls = type(sched).__name__
+        if sched is not None and s.scheduler_class and cls != s.scheduler_class:
+            self._mismatch(f"plan was made for a {s.scheduler_class}, the pipeline's scheduler is a {cls}")
+        elif sched is not None and s.scheduler_config and getattr(sched, "config", None) is not None:
+            theirs = config_hash(sched.config)
+            if theirs != s.scheduler_config:
+                self._mismatch(f"plan was made for a {cls} with another config (config hash {s.scheduler_config}, "
+                               f"the pipeline's {theirs})")
+        timesteps = getattr(sched, "timesteps", None)
+        if timesteps is not None:
+            ts = [float(x) for x in timesteps]
+            self._pipe_timesteps = ts
+            if len(ts) != self.steps:
+                self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs {len(ts)}")
+            elif s.timesteps and not all(_close(a, b) for a, b in zip(ts, s.timesteps)):
+                k = next(i for i, (a, b) in enumerate(zip(ts, s.timesteps)) if not _close(a, b))
+                self._mismatch(f"the pipeline's timesteps differ from the plan's (step {k}: {ts[k]:g}, "
+                               f"the plan's {float(s.timesteps[k]):g}): another scheduler setting")
         try:
             cfg_on = getattr(pipe, "do_classifier_free_guidance")
         except Exception:  # property reading a field this pipeline never set
             cfg_on = None
+        self._cfg_flag = cfg_on if isinstance(cfg_on, bool) else None
         if isinstance(cfg_on, bool) and cfg_on != (self.layout is not CfgLayout.NONE):
             state = "on" if cfg_on else "off"
-            raise PlannerError(f"plan was made for CFG layout {self.layout!r}, but the pipeline runs with CFG {state}")
+            self._mismatch(f"plan was made for CFG layout {self.layout.value!r}, but the pipeline runs with CFG {state}")
+
+    def _check_first_call(self, args: tuple, kwargs: dict) -> None:
+        """Batched CFG through a pipeline that does not say whether CFG is on (DiT, PixArt): its first call
+        carries the same latents twice ([cond, uncond] or [uncond, cond]); distinct halves mean CFG is off.
+        (A bare transformer may be fed any halves: only an odd batch tells there.)"""
+        if self.pipe is None or self._cfg_flag is not None or len(self.layout.batch_order) != 2:
+            return
+        hs = tree.get_arg(self.transformer_cls, "hidden_states", args, kwargs)
+        if not isinstance(hs, torch.Tensor) or hs.dim() == 0 or hs.shape[0] % 2:
+            return  # an odd batch is refused with its own message
+        half = hs.shape[0] // 2
+        if not torch.equal(hs[:half], hs[half:]):
+            self._mismatch(f"plan was made for batched CFG (layout {self.layout.value!r}), but the first call's two "
+                           "halves hold different latents: the run has CFG off (or another layout)")
+
+    def _check_timestep(self, step: int, t: float | None) -> None:
+        """A run without a pipeline to ask: its timestep at ``step`` must be the plan's (when the plan knows it)."""
+        ts = self.plan.sampler.timesteps
+        if t is None or not ts or step >= len(ts):
+            return
+        want = float(ts[step])
+        if _close(t, want) or _close(t * 1000.0, want):  # Flux-like pipelines pass t / 1000
+            return
+        self._mismatch(f"step {step} of the run has timestep {t:g}, the plan's sampler has {want:g} "
+                       f"(plan made for {self.plan.sampler.scheduler_class or self.plan.sampler.scheduler}, "
+                       f"{self.steps} steps): another scheduler or step count")
 
     def _branches_of_call(self, args: tuple, kwargs: dict, context_name: str | None) -> tuple[str, ...]:
         r = self.run

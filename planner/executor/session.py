@@ -114,7 +114,7 @@ def install(handle_cls: type[PlanHandle], target: Any, plan: Plan | str | Path, 
 
     modules = dict(transformer.named_modules())
     gate_cols = _gate_columns(plan, transformer, modules, gates, gate_modules) if gates is not None else {}
-    engine = Engine(plan, transformer, pipe, gates, detach_cache)
+    engine = Engine(plan, transformer, pipe, gates, detach_cache, strict=strict)
     installed: list[tuple[torch.nn.Module, str, dict]] = []
 
     def put(module: torch.nn.Module, hook: Any, name: str) -> None:

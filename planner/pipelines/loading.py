@@ -14,8 +14,8 @@ Model specs (``--model``):
 from __future__ import annotations
 
 import importlib
-import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,11 +78,11 @@ def load_folder(path: Path, *, variant: str | None = None, dtype: str | None = N
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
+    from planner.artifact import loads_json
+    from planner.io import read_text_limited
+
     index_file = Path(path) / "model_index.json"
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlannerError(f"{index_file}: unreadable ({type(exc).__name__}); not a pipeline folder") from None
+    index = loads_json(read_text_limited(index_file, "model_index.json", 1 << 20), str(index_file))
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise PlannerError(f"{index_file}: no \"_class_name\": not a pipeline folder")
     cls = getattr(diffusers, index["_class_name"], None)
@@ -98,12 +98,21 @@ def load_folder(path: Path, *, variant: str | None = None, dtype: str | None = N
         kwargs["variant"] = variant
     if dtype:
         kwargs["torch_dtype"] = torch_dtype(dtype)
-    try:
-        with _quiet():
-            pipe = cls.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        text = str(exc).strip().splitlines()
-        raise PlannerError(f"{path}: cannot load the pipeline: {type(exc).__name__}: {text[0][:200] if text else ''}") from None
+    # Warnings raised on the way are shown only when the folder loads: for a damaged folder they are
+    # noise around the one-line error.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with _quiet():
+                pipe = cls.from_pretrained(str(path), **kwargs)
+        except (PlannerError, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - diffusers, transformers, safetensors and torch raise many kinds here
+            text = str(exc).strip().splitlines()
+            raise PlannerError(f"{path}: cannot load the pipeline ({type(exc).__name__}: "
+                               f"{text[0][:200] if text else ''})") from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -2,7 +2,17 @@
 files (:mod:`.io`). Importing this package needs neither torch nor diffusers."""
 
 from planner.plan.build import plan_for_model, plan_for_runner
-from planner.plan.io import PLAN_FORMAT, load_plan, loads_plan, plan_from_dict, plan_to_dict, plan_to_json, save_plan
+from planner.plan.io import (
+    PLAN_FORMAT,
+    artifacts_dir,
+    load_plan,
+    loads_plan,
+    plan_from_dict,
+    plan_to_dict,
+    plan_to_json,
+    save_plan,
+    staged_plan,
+)
 from planner.plan.model import (
     ACTION_CODES,
     CODE_OF,
@@ -27,6 +37,7 @@ __all__ = [
     "Prediction",
     "Provenance",
     "SamplerRef",
+    "artifacts_dir",
     "load_plan",
     "loads_plan",
     "normalize_decisions",
@@ -36,4 +47,5 @@ __all__ = [
     "plan_to_dict",
     "plan_to_json",
     "save_plan",
+    "staged_plan",
 ]

@@ -17,6 +17,9 @@ def plan_for_model(
     decisions: Mapping[str, str | Mapping[str, str]] | None = None,
     scheduler: str = "default",
     scheduler_class: str | None = None,
+    scheduler_config: str | None = None,
+    resolution: Iterable[int] | None = None,
+    frames: int | None = None,
     guidance: float = 1.0,
     timesteps: Iterable[float] | None = None,
     spec: str | None = None,
@@ -48,6 +51,9 @@ def plan_for_model(
             cfg_layout=CfgLayout(cfg_layout),
             timesteps=[as_number(x) for x in (timesteps or [])],
             scheduler_class=scheduler_class,
+            scheduler_config=scheduler_config,
+            resolution=[int(x) for x in resolution] if resolution is not None else None,
+            frames=int(frames) if frames is not None else None,
         ),
         decisions={},
         prediction=prediction or Prediction(),
@@ -74,10 +80,11 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
     ``profile_id``, ``calib_seeds``).
     """
     sampler = runner.resolve(sampler)
-    scheduler_class, timesteps = None, []
+    scheduler_class, scheduler_config, timesteps = None, None, []
     try:
         sched = runner.scheduler_for(sampler)
         scheduler_class = type(sched).__name__
+        scheduler_config = config_hash(sched.config)
         sched.set_timesteps(sampler.steps)
         timesteps = [float(x) for x in sched.timesteps]
     except Exception:  # e.g. Flux's dynamic shifting needs the image size: timesteps stay unknown
@@ -89,12 +96,32 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         decisions=decisions,
         scheduler=sampler.scheduler,
         scheduler_class=scheduler_class,
+        scheduler_config=scheduler_config,
         guidance=sampler.guidance,
         timesteps=timesteps if len(timesteps) == sampler.steps else [],
         spec=runner.spec,
         device=kwargs.pop("device", str(runner.device)),
         **kwargs,
     )
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """A 12-hex-digit hash of a diffusers scheduler config: equal for schedulers that step alike.
+
+    Keys starting with ``_`` (class name, diffusers version, which values were defaults) are left
+    out: they do not change the trajectory."""
+    import hashlib
+    import json
+
+    items = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    text = json.dumps(items, sort_keys=True, default=_plain, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def as_number(x: Any) -> float | int:

@@ -7,9 +7,11 @@ schema cannot express (:meth:`Plan.validate`). Never pickle.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from planner.artifact import DocumentFormat, loads_json
 from planner.cfg import CfgLayout
@@ -17,7 +19,8 @@ from planner.errors import PlannerError
 from planner.plan.build import as_number
 from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRef, normalize_decisions
 
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.0.0", noun="cache plan", version_key="version",
+# 1.1.0: the sampler also records its scheduler's config hash and, when known, resolution and frames.
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.1.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric")
 
@@ -37,9 +40,11 @@ def plan_to_dict(plan: Plan) -> dict:
         "version": PLAN_FORMAT.version,
         "model": {"class": plan.model.cls, "fingerprint": plan.model.fingerprint, "spec": plan.model.spec,
                   "modules": list(plan.model.modules)},
-        "sampler": {"scheduler": s.scheduler, "scheduler_class": s.scheduler_class, "steps": s.steps,
+        "sampler": {"scheduler": s.scheduler, "scheduler_class": s.scheduler_class,
+                    "scheduler_config": s.scheduler_config, "steps": s.steps,
                     "guidance": s.guidance, "cfg_layout": CfgLayout(s.cfg_layout).value,
-                    "timesteps": [as_number(x) for x in s.timesteps]},
+                    "timesteps": [as_number(x) for x in s.timesteps],
+                    "resolution": list(s.resolution) if s.resolution is not None else None, "frames": s.frames},
         "decisions": decisions,
         "prediction": {k: getattr(p, k) for k in PREDICTION_KEYS},
         "provenance": {"strategy": pv.strategy, "params": pv.params, "profile_id": pv.profile_id,
@@ -50,7 +55,9 @@ def plan_to_dict(plan: Plan) -> dict:
 
 def plan_to_json(plan: Plan) -> str:
     """The plan as JSON text: indented, one line per module decision with the codes aligned in a column."""
-    return _format(plan_to_dict(plan)) + "\n"
+    from planner.io import json_safe
+
+    return _format(json_safe(plan_to_dict(plan))) + "\n"
 
 
 def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
@@ -64,7 +71,9 @@ def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
                            modules=list(doc["model"]["modules"]), spec=doc["model"].get("spec")),
             sampler=SamplerRef(scheduler=s["scheduler"], steps=s["steps"], guidance=float(s["guidance"]),
                                cfg_layout=layout, timesteps=list(s.get("timesteps", [])),
-                               scheduler_class=s.get("scheduler_class")),
+                               scheduler_class=s.get("scheduler_class"), scheduler_config=s.get("scheduler_config"),
+                               resolution=list(s["resolution"]) if s.get("resolution") is not None else None,
+                               frames=s.get("frames")),
             decisions=normalize_decisions(doc["decisions"], layout.branches, s["steps"], strict_branches=True),
             prediction=Prediction(**{k: p.get(k) for k in PREDICTION_KEYS}),
             provenance=Provenance(strategy=pv.get("strategy", "manual"), params=dict(pv.get("params", {})),
@@ -84,14 +93,10 @@ def loads_plan(text: str, source: str = "plan") -> Plan:
 
 def load_plan(path: str | Path) -> Plan:
     """Load a plan file (JSON only, never pickle), checked against the schema and the plan rules."""
+    from planner.io import read_text_limited
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PlannerError(f"{path}: no such plan file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlannerError(f"{path}: cannot read plan: {exc}") from None
-    return loads_plan(text, str(path))
+    return loads_plan(read_text_limited(path, "plan file"), str(path))
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
@@ -100,6 +105,73 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 
     plan.validate()
     return write_text_atomic(path, plan_to_json(plan))
+
+
+# --------------------------------------------------------------------- a plan and its by-product folder
+BUNDLE_DIGEST = "plan.sha256"
+
+
+def artifacts_dir(plan_path: str | Path) -> Path:
+    """The folder for a search's by-products: ``plans/NAME/`` beside ``plans/NAME.json``."""
+    return Path(plan_path).with_suffix("")
+
+
+class StagedPlan:
+    """A plan being written with its by-products: ``folder`` is where they go until :func:`staged_plan`
+    publishes them; set ``plan`` before the block ends."""
+
+    def __init__(self, path: Path, folder: Path):
+        self.path = path
+        self.folder = folder
+        self.plan: Plan | None = None
+
+
+@contextlib.contextmanager
+def staged_plan(path: str | Path) -> Iterator[StagedPlan]:
+    """Write a plan file and its by-product folder (``plans/NAME.json`` and ``plans/NAME/``).
+
+    The block writes the by-products into ``staged.folder`` (a temporary folder) and sets
+    ``staged.plan``. When it ends without error: the subfolders of the old ``plans/NAME/`` that the
+    block did not write (resumable training state: checkpoints) are carried over, the folder is
+    swapped in as a whole, then the plan file is renamed into place; on error nothing is published.
+    The folder records the sha256 of the plan file it belongs to (``plan.sha256``), so that a reader
+    can tell a folder left beside an older plan by a search killed between the two renames
+    (:func:`bundle_mismatch`). A plan without by-products gets no folder (an old one is removed).
+    """
+    from planner.io import atomic_folder, carry_over, write_text_atomic
+
+    path = Path(path)
+    if path.suffix != ".json":
+        raise PlannerError(f"a plan file name ends in .json: {path}")
+    folder = artifacts_dir(path)
+    with atomic_folder(folder, keep_empty=False) as staging:
+        staged = StagedPlan(path, staging)
+        yield staged
+        if staged.plan is None:
+            raise PlannerError(f"no plan to write to {path}")
+        text = plan_to_json(staged.plan.validate())
+        carry_over(folder, staging, lambda entry: entry.is_dir() and not entry.is_symlink())
+        if any(staging.iterdir()):
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            (staging / BUNDLE_DIGEST).write_text(f"{digest}  {path.name}\n", encoding="utf-8")
+    write_text_atomic(path, text)
+
+
+def bundle_mismatch(folder: str | Path) -> str | None:
+    """Why the by-product folder ``folder`` does not belong to the plan file beside it (it records the
+    digest of another one), or ``None`` when it does or nothing is recorded."""
+    from planner.io import read_text_limited
+
+    folder = Path(folder)
+    record, plan_file = folder / BUNDLE_DIGEST, folder.with_suffix(".json")
+    if not record.is_file() or not plan_file.is_file():
+        return None
+    want = read_text_limited(record, "plan digest", 4096).split()[0:1]
+    have = hashlib.sha256(read_text_limited(plan_file, "plan file").encode("utf-8")).hexdigest()
+    if want == [have]:
+        return None
+    return (f"{folder} was written for another version of {plan_file} (a search interrupted between writing "
+            "them, or an edited plan)")
 
 
 # --------------------------------------------------------------------- JSON layout

@@ -14,12 +14,14 @@ files are :mod:`planner.plan.io`. It imports neither torch nor diffusers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 from planner.artifact import json_path
 from planner.cfg import BRANCHES, CfgLayout, other_branch
 from planner.errors import PlannerError
+from planner.limits import MAX_STEPS
 from planner.modules import module_kind
 
 # One character per action, in the plan file.
@@ -48,7 +50,10 @@ class ModelRef:
 
 @dataclass
 class SamplerRef:
-    """The sampler a plan assumes."""
+    """The sampler a plan assumes: what :func:`planner.apply_plan` checks a run against.
+
+    ``scheduler_config`` is a short hash of the scheduler's config (:func:`planner.plan.build.config_hash`);
+    ``resolution`` (``[height, width]``) and ``frames`` are filled when known (``None`` otherwise)."""
 
     scheduler: str
     steps: int
@@ -56,6 +61,9 @@ class SamplerRef:
     cfg_layout: CfgLayout
     timesteps: list[float] = field(default_factory=list)
     scheduler_class: str | None = None
+    scheduler_config: str | None = None
+    resolution: list[int] | None = None
+    frames: int | None = None
 
 
 @dataclass
@@ -211,6 +219,7 @@ class Plan:
         decisions name only the model's modules; timesteps, when given, has one entry per step.
         """
         steps, layout = self.sampler.steps, self.sampler.cfg_layout
+        self._check_numbers()
         if layout not in CfgLayout.__members__.values():
             choices = ", ".join(CfgLayout)
             raise PlannerError(f"{json_path('sampler', 'cfg_layout')}: expected one of {choices}, got {layout!r}")
@@ -237,6 +246,21 @@ class Plan:
         if layout is not CfgLayout.NONE:
             self._check_shared_sources()
         return self
+
+    def _check_numbers(self) -> None:
+        """Steps within bounds, and every number of the sampler and the prediction finite."""
+        s, p = self.sampler, self.prediction
+        if isinstance(s.steps, bool) or not isinstance(s.steps, int) or not 1 <= s.steps <= MAX_STEPS:
+            raise PlannerError(f"{json_path('sampler', 'steps')}: expected an integer from 1 to {MAX_STEPS}, got {s.steps!r}")
+        if not _finite(s.guidance):
+            raise PlannerError(f"{json_path('sampler', 'guidance')}: expected a finite number, got {s.guidance!r}")
+        for i, t in enumerate(s.timesteps):
+            if not _finite(t):
+                raise PlannerError(f"{json_path('sampler', 'timesteps', i)}: expected a finite number, got {t!r}")
+        for key in ("speedup", "latency_fraction", "calib_error"):
+            value = getattr(p, key)
+            if value is not None and not _finite(value):
+                raise PlannerError(f"{json_path('prediction', key)}: expected a finite number or null, got {value!r}")
 
     def _check_shared_sources(self) -> None:
         eff = None
@@ -296,6 +320,10 @@ class Plan:
             raise PlannerError(
                 f"plan was made for CFG layout {self.sampler.cfg_layout!r}, the run has {layout!r} (guidance {sampler.guidance})"
             )
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_codes(codes: str, steps: int, kind: str, layout: CfgLayout, branch: str, where: str) -> None:

@@ -8,8 +8,13 @@ Layout of ``profiles/<name>/``::
     cost.csv             one row per cacheable module, plus the ``fixed`` rows
     *.png                plots (``planner profile plot``), not part of the integrity check
 
-Tables are written first and ``meta.json`` last, each atomically, so a folder with a readable
-meta.json is complete; :func:`load_profile` re-checks every hash anyway. Nothing is pickled.
+The folder is one artifact: :meth:`Profile.save` writes all of it into a temporary sibling folder
+and swaps that in whole (:func:`planner.io.atomic_folder`), so a kill, an I/O error or a second
+writer at any instant leaves the old profile or the new one, complete, never tables of one and a
+meta.json of the other; leftovers of killed writers go with the next write. :func:`load_profile`
+re-checks every hash anyway, reads at most ``MAX_ARTIFACT_BYTES`` of meta.json, and refuses values a
+profile cannot hold (non-finite or negative costs, NaN similarities where a comparison exists).
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from typing import Any
 import pandas as pd
 
 from planner.artifact import DocumentFormat, loads_json
+from planner.cfg import CfgLayout
 from planner.errors import PlannerError
-from planner.io import write_atomic, write_json_atomic
+from planner.io import atomic_folder, json_text, read_text_limited, recover_folder
 from planner.runner import Sampler
 
-PROFILE_FORMAT = DocumentFormat(name="dit-cache-profile", version="1.0.0", noun="profile",
+# 1.1.0: the sampler also records its scheduler's class and config hash.
+PROFILE_FORMAT = DocumentFormat(name="dit-cache-profile", version="1.1.0", noun="profile",
                                 version_key="schema_version", schema_file="profile.schema.json")
 SCHEMA_VERSION = PROFILE_FORMAT.version
 META_FILE = "meta.json"
@@ -88,6 +95,8 @@ class ProfileMeta:
     warnings: tuple[str, ...] = ()
     schema_version: str = SCHEMA_VERSION
     extra: dict = field(default_factory=dict)
+    scheduler_class: str | None = None  # since 1.1.0; None in older profiles
+    scheduler_config: str | None = None  # planner.plan.build.config_hash of the scheduler's config
 
     @property
     def steps(self) -> int:
@@ -108,6 +117,8 @@ class ProfileMeta:
             },
             "sampler": {
                 **self.sampler.to_dict(),
+                **({"scheduler_class": self.scheduler_class} if self.scheduler_class else {}),
+                **({"scheduler_config": self.scheduler_config} if self.scheduler_config else {}),
                 "cfg_layout": self.cfg_layout,
                 "branches": list(self.branches),
                 "timesteps": list(self.timesteps),
@@ -165,6 +176,8 @@ class ProfileMeta:
             warnings=tuple(d.get("warnings", ())),
             schema_version=d["schema_version"],
             extra={k: v for k, v in d.items() if k not in known},
+            scheduler_class=s.get("scheduler_class"),
+            scheduler_config=s.get("scheduler_config"),
         )
 
 
@@ -237,21 +250,23 @@ class Profile:
         return out.sort_values("mean")
 
     def save(self, path: str | Path) -> Path:
-        """Write this profile to the folder ``path`` (tables first, meta.json last, each atomically)."""
+        """Write this profile to the folder ``path`` as a whole (see the module docstring): the folder
+        afterwards holds this profile and nothing else (plots of an earlier profile there are dropped)."""
         folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
         tables = {}
-        # Four significant digits are plenty for similarities and keep the big table small.
-        for key, df, fname, fmt in (("similarity", self.similarity, SIMILARITY_FILE, "%.4g"), ("cost", self.cost, COST_FILE, "%.6g")):
-            target = folder / fname
-            data = df.to_csv(index=False, float_format=fmt, lineterminator="\n").encode()
-            if fname.endswith(".gz"):
-                # no file name and a fixed mtime in the gzip header: equal tables give equal bytes
-                data = gzip.compress(data, compresslevel=6, mtime=0)
-            write_atomic(target, lambda tmp, data=data: tmp.write_bytes(data))
-            tables[key] = {"file": fname, "sha256": sha256_file(target), "rows": int(len(df)), "columns": list(df.columns)}
-        meta = ProfileMeta(**{**self.meta.__dict__, "tables": tables})
-        write_json_atomic(folder / META_FILE, meta.to_dict())
+        with atomic_folder(folder) as staging:
+            # Four significant digits are plenty for similarities and keep the big table small.
+            for key, df, fname, fmt in (("similarity", self.similarity, SIMILARITY_FILE, "%.4g"),
+                                        ("cost", self.cost, COST_FILE, "%.6g")):
+                data = df.to_csv(index=False, float_format=fmt, lineterminator="\n").encode()
+                if fname.endswith(".gz"):
+                    # no file name and a fixed mtime in the gzip header: equal tables give equal bytes
+                    data = gzip.compress(data, compresslevel=6, mtime=0)
+                (staging / fname).write_bytes(data)
+                tables[key] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rows": int(len(df)),
+                               "columns": list(df.columns)}
+            meta = ProfileMeta(**{**self.meta.__dict__, "tables": tables})
+            (staging / META_FILE).write_text(json_text(meta.to_dict()), encoding="utf-8")
         self.meta, self.path = meta, folder
         return folder
 
@@ -298,17 +313,24 @@ def load_profile(path: str | Path) -> Profile:
     p = Path(path)
     folder = p.parent if p.name == META_FILE else p
     meta_path = folder / META_FILE
+    recover_folder(folder)  # a writer killed in the middle of its swap (see planner.io)
     if not folder.exists():
         raise ProfileError(f"{folder}: no such profile")
+    if not folder.is_dir():
+        raise ProfileError(f"{folder}: not a profile folder")
     if not meta_path.is_file():
-        raise ProfileError(f"{folder}: no {META_FILE} (not a profile folder, or an interrupted write)")
+        raise ProfileError(f"{folder}: no {META_FILE} (not a profile folder)")
     try:
-        raw = loads_json(meta_path.read_text(encoding="utf-8"), str(meta_path))
-    except UnicodeDecodeError:
-        raise ProfileError(f"{meta_path}: not UTF-8 text; the file is damaged or not a profile's meta.json") from None
+        raw = loads_json(read_text_limited(meta_path, "profile meta.json"), str(meta_path))
     except PlannerError as exc:
-        raise ProfileError(f"{exc}; the file is truncated or was edited") from None
+        raise ProfileError(f"{exc}; the file is damaged or was edited") from None
     meta = ProfileMeta.from_dict(validate_meta(raw, str(meta_path)))
+    if len(set(meta.branches)) != len(meta.branches) or len(meta.branches) != len(CfgLayout(meta.cfg_layout).branches):
+        raise ProfileError(f"{meta_path}: $.sampler.branches {list(meta.branches)} do not fit cfg_layout {meta.cfg_layout!r}")
+    if meta.lags > meta.steps:
+        raise ProfileError(f"{meta_path}: $.lags is {meta.lags}, more than the {meta.steps} steps")
+    n_lags = meta.lags + (1 if len(meta.branches) == 2 else 0)
+    expected = {"similarity": meta.steps * len(meta.modules) * len(meta.branches) * n_lags, "cost": None}
 
     frames = {}
     for key, fname in (("similarity", SIMILARITY_FILE), ("cost", COST_FILE)):
@@ -318,12 +340,19 @@ def load_profile(path: str | Path) -> Profile:
         tpath = folder / info["file"]
         if not tpath.is_file():
             raise ProfileError(f"{tpath}: missing ({key} table of the profile)")
+        if tpath.stat().st_size > MAX_TABLE_BYTES:
+            raise ProfileError(f"{tpath}: larger than any profile table ({MAX_TABLE_BYTES // 2**20} MiB at most)")
+        want = expected[key]
+        if want is not None and info["rows"] != want:
+            raise ProfileError(f"{meta_path}: $.tables.{key}.rows is {info['rows']}, expected steps x modules x "
+                               f"branches x lags = {want}")
         digest = sha256_file(tpath)
         if digest != info["sha256"]:
             raise ProfileError(f"{tpath}: checksum mismatch (sha256 {digest[:12]}..., meta.json says {info['sha256'][:12]}...): the file is truncated or was edited; re-run `planner profile`")
         try:
-            frames[key] = pd.read_csv(tpath, keep_default_na=True)
-        except Exception as exc:
+            # never more rows than meta.json promises: a small compressed file cannot expand without bound
+            frames[key] = pd.read_csv(tpath, keep_default_na=True, nrows=info["rows"] + 1)
+        except Exception as exc:  # noqa: BLE001 - pandas raises many kinds for a damaged table
             raise ProfileError(f"{tpath}: unreadable table ({type(exc).__name__}: {str(exc)[:120]})") from None
         if len(frames[key]) != info["rows"]:
             raise ProfileError(f"{tpath}: {len(frames[key])} rows, meta.json says {info['rows']}")
@@ -334,14 +363,60 @@ def load_profile(path: str | Path) -> Profile:
     _require_columns(sim, SIMILARITY_KEYS + similarity_columns(), folder / SIMILARITY_FILE)
     _require_columns(cost, COST_KEYS, folder / COST_FILE)
     cost["parent"] = cost["parent"].fillna("")
-    n_lags = meta.lags + (1 if len(meta.branches) == 2 else 0)
-    expected = meta.steps * len(meta.modules) * len(meta.branches) * n_lags
-    if len(sim) != expected:
-        raise ProfileError(f"{folder / SIMILARITY_FILE}: {len(sim)} rows, expected steps x modules x branches x lags = {expected}")
     names = [m.name for m in meta.modules]
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
+    _check_values(sim, cost, folder, meta.steps)
     return Profile(meta, sim, cost, folder)
+
+
+# Cost columns every row must have, finite and >= 0; the other numeric cost columns may be empty (NaN:
+# not measured, e.g. FLOPs with --no-flops, reuse costs of the fixed rows) but never negative or infinite.
+REQUIRED_COSTS = ["latency_ms", "latency_half_ms", "self_ms", "self_half_ms"]
+MAX_TABLE_BYTES = 1 << 30
+
+
+def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int) -> None:
+    """ProfileError for values no profile holds: costs non-finite or negative, similarities infinite or
+    negative (cosines outside [-1, 1]), NaN output similarities where the comparison exists (lag 0, or
+    step >= lag), steps or lags out of range."""
+    import numpy as np
+
+    where = folder / COST_FILE
+    for col in COST_KEYS:
+        if col in ("module", "kind", "parent", "scope", "block"):
+            continue
+        values = pd.to_numeric(cost[col], errors="coerce").to_numpy(dtype=float)
+        bad_text = cost[col].notna().to_numpy() & np.isnan(values)
+        if bad_text.any():
+            raise ProfileError(f"{where}: column {col} holds a value that is not a number (row {int(np.argmax(bad_text)) + 1})")
+        missing = np.isnan(values)
+        if col in REQUIRED_COSTS and missing.any():
+            raise ProfileError(f"{where}: column {col} is empty in row {int(np.argmax(missing)) + 1}: costs must be measured")
+        present = values[~missing]
+        if not np.isfinite(present).all() or (present < 0).any():
+            raise ProfileError(f"{where}: column {col} holds a negative or infinite cost; costs are finite and >= 0")
+    where = folder / SIMILARITY_FILE
+    step = sim["step"].to_numpy()
+    lag = sim["lag"].to_numpy()
+    if (step < 0).any() or (step >= steps).any() or (lag < 0).any() or (lag > steps).any():
+        raise ProfileError(f"{where}: step or lag outside the profile's {steps} steps")
+    exists = (lag == 0) | (step >= lag)
+    for col in sim.columns:
+        if col in SIMILARITY_KEYS or not pd.api.types.is_numeric_dtype(sim[col]):
+            continue
+        values = sim[col].to_numpy(dtype=float)
+        if np.isinf(values).any():
+            raise ProfileError(f"{where}: column {col} holds an infinite value")
+        if col in ("rel_l1_mean", "cos_mean") and np.isnan(values[exists]).any():
+            row = int(np.flatnonzero(exists & np.isnan(values))[0]) + 1
+            raise ProfileError(f"{where}: column {col} is NaN in row {row}, where the comparison exists "
+                               "(NaN only where step < lag)")
+        present = values[~np.isnan(values)]
+        if "rel_l1" in col and (present < 0).any():
+            raise ProfileError(f"{where}: column {col} holds a negative relative L1")
+        if "cos" in col and ((present < -1.001) | (present > 1.001)).any():
+            raise ProfileError(f"{where}: column {col} holds a cosine outside [-1, 1]")
 
 
 def _require_columns(df: pd.DataFrame, cols: list[str], where: Path) -> None:

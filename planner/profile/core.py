@@ -240,11 +240,20 @@ def profile_model(
         tables={},
         warnings=tuple(warnings),
         schema_version=SCHEMA_VERSION,
+        **_scheduler_identity(runner, sampler),
     )
     profile = Profile(meta, sim, cost)
     if out is not None:
         profile.save(out)
     return profile
+
+
+def _scheduler_identity(runner, sampler) -> dict:
+    """The scheduler class and config hash a profile records (what a search checks it against)."""
+    from planner.plan.build import config_hash
+
+    sched = runner.scheduler_for(sampler)
+    return {"scheduler_class": type(sched).__name__, "scheduler_config": config_hash(sched.config)}
 
 
 def _flop_costs(runner, modules, sampler, conds, seeds):

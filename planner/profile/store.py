@@ -18,12 +18,19 @@ def profile_for(runner, sampler, path: str | Path | None = None, *, samples: int
 
     if path is not None:
         return load_profile(path)
+    from planner.io import recover_folder
+
     sampler = runner.resolve(sampler)
     default = Path(folder) / default_profile_name(runner.spec, sampler, str(runner.device))
+    recover_folder(default)
     if (default / META_FILE).is_file():
         profile = load_profile(default)
+        from planner.plan.build import config_hash
+
         prompts = prompt_set_digest(runner.conditions(profile.meta.samples, profile.meta.seed))
         recorded = profile.meta.extra.get("source", {}).get("prompt_set")
-        if profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples and recorded == prompts:
+        same_scheduler = profile.meta.scheduler_config in (None, config_hash(runner.scheduler_for(sampler).config))
+        if (profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples and same_scheduler
+                and recorded == prompts):
             return profile
     return profile_model(runner, sampler, samples=samples, device=str(runner.device), out=default, progress=progress)

@@ -250,9 +250,9 @@ def train_digits_dit(
 def save_digits_model(pipe: DigitsDiTPipeline, record: dict, out_dir: str | Path) -> Path:
     """Write the pipeline folder, ``loss_curve.csv`` and ``MODEL_CARD.md`` into ``out_dir``, swapped in whole
     (an interrupted save never leaves a half-written model behind)."""
-    from planner.io import atomic_dir, write_text_atomic
+    from planner.io import atomic_folder, write_text_atomic
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         write_text_atomic(tmp / "loss_curve.csv", loss_curve_csv(record["losses"]))
         write_text_atomic(tmp / "MODEL_CARD.md", _model_card(pipe, record))

@@ -456,10 +456,10 @@ def save_digits_mmdit(pipe, record: dict, out_dir: str | Path, quality: dict | N
     The whole folder is written next to ``out_dir`` and swapped in at the end, so an interrupted
     save leaves the old model (or nothing), never half of one.
     """
-    from planner.io import atomic_dir, write_json_atomic, write_text_atomic
+    from planner.io import atomic_folder, write_json_atomic, write_text_atomic
     from planner.zoo.digits import loss_curve_csv
 
-    with atomic_dir(out_dir) as tmp:
+    with atomic_folder(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         for f in tmp.rglob("*"):  # diffusers writes weight shards private (0600); the model is meant to be shared
             f.chmod(0o755 if f.is_dir() else 0o644)
