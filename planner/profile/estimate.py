@@ -42,9 +42,9 @@ from planner.profile.capture import (
     resolve_modules,
 )
 from planner.profile.memory import Peak, device_available, fmt_bytes, host_available, peak_memory
-from planner.profile.similarity import METRICS
-from planner.profile.timing import TimingConfig, call_signature
-from planner.profile.tokens import TOKEN_AXIS
+from planner.profile.similarity import METRICS, SimilarityCollector
+from planner.profile.timing import TimingConfig, call_signature, time_hook_overhead
+from planner.profile.tokens import TOKEN_AXIS, token_sampler
 
 # The share of the available memory a run may plan to use: allocator fragmentation and everything
 # the estimate does not see (the pipeline's own buffers, the Python heap) need room too.
@@ -62,6 +62,7 @@ class OutputShape:
     shape: tuple[int, ...]  # without the batch dimension
     residual: bool
     itemsize: int
+    dtype: str = "float32"
 
     def features(self, token_sample: int | None) -> int:
         """Elements per sample the ring keeps (token-sampled when that applies)."""
@@ -152,7 +153,7 @@ class _ShapeSink:
         hidden, enc = input_tensors(args, kwargs)
         pairs = pair_residual_inputs(m.kind, outs, hidden, enc)
         # per sample, so one shape serves every branch of a batched call
-        kept = [OutputShape(tuple(o.shape[1:]), p is not None, o.element_size())
+        kept = [OutputShape(tuple(o.shape[1:]), p is not None, o.element_size(), str(o.dtype).replace("torch.", ""))
                 for o, p in zip(outs, pairs) if o.dim() >= 1 and o.shape[0] == self.expected]
         leaves = [x for x in (*args, *kwargs.values()) if isinstance(x, torch.Tensor)]
         self.seen[index] = ModuleProbe(
@@ -170,8 +171,8 @@ def _sync(device: torch.device) -> None:
 
 def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: list[int], *, timed: bool = True) -> Probe:
     """Run one step of ``sampler`` on ``conds``/``seeds`` (one micro-batch) with shape-recording
-    hooks, measuring its extra memory; with ``timed`` a second one-step run without them is timed
-    (the first one warms the device up). The model is left without any hook."""
+    hooks, measuring its extra memory; with ``timed`` a second one-step run without them, decoding its
+    output, is timed (the first one warms the device up). The model is left without any hook."""
     layout = runner.cfg_layout(sampler)
     one = replace(sampler, steps=1)
     transformer = runner.transformer
@@ -213,7 +214,7 @@ def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: l
         try:
             _sync(device)
             t0 = time.perf_counter()
-            runner.run(conds, seeds, one, output="latent")
+            runner.run(conds, seeds, one, output="image")  # most timed runs of the cost pass decode
             _sync(device)
             run_s = time.perf_counter() - t0
         finally:
@@ -224,6 +225,56 @@ def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: l
         modules=[sink.seen[i] for i in range(len(modules))], probe_run_s=run_s, call_s=call_s,
         peak=peak, device=str(device), timed=timed,
     )
+
+
+class _FakeTracker:
+    def __init__(self):
+        self.step, self.branch = 0, None
+
+
+def statistics_seconds(p: Probe, layout: CfgLayout, lags: int, batch: int, token_sample: int | None,
+                       device: torch.device, repeats: int = 3) -> float:
+    """Seconds the similarity statistics add to one step (every module, every branch), measured by
+    feeding a real :class:`SimilarityCollector` synthetic outputs of each distinct shape the probe saw
+    (rings full, so every lag is compared)."""
+    layout = CfgLayout(layout)
+    memo: dict[tuple, float] = {}
+    total = 0.0
+    for m in p.modules:
+        for o in m.outputs:
+            key = (o.shape, o.residual, o.dtype)
+            if key not in memo:
+                memo[key] = _collector_step_s(o, layout, lags, batch, token_sample, device, repeats)
+            total += memo[key]
+    return total
+
+
+def _collector_step_s(o: OutputShape, layout: CfgLayout, lags: int, batch: int, token_sample: int | None,
+                      device: torch.device, repeats: int) -> float:
+    fake = CacheableModule(name="probe", kind="attn", block=0, cls="Probe")
+    steps = lags + 1 + repeats
+    collector = SimilarityCollector([fake], layout, steps, lags, device, token_sampler(token_sample))
+    collector.batch = batch
+    collector.tracker = tracker = _FakeTracker()
+    dtype = getattr(torch, o.dtype, torch.float32)
+    calls = [(None, 2 * batch)] if layout.batched else ([(COND, batch), ("uncond", batch)] if layout is CfgLayout.SEPARATE
+                                                         else [(COND, batch)])
+    outputs = {n: torch.randn((n, *o.shape), device=device, dtype=dtype) for _, n in calls}
+    # an input of the output's shape makes a residual; one of another shape does not
+    inputs = {n: torch.randn((n, *o.shape) if o.residual else (1,), device=device, dtype=dtype) for _, n in calls}
+    times = []
+    with torch.no_grad():
+        for step in range(steps):
+            tracker.step = step
+            _sync(device)
+            t0 = time.perf_counter()
+            for branch, n in calls:
+                tracker.branch = branch
+                collector(0, (inputs[n],), {}, outputs[n])
+            _sync(device)
+            if step > lags:
+                times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 @dataclass
@@ -295,24 +346,27 @@ class Estimate:
 
 def _counts(probe_: Probe, steps: int, chunks: int, costs: str, samples_batch: int, batched: bool,
             timing: TimingConfig, has_vae: bool, n_groups: int) -> tuple[dict, dict, dict]:
-    """Model calls, runs and a run-size factor (1 = a run at the micro-batch) of each pass."""
+    """Model calls, runs and a run-size factor (1 = a run at the micro-batch) of each pass, and the
+    runs that carry a hook on every module (for the hooks' own time)."""
     cps = probe_.calls_per_step
     sim_runs = chunks
     half = batched and samples_batch >= 2 and samples_batch % 2 == 0
     if costs == "flops":
         cost_runs, cost_weight = 1, 1.0
-        replay_calls = 1  # the fvcore trace: about one call
+        replay_calls = 0
     else:
         per_round = 1 + (1 if half else 0) + 1 + (1 if has_vae else 0)
         cost_runs = 1 + timing.run_repeats * per_round + n_groups * EXECUTOR_ROUNDS * 2
         cost_weight = cost_runs - (timing.run_repeats * 0.5 if half else 0)  # half-batch runs cost about half
         # the replay fallback (odd micro-batch with batched CFG): every module alone, full and half batch
-        replay_calls = 0 if half or not batched else int(2 * (timing.warmup + timing.repeats) * 2)
-    calls = {"probe": cps * 2, "similarity": sim_runs * steps * cps, "cost": cost_runs * steps * cps + replay_calls}
+        replay_calls = 0 if half or not batched else 2 * (timing.warmup + timing.repeats)
+    calls = {"probe": cps * 2, "similarity": sim_runs * steps * cps, "cost": cost_runs * steps * cps}
     calls["total"] = sum(calls.values())
     runs = {"probe": 2, "similarity": sim_runs, "cost": cost_runs}
     runs["total"] = sum(runs.values())
-    return calls, runs, {"similarity": float(sim_runs), "cost": cost_weight, "replay_calls": replay_calls}
+    hooked = 0 if costs == "flops" else timing.run_repeats * (1 + (1 if half else 0)) + n_groups * EXECUTOR_ROUNDS * 2
+    return calls, runs, {"similarity": float(sim_runs), "cost": cost_weight, "replay_calls": replay_calls,
+                         "hooked_cost_runs": hooked}
 
 
 def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = None, lags: int = 3,
@@ -333,6 +387,7 @@ def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = 
     has_vae = getattr(getattr(runner, "pipe", None), "vae", None) is not None
     groups = sum(1 for kinds in LEVEL_KINDS.values() if any(m.kind in kinds for m in modules))
     calls, runs, weights = _counts(p, sampler.steps, chunks, costs, batch, layout.batched, timing, has_vae, groups)
+    calls["module_replays"] = weights["replay_calls"] * len(p.modules)  # cost pass: modules timed alone
 
     scale = batch / p.batch  # the probe may have run at another batch
     device = torch.device(runner.device)
@@ -358,11 +413,22 @@ def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = 
         call_b = p.call_s * scale  # a call's time grows about linearly with the batch at these sizes
         fixed = max(0.0, p.probe_run_s - p.calls_per_step * p.call_s)
         run_s = fixed + sampler.steps * p.calls_per_step * call_b
-        time_s["similarity"] = weights["similarity"] * run_s
-        time_s["cost"] = weights["cost"] * run_s + weights["replay_calls"] * call_b
+        # the hooks' own time: one per module call in the similarity pass, two (a stopwatch, and the
+        # executor's hook or the tracker) in the cost pass's hooked runs
+        hook_s = time_hook_overhead(device, TimingConfig(warmup=2, repeats=5)) / 1e3
+        module_calls = sampler.steps * p.calls_per_step * len(p.modules)
+        stats_s = statistics_seconds(p, layout, lags, batch, token_sample, device) * sampler.steps
+        time_s["statistics"] = weights["similarity"] * stats_s
+        time_s["similarity"] = weights["similarity"] * (run_s + stats_s + module_calls * hook_s)
+        # replay: each module alone (warmup + repeats) x (full, half) times, a sample lasting at least
+        # min_sample_s on a CPU; a module's call taken as the call's time over the blocks
+        n_blocks = max(1, sum(m.kind == "block" for m in p.modules))
+        floor = 0.0 if device.type == "cuda" else timing.min_sample_s
+        replay_s = weights["replay_calls"] * len(p.modules) * max(call_b / n_blocks, floor)
+        time_s["cost"] = (weights["cost"] * run_s + replay_s + weights["hooked_cost_runs"] * module_calls * 2 * hook_s)
         time_s["total"] = time_s["probe"] + time_s["similarity"] + time_s["cost"]
     else:
-        time_s.update(similarity=None, cost=None, total=None)
+        time_s.update(statistics=None, similarity=None, cost=None, total=None)
 
     fits, problem, fixes = None, None, []
     if available is not None:
