@@ -393,7 +393,7 @@ class Bench:
         self.device = args.device
         self.cuda = self.device.startswith("cuda")
         self.reduced = not self.cuda if args.reduced is None else args.reduced
-        self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if self.cuda else torch.float32)
         self.start = time.perf_counter()
         self.deadline = self.start + args.time_limit
         tag = "cuda" if self.cuda else "cpu"
@@ -603,17 +603,26 @@ class Bench:
         self.measure(entry, "plan_2x", plan2x, need_s=2 * args.repeats * run_guess)
 
         if cfg.name in args.greedy.split(","):
+            g_sampler = runner.resolve(replace(sampler, steps=args.greedy_steps))
+            g_run = run_guess * args.greedy_steps / sampler.steps
+
             def greedy():
                 from planner.search.api import run_search
 
-                outcome = run_search(runner, "2x", strategy="greedy", sampler=sampler, profile=prof,
+                g_prof, profile_s = prof, 0.0
+                if g_sampler.steps != sampler.steps:
+                    t0 = time.perf_counter()
+                    g_prof = profile_model(runner, g_sampler, samples=args.samples, batch_size=1, lags=args.lags,
+                                           timing=timing, flops=False)
+                    profile_s = time.perf_counter() - t0
+                outcome = run_search(runner, "2x", strategy="greedy", sampler=g_sampler, profile=g_prof,
                                      calib_samples=args.greedy_samples)
                 pred = outcome.plan.prediction
-                return {"search_s": outcome.search_s, "calib_samples": args.greedy_samples, "steps": sampler.steps,
-                        "predicted_speedup": pred.speedup, "calib_error": pred.calib_error,
+                return {"search_s": outcome.search_s, "profile_s": profile_s, "calib_samples": args.greedy_samples,
+                        "steps": g_sampler.steps, "predicted_speedup": pred.speedup, "calib_error": pred.calib_error,
                         "evaluations": outcome.context.evaluations}
 
-            self.measure(entry, "greedy", greedy, need_s=20 * run_guess)
+            self.measure(entry, "greedy", greedy, need_s=60 * g_run)
 
         if cfg.name in args.compile.split(",") and self._plan2x is not None:
             plan = self._plan2x[0]
@@ -717,6 +726,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", default="dit-xl-2-256", help="configs to run the torch.compile checks on ('' for none)")
     ap.add_argument("--reduced", action=argparse.BooleanOptionalAction, default=None,
                     help="reduced widths and depths (default: on a CPU only)")
+    ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="model dtype (default bfloat16 on a GPU, float32 on a CPU)")
+    ap.add_argument("--greedy-steps", type=int, default=None,
+                    help="sampling steps of the greedy search (default 50 on a GPU: DiT-XL/2's; --steps on a CPU); "
+                         "other than --steps it profiles again at those steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed measurements")
     args = ap.parse_args(argv)
@@ -730,6 +744,7 @@ def main(argv=None) -> int:
     args.repeats = args.repeats or (5 if cuda else 3)
     args.run_repeats = args.run_repeats or (2 if cuda else 1)
     args.greedy_samples = args.greedy_samples or (8 if cuda else 2)
+    args.greedy_steps = args.greedy_steps or (50 if cuda else args.steps)
     if args.steps < 3:
         print("--steps must be at least 3 (the mixed plan needs a forecast step)", file=sys.stderr)
         return 2

@@ -344,3 +344,29 @@ def test_deferred_step_tracking_still_catches_calls_that_do_not_follow_the_plan(
         t(x, timestep=torch.tensor([950.0, 950.0]), class_labels=labels)  # rises: no longer the same run
         with pytest.raises(PlannerError, match="does not fall"):
             t(x, timestep=torch.tensor([100.0, 100.0]), class_labels=labels)
+
+
+# --------------------------------------------------------------------------- the scale benchmark's smoke run
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke_run_measures_everything(tmp_path):
+    """benchmarks/scale.py on a CPU (reduced Flux and Wan configs): every measurement present, none failed."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "scale.py"), "--device", "cpu", "--configs", "flux.1-dev-1024,wan2.1-1.3b-480p",
+         "--steps", "3", "--repeats", "1", "--greedy", "", "--compile", "", "--time-limit", "600", "--out", str(tmp_path)],
+        capture_output=True, text=True, cwd=root, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((tmp_path / "scale-cpu.json").read_text())
+    assert results["stopped"] is None
+    for name in ("flux.1-dev-1024", "wan2.1-1.3b-480p"):
+        entry = results["configs"][name]
+        for key in ("build", "estimate", "syncs", "executor_overhead", "profile", "plan_2x"):
+            assert isinstance(entry[key], dict) and "error" not in entry[key] and "skipped" not in entry[key], (name, key)
+        assert entry["syncs"]["executor_reads_per_run_gpu_path"] == 1
+        assert entry["profile"]["ring_buffer_peak_bytes"] == entry["profile"]["estimated_rings_bytes"]
+    assert "| flux.1-dev-1024 |" in (tmp_path / "scale-cpu.md").read_text()

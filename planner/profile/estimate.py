@@ -297,6 +297,7 @@ class Estimate:
     memory: dict[str, int | None]
     available: int | None
     available_where: str
+    host_available: int | None
     fits: bool | None
     problem: str | None
     fixes: list[str]
@@ -320,6 +321,9 @@ class Estimate:
         for key in ("probe", "similarity", "cost", "total"):
             t = self.time_s.get(key)
             lines.append(f"{key:<22}{self.calls.get(key, 0):>12}{self.runs.get(key, 0):>6}{(f'{t:.1f} s' if t is not None else '?'):>12}")
+        if self.time_s.get("statistics") is not None:
+            lines.append(f"  (the similarity pass's own statistics: {self.time_s['statistics']:.1f} s; "
+                         f"modules timed alone in the cost pass: {self.calls.get('module_replays', 0)} calls)")
         lines += [
             "",
             f"memory on {self.available_where}:",
@@ -332,8 +336,10 @@ class Estimate:
             f"  peak, similarity pass              {fmt_bytes(m['similarity_peak'])}",
             f"  peak, cost pass                    {fmt_bytes(m['cost_peak'])}",
             f"  available                          {fmt_bytes(self.available)}",
-            "",
         ]
+        if not self.available_where.startswith("the host"):
+            lines.append(f"host: probe step peak {fmt_bytes(m.get('host_peak_probe'))}, available {fmt_bytes(self.host_available)}")
+        lines.append("")
         if self.fits is None:
             lines.append("fits: unknown (available memory could not be read)")
         elif self.fits:
@@ -447,7 +453,8 @@ def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = 
     return Estimate(
         model=runner.spec, device=str(device), steps=sampler.steps, samples=samples, batch=batch, chunks=chunks,
         lags=lags, token_sample=token_sample, max_tokens=p.max_tokens, costs=costs, calls=calls, runs=runs,
-        time_s=time_s, memory=memory, available=available, available_where=where, fits=fits, problem=problem,
+        time_s=time_s, memory=memory, available=available, available_where=where, host_available=host_available(),
+        fits=fits, problem=problem,
         fixes=fixes, probe={"batch": p.batch, "run_s": p.probe_run_s, "call_s": p.call_s, "timed": p.timed,
                             "calls_per_step": p.calls_per_step, "modules": len(p.modules)},
     )
