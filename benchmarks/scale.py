@@ -127,19 +127,62 @@ REDUCED_FLUX_TOKENS = 256
 
 def _vae(kind: str, latent_channels: int, image_size: int):
     """A small VAE with the latent channels the transformer needs (decode cost is not what is measured)."""
-    from planner.zoo.tiny import _tiny_vae
+    from planner.zoo.fixtures.images import kl_vae
 
     if kind in ("sd3", "flux"):
-        return _tiny_vae(latent_channels=latent_channels, sample_size=image_size, shift_factor=0.0, scaling_factor=1.0,
-                         use_quant_conv=False, use_post_quant_conv=False)
-    return _tiny_vae(latent_channels=latent_channels, sample_size=image_size)
+        return kl_vae(latent_channels, image_size, shift_factor=0.0, scaling_factor=1.0,
+                      use_quant_conv=False, use_post_quant_conv=False)
+    return kl_vae(latent_channels, image_size)
+
+
+class RandomEmbeddings:
+    """Stands in for a pipeline's text encoders (the runner's prompt encoder): embeddings of the real
+    shapes, random, the same for a prompt every time. What the transformer sees is what it would see
+    from T5-XXL / UMT5 / CLIP at these sequence lengths; the values are noise (speed and memory only)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], masks: dict[str, int] | None = None):
+        self.shapes = shapes
+        self.masks = masks or {}
+
+    def encode(self, prompts) -> dict[str, torch.Tensor]:
+        import hashlib
+
+        def seeded(text: str) -> torch.Generator:
+            return torch.Generator("cpu").manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16))
+
+        rows = []
+        for p in prompts:
+            # the negative embeddings depend on the negative prompt only (the empty one: the same for every
+            # prompt), as a real encoder's do; the probe of the CFG layout relies on that
+            pos, neg = seeded(p.prompt), seeded(p.negative_prompt or "")
+            row = {name: torch.randn((1, *shape), generator=neg if name.startswith("negative_") else pos)
+                   for name, shape in self.shapes.items()}
+            row.update({name: torch.ones((1, length), dtype=torch.long) for name, length in self.masks.items()})
+            rows.append(row)
+        return {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
+
+
+def _text_encoder_shapes(kind: str, kw: dict, tokens: int) -> tuple[dict, dict]:
+    if kind == "pixart":
+        e = {"prompt_embeds": (tokens, kw["caption_channels"])}
+        masks = {"prompt_attention_mask": tokens, "negative_prompt_attention_mask": tokens}
+    elif kind == "sd3":
+        e = {"prompt_embeds": (tokens, kw["joint_attention_dim"]), "pooled_prompt_embeds": (kw["pooled_projection_dim"],)}
+        masks = {}
+    elif kind == "flux":
+        return {"prompt_embeds": (tokens, kw["joint_attention_dim"]), "pooled_prompt_embeds": (kw["pooled_projection_dim"],)}, {}
+    else:  # wan
+        e = {"prompt_embeds": (tokens, kw["text_dim"])}
+        masks = {}
+    return {**e, **{f"negative_{k}": v for k, v in e.items()}}, masks
 
 
 def build_runner(cfg: ScaleConfig, device: str, dtype: torch.dtype, reduced: bool) -> Runner:
     """A Runner of ``cfg``'s pipeline with random weights on ``device`` in ``dtype`` (reduced: CPU sizes)."""
     import diffusers
 
-    from planner.zoo import tiny
+    from planner.pipelines.classes import DiTFamily
+    from planner.pipelines.text import text_family
 
     kw = {**cfg.transformer, **(cfg.reduced if reduced else {})}
     if cfg.kind == "sd3" and reduced:
@@ -158,32 +201,32 @@ def build_runner(cfg: ScaleConfig, device: str, dtype: torch.dtype, reduced: boo
             torch.set_default_dtype(previous)
     transformer.to(device=device, dtype=dtype).eval()
 
+    call_args: dict[str, Any] = {}
     if cfg.kind == "dit":
         vae = _vae("dit", 4, kw["sample_size"] * 2)
         pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae,
                                      scheduler=diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False))
-        family = tiny.TinyDiTFamily()
     elif cfg.kind == "pixart":
-        vae = _vae("pixart", 4, kw["sample_size"] * 2)
-        pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+        size = kw["sample_size"] * 2  # the small VAE's factor
+        pipe = diffusers.PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=_vae("pixart", 4, size), transformer=transformer,
                                              scheduler=diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"))
-        family = tiny.TinyPixArtFamily()
+        call_args = {"height": size, "width": size}
     elif cfg.kind == "sd3":
-        vae = _vae("sd3", kw["in_channels"], kw["sample_size"] * 2)
+        size = kw["sample_size"] * 2
         pipe = diffusers.StableDiffusion3Pipeline(
-            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+            transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_vae("sd3", kw["in_channels"], size),
             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
-        family = tiny.TinySD3Family()
+        call_args = {"height": size, "width": size}
     elif cfg.kind == "flux":
         tokens = REDUCED_FLUX_TOKENS if reduced else cfg.image_tokens
-        side = int(round(tokens ** 0.5)) * 4  # tiny VAE: factor 2; Flux packs 2x2 latents per token
-        vae = _vae("flux", kw["in_channels"] // 4, side)
+        size = int(round(tokens ** 0.5)) * 4  # the small VAE's factor 2, and Flux packs 2x2 latents per token
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                               base_image_seq_len=256, max_image_seq_len=4096)
-        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                                      text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-        family = tiny.TinyFluxFamily()
-    else:  # wan
+        pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=_vae("flux", kw["in_channels"] // 4, size), text_encoder=None,
+                                      tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+        call_args = {"height": size, "width": size}
+    else:  # wan: the small Wan VAE keeps the real factors (8 in space, 4 in time)
         frames, height, width = (cfg.reduced_video if reduced else cfg.video)
         z = kw["in_channels"]
         with torch.random.fork_rng(devices=[]):
@@ -193,12 +236,16 @@ def build_runner(cfg: ScaleConfig, device: str, dtype: torch.dtype, reduced: boo
                                              latents_mean=[0.0] * z, latents_std=[1.0] * z)
         pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-        family = tiny.TinyWanFamily(height=height, width=width, num_frames=frames)
-    if cfg.kind != "dit":
-        family.seq_len = cfg.reduced_text_tokens if reduced else cfg.text_tokens
+        call_args = {"height": height, "width": width, "num_frames": frames}
     pipe.vae.to(device=device, dtype=dtype).eval()
     pipe.set_progress_bar_config(disable=True)
-    return Runner(pipe, family, spec=cfg.name)
+    if cfg.kind == "dit":
+        return Runner(pipe, DiTFamily(), spec=cfg.name)
+    runner = Runner(pipe, text_family(pipe), spec=cfg.name, call_args=call_args)
+    tokens = cfg.reduced_text_tokens if reduced else cfg.text_tokens
+    shapes, masks = _text_encoder_shapes(cfg.kind, kw, tokens)
+    runner._encoder = RandomEmbeddings(shapes, masks)  # no text encoders at these sizes: see RandomEmbeddings
+    return runner
 
 
 # --------------------------------------------------------------------------- measurement helpers
@@ -400,6 +447,7 @@ class Bench:
         self.out_json = Path(args.out) / f"scale-{tag}.json"
         self.out_md = Path(args.out) / f"scale-{tag}.md"
         self.config_deadline = self.deadline
+        self.kept: dict[str, dict] = {}  # per config: the profile and the 2x plan's interval, for phase 2
         self.results: dict[str, Any] = {"environment": self._environment(), "configs": {}, "stopped": None}
 
     def _environment(self) -> dict:
@@ -471,19 +519,26 @@ class Bench:
         def alarm(signum, frame):
             raise TimeUp()
 
+        names = list(CONFIGS) if self.args.configs == "all" else [c.strip() for c in self.args.configs.split(",") if c.strip()]
+        unknown = [n for n in names if n not in CONFIGS]
+        if unknown:
+            print(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+            return 2
+        later = [n for n in names if n in self.args.greedy.split(",") or n in self.args.compile.split(",")]
         signal.signal(signal.SIGALRM, alarm)
         signal.alarm(max(1, int(self.args.time_limit)))
         try:
-            names = list(CONFIGS) if self.args.configs == "all" else [c.strip() for c in self.args.configs.split(",")]
-            unknown = [n for n in names if n not in CONFIGS]
-            if unknown:
-                print(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
-                return 2
+            # Phase 1, every config: build, estimate, device reads, executor overhead, profile, 2x plan.
+            # Phase 2, with the time left: greedy search and torch.compile on the configs asked for.
+            reserve = self.args.reserve * self.args.time_limit if later else 0.0
             for i, name in enumerate(names):
-                if self.left() < 5:
+                if self.left() - reserve < 5:
                     self.results["stopped"] = f"time limit: {', '.join(names[i:])} not run"
                     break
-                self.config(CONFIGS[name], share=self.left() / (len(names) - i))
+                self.with_config(CONFIGS[name], (self.left() - reserve) / (len(names) - i), self.core)
+            for i, name in enumerate(later):
+                if name in self.results["configs"] and "profile" in self.kept.get(name, {}) and self.left() > 5:
+                    self.with_config(CONFIGS[name], self.left() / (len(later) - i), self.extra)
         except TimeUp:
             self.results["stopped"] = f"time limit of {self.args.time_limit:.0f} s reached"
             self.log(self.results["stopped"])
@@ -493,40 +548,46 @@ class Bench:
         self.log(f"wrote {self.out_json} and {self.out_md}")
         return 0
 
-    def config(self, cfg: ScaleConfig, share: float) -> None:
+    def with_config(self, cfg: ScaleConfig, share: float, body: Callable) -> None:
+        """Build ``cfg`` (deterministic weights: a rebuild is the same model), run ``body`` on it within about
+        ``share`` seconds, free it."""
         args = self.args
-        entry: dict[str, Any] = {"kind": cfg.kind, "real_steps": cfg.steps, "full_size_tokens": cfg.image_tokens,
-                                 "full_size_text_tokens": cfg.text_tokens}
-        self.results["configs"][cfg.name] = entry
+        entry = self.results["configs"].setdefault(cfg.name, {
+            "kind": cfg.kind, "real_steps": cfg.steps, "full_size_tokens": cfg.image_tokens,
+            "full_size_text_tokens": cfg.text_tokens})
         self.config_deadline = time.perf_counter() + 1.5 * share
-        self.log(f"{cfg.name}: building ({'reduced' if self.reduced else 'full size'}, {entry['kind']})")
+        self.log(f"{cfg.name}: building ({'reduced' if self.reduced else 'full size'}, {cfg.kind}); {share:.0f} s for it")
         t0 = time.perf_counter()
         built: list[Runner] = []
-        self.measure(entry, "build", lambda: built.append(build_runner(cfg, self.device, self.dtype, self.reduced)) or {})
+        key = "build" if "build" not in entry else "rebuild"
+        self.measure(entry, key, lambda: built.append(build_runner(cfg, self.device, self.dtype, self.reduced)) or {})
         if not built:
             return
         runner = built.pop()
         t = runner.transformer
-        entry["build"] = {"s": round(time.perf_counter() - t0, 2), "params": sum(p.numel() for p in t.parameters()),
-                          "weight_bytes": sum(p.numel() * p.element_size() for p in t.parameters()),
-                          "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(t.config).items()
-                                     if not k.startswith("_")}}
-        steps = args.steps
-        sampler = runner.resolve(Sampler("default", steps, cfg.guidance))
-        layout = runner.cfg_layout(sampler)
-        entry.update(layout=str(layout), steps=steps, cacheable_modules=len(runner.modules()))
-        conds, seeds = runner.conditions(1, 0), [0]
+        entry[key] = {"s": round(time.perf_counter() - t0, 2), "params": sum(p.numel() for p in t.parameters()),
+                      "weight_bytes": sum(p.numel() * p.element_size() for p in t.parameters())}
+        if key == "build":
+            entry[key]["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(t.config).items()
+                                    if not k.startswith("_")}
+        sampler = runner.resolve(Sampler("default", args.steps, cfg.guidance))
+        entry.update(layout=str(runner.cfg_layout(sampler)), steps=args.steps, cacheable_modules=len(runner.modules()))
         try:
-            self._config_body(cfg, entry, runner, sampler, conds, seeds)
+            body(cfg, entry, runner, sampler, runner.conditions(1, 0), [0])
         finally:
-            del runner
+            del runner, built
             gc.collect()
             if self.cuda:
                 torch.cuda.empty_cache()
 
-    def _config_body(self, cfg, entry, runner, sampler, conds, seeds) -> None:
+    def timing(self) -> TimingConfig:
+        return TimingConfig(warmup=1, repeats=5 if self.cuda else 3, run_repeats=self.args.run_repeats)
+
+    def core(self, cfg, entry, runner, sampler, conds, seeds) -> None:
+        """Phase 1 (see :meth:`run`)."""
         args = self.args
-        timing = TimingConfig(warmup=1, repeats=5 if self.cuda else 3, run_repeats=args.run_repeats)
+        timing = self.timing()
+        kept = self.kept.setdefault(cfg.name, {})
 
         est = self.measure(entry, "estimate", lambda: estimate_profile(
             runner, sampler, samples=args.samples, batch_size=1, lags=args.lags, timing=timing).to_dict())
@@ -537,7 +598,7 @@ class Bench:
             p = est["probe"]
             run_s = max(0.0, p["run_s"] - p["calls_per_step"] * p["call_s"]) + sampler.steps * p["calls_per_step"] * p["call_s"]
             entry["estimated_run_s"] = run_s
-        run_guess = run_s or 1.0
+        kept["run_s"] = run_guess = run_s or 1.0
 
         # Device reads per run: the executor's own must not grow with the steps.
         plan_mixed = mixed_plan(runner, sampler)
@@ -564,8 +625,6 @@ class Bench:
 
         self.measure(entry, "executor_overhead", overhead, need_s=(2 * args.repeats + 1) * run_guess)
 
-        need_profile = (est or {}).get("time_s", {}).get("total") or None
-
         def profile():
             with peak_memory(runner.device) as peak:
                 t0 = time.perf_counter()
@@ -581,12 +640,11 @@ class Bench:
                 out["estimated_peak_bytes"] = est["memory"]["peak"]
                 out["estimated_rings_bytes"] = est["memory"]["rings"]
                 out["estimated_s"] = est["time_s"].get("total")
-            self._profile = prof
+            kept["profile"] = prof
             return out
 
-        self._profile = None
-        self.measure(entry, "profile", profile, need_s=need_profile)
-        prof = self._profile
+        self.measure(entry, "profile", profile, need_s=(est or {}).get("time_s", {}).get("total") or None)
+        prof = kept.get("profile")
         if prof is None:
             return
 
@@ -594,14 +652,18 @@ class Bench:
             plan, pred, interval = plan_near_2x(runner, sampler, prof.latency_model())
             base, planned = interleaved(runner, conds, seeds, sampler, plan, args.repeats)
             realized = statistics.median(base) / statistics.median(planned)
-            self._plan2x = (plan, statistics.median(planned))
+            kept["interval"] = interval
             return {"plan": f"every block reuses its residual on all but every {interval}-th step", "predicted": pred,
                     "realized": realized, "realized_over_predicted": realized / pred,
                     "fastest_realized": min(base) / min(planned), "repeats": args.repeats}
 
-        self._plan2x = None
         self.measure(entry, "plan_2x", plan2x, need_s=2 * args.repeats * run_guess)
 
+    def extra(self, cfg, entry, runner, sampler, conds, seeds) -> None:
+        """Phase 2 (see :meth:`run`): greedy search, torch.compile."""
+        args = self.args
+        kept = self.kept[cfg.name]
+        run_guess = kept["run_s"]
         if cfg.name in args.greedy.split(","):
             g_sampler = runner.resolve(replace(sampler, steps=args.greedy_steps))
             g_run = run_guess * args.greedy_steps / sampler.steps
@@ -609,11 +671,11 @@ class Bench:
             def greedy():
                 from planner.search.api import run_search
 
-                g_prof, profile_s = prof, 0.0
+                g_prof, profile_s = kept["profile"], 0.0
                 if g_sampler.steps != sampler.steps:
                     t0 = time.perf_counter()
                     g_prof = profile_model(runner, g_sampler, samples=args.samples, batch_size=1, lags=args.lags,
-                                           timing=timing, flops=False)
+                                           timing=self.timing(), flops=False)
                     profile_s = time.perf_counter() - t0
                 outcome = run_search(runner, "2x", strategy="greedy", sampler=g_sampler, profile=g_prof,
                                      calib_samples=args.greedy_samples)
@@ -624,15 +686,15 @@ class Bench:
 
             self.measure(entry, "greedy", greedy, need_s=60 * g_run)
 
-        if cfg.name in args.compile.split(",") and self._plan2x is not None:
-            plan = self._plan2x[0]
+        if cfg.name in args.compile.split(",") and "interval" in kept:
+            plan = uniform_block_plan(runner, sampler, kept["interval"])
             need = max(60.0, 12 * run_guess)
             self.measure(entry, "compile_default", lambda: compile_check(runner, conds, seeds, sampler, plan, None), need_s=need)
             if self.cuda:  # CUDA graphs; on a CPU "reduce-overhead" is the default mode
                 self.measure(entry, "compile_reduce_overhead",
                              lambda: compile_check(runner, conds, seeds, sampler, plan, "reduce-overhead"), need_s=need)
-            self.measure(entry, "compile_mixed_plan", lambda: compile_check(runner, conds, seeds, sampler, plan_mixed, None),
-                         need_s=need)
+            self.measure(entry, "compile_mixed_plan",
+                         lambda: compile_check(runner, conds, seeds, sampler, mixed_plan(runner, sampler), None), need_s=need)
 
 
 # --------------------------------------------------------------------------- the report
@@ -724,6 +786,9 @@ def main(argv=None) -> int:
     ap.add_argument("--greedy", default="dit-xl-2-256", help="configs to run the greedy search on (comma-separated)")
     ap.add_argument("--greedy-samples", type=int, default=None, help="calibration samples of the greedy search (default 8 GPU, 2 CPU)")
     ap.add_argument("--compile", default="dit-xl-2-256", help="configs to run the torch.compile checks on ('' for none)")
+    ap.add_argument("--reserve", type=float, default=0.35,
+                    help="share of --time-limit kept for the greedy search and torch.compile after every config's "
+                         "core measurements (default 0.35; 0 when neither is asked for)")
     ap.add_argument("--reduced", action=argparse.BooleanOptionalAction, default=None,
                     help="reduced widths and depths (default: on a CPU only)")
     ap.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),

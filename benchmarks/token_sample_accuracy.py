@@ -46,18 +46,19 @@ def random_dit_4096(layers: int) -> Runner:
     """DiTPipeline with a random-weight DiT of 4096 tokens at width 64 (2 heads x 32)."""
     import diffusers
 
-    from planner.zoo.tiny import TinyDiTFamily, _tiny_vae
+    from planner.pipelines.classes import DiTFamily
+    from planner.zoo.fixtures.images import kl_vae
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = diffusers.DiTTransformer2DModel(
             sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=layers, num_attention_heads=2,
             attention_head_dim=32, num_embeds_ada_norm=1000)
-        vae = _tiny_vae(latent_channels=4, sample_size=256)
+        vae = kl_vae(4, 256)
     pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=vae.eval(),
                                  scheduler=diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
-    return Runner(pipe, TinyDiTFamily(), spec=f"random-dit-4096tok-{layers}layers-w64")
+    return Runner(pipe, DiTFamily(), spec=f"random-dit-4096tok-{layers}layers-w64")
 
 
 def errors(exact, sampled) -> dict:

@@ -203,7 +203,7 @@ def test_merged_digits_shards_equal_the_single_run(digits, tmp_path, capsys):
 
 
 def test_merge_refuses_mismatched_or_incomplete_shards_and_writes_nothing(tiny, tmp_path, capsys):
-    dit, pixart = tiny("dit"), tiny("pixart")
+    dit, pixart = tiny("dit"), tiny("pixart-sigma")
     kw = dict(samples=2, lags=1, costs="flops")
     a0 = profile_model(dit, Sampler("default", 3, 4.0), shard="0/2", out=tmp_path / "a0", **kw).path
     a1 = profile_model(dit, Sampler("default", 3, 4.0), shard="1/2", out=tmp_path / "a1", **kw).path

@@ -170,8 +170,8 @@ def _sync(device: torch.device) -> None:
 
 
 def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: list[int], *, timed: bool = True) -> Probe:
-    """Run one step of ``sampler`` on ``conds``/``seeds`` (one micro-batch) with shape-recording
-    hooks, measuring its extra memory; with ``timed`` a second one-step run without them, decoding its
+    """Run one step of ``sampler`` on ``conds``/``seeds`` (one micro-batch, output decoded) with
+    shape-recording hooks, measuring its extra memory; with ``timed`` a second one-step run without them, decoding its
     output, is timed (the first one warms the device up). The model is left without any hook."""
     layout = runner.cfg_layout(sampler)
     one = replace(sampler, steps=1)
@@ -187,7 +187,7 @@ def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: l
     t0 = time.perf_counter()
     try:
         with peak_memory(device) as peak:
-            runner.run(conds, seeds, one, output="latent")
+            runner.run(conds, seeds, one, output="image")  # with the decode: the cost pass's runs decode too
     finally:
         detach_hooks(transformer, hs)
     run_s = time.perf_counter() - t0
