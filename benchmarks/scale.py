@@ -443,7 +443,7 @@ class Bench:
         self.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if self.cuda else torch.float32)
         self.start = time.perf_counter()
         self.deadline = self.start + args.time_limit
-        tag = "cuda" if self.cuda else "cpu"
+        tag = ("cuda" if self.cuda else "cpu") + (f"-{args.tag}" if args.tag else "")
         self.out_json = Path(args.out) / f"scale-{tag}.json"
         self.out_md = Path(args.out) / f"scale-{tag}.md"
         self.config_deadline = self.deadline
@@ -525,6 +525,8 @@ class Bench:
             print(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
             return 2
         later = [n for n in names if n in self.args.greedy.split(",") or n in self.args.compile.split(",")]
+        if self.args.only == "estimate":
+            later = []
         signal.signal(signal.SIGALRM, alarm)
         signal.alarm(max(1, int(self.args.time_limit)))
         try:
@@ -589,8 +591,20 @@ class Bench:
         timing = self.timing()
         kept = self.kept.setdefault(cfg.name, {})
 
-        est = self.measure(entry, "estimate", lambda: estimate_profile(
-            runner, sampler, samples=args.samples, batch_size=1, lags=args.lags, timing=timing).to_dict())
+        found: list = []
+
+        def estimate():
+            from planner.profile.estimate import probe
+
+            conds1 = runner.conditions(1, 0)
+            found.append(probe(runner, runner.modules(), sampler, conds1, [0]))
+            return estimate_profile(runner, sampler, samples=args.samples, batch_size=1, lags=args.lags, timing=timing,
+                                    probe_result=found[0]).to_dict()
+
+        est = self.measure(entry, "estimate", estimate)
+        if est and args.only == "estimate":  # the same probe, all samples in one micro-batch (the default)
+            self.measure(entry, "estimate_one_batch", lambda: estimate_profile(
+                runner, sampler, samples=args.samples, lags=args.lags, timing=timing, probe_result=found[0]).to_dict())
         run_s = None
         if est and "max_tokens" in est:
             entry["tokens"] = est["max_tokens"]  # the longest token axis of a module output in this run
@@ -614,6 +628,8 @@ class Bench:
             out["executor_reads_per_step_gpu_path"] = gpu_path["executor"] / sampler.steps
             return out
 
+        if args.only == "estimate":
+            return
         self.measure(entry, "syncs", syncs, need_s=8 * run_guess)
 
         def overhead():
@@ -761,10 +777,16 @@ def markdown(results: dict) -> str:
                     f"{c['plan_speedup_compiled']:.2f}x; max abs diff vs eager {c['max_abs_diff_vs_eager']:.2g} "
                     f"(outputs up to {c['max_abs_eager']:.2g}); first run {c['first_run_s']:.1f} s"
                     if "graph_breaks" in c else _f(c)))
-        est = e.get("estimate")
-        if isinstance(est, dict) and "memory" in est:
-            extra.append(f"- {name}: dry run: {est['calls']['total']} model calls, est. {_f(est['time_s'].get('total'), '{:.1f}')} s, "
-                         f"peak {fmt_bytes(est['memory']['peak'])} of {fmt_bytes(est['available'])} available; fits: {est['fits']}")
+        for key in ("estimate", "estimate_one_batch"):
+            est = e.get(key)
+            if not (isinstance(est, dict) and "memory" in est):
+                continue
+            m = est["memory"]
+            extra.append(
+                f"- {name}: dry run, {est['samples']} samples in micro-batches of {est['batch']}, {est['lags']} lags, "
+                f"{est['steps']} steps: {est['calls']['total']} model calls, est. {_f(est['time_s'].get('total'), '{:.1f}')} s; "
+                f"ring buffers {fmt_bytes(m['rings'])}, activations {fmt_bytes(m['activations'])}, peak {fmt_bytes(m['peak'])} "
+                f"of {fmt_bytes(est['available'])} available; fits: {est['fits']}" + (f" (fix: {', '.join(est['fixes'])})" if est["fixes"] else ""))
     if extra:
         lines += ["", *extra]
     lines += ["", "Figures of a reduced (CPU) run describe that run only: widths and depths are cut, and a shared CPU is noisy."
@@ -797,6 +819,9 @@ def main(argv=None) -> int:
                     help="sampling steps of the greedy search (default 50 on a GPU: DiT-XL/2's; --steps on a CPU); "
                          "other than --steps it profiles again at those steps")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on a CPU")
+    ap.add_argument("--only", choices=("estimate",), default=None,
+                    help="estimate: build each config and run only the dry-run estimate (cheap; full-size configs on a CPU)")
+    ap.add_argument("--tag", default="", help="suffix of the results files: scale-<device>-<tag>.json/.md")
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failed measurements")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
