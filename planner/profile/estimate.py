@@ -12,7 +12,10 @@ residual exists) and what the cost pass would capture, and measures the extra me
   per-sample features x 4 bytes, and the statistics (float64, 5 arrays);
 * cost pass: one capture per distinct module signature (inputs and output), and the executor's
   caches while its hook overhead is calibrated (half of one level's modules hooked);
-* time: the probe's transformer call time x the calls of each pass, plus the run's fixed part.
+* time: the probe's transformer call time x the calls of each pass, plus the run's fixed part (the
+  timed probe step decodes, as most cost-pass runs do), the hooks' own time (a bare diffusers hook's
+  per call), the similarity statistics' own work (a real :class:`SimilarityCollector` fed synthetic
+  outputs of each shape the probe saw) and the modules the cost pass times alone.
 
 The similarity pass's peak is activations + rings + temporaries + statistics, the cost pass's
 activations + captures + executor caches; the larger must fit in 90 % of what is available on the
