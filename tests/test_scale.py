@@ -370,3 +370,69 @@ def test_scale_benchmark_smoke_run_measures_everything(tmp_path):
         assert entry["syncs"]["executor_reads_per_run_gpu_path"] == 1
         assert entry["profile"]["ring_buffer_peak_bytes"] == entry["profile"]["estimated_rings_bytes"]
     assert "| flux.1-dev-1024 |" in (tmp_path / "scale-cpu.md").read_text()
+
+
+def _drive_steps(runner, device: str, steps: int, around_call):
+    """Call the transformer of ``runner`` for ``steps`` steps with a plan using reuse_residual and
+    share_cfg, each call inside ``around_call(step)``; returns the handle's stats."""
+    import contextlib
+
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_runner
+
+    sampler = Sampler("default", steps, 4.0)
+    blocks = [m.name for m in runner.modules() if m.kind == "block"]
+    subs = [m.name for m in runner.modules() if m.kind != "block"]
+    plan = plan_for_runner(runner, sampler, {
+        blocks[0]: "".join("CD"[k % 2] for k in range(steps)),
+        subs[-1]: {"cond": "C" * steps, "uncond": "C" + "S" * (steps - 1)},
+    })
+    t = runner.transformer
+    x = torch.randn(2, 4, 8, 8, device=device)
+    labels = torch.tensor([1, 1000], device=device)
+    with apply_plan(t, plan) as handle, torch.no_grad():
+        handle._engine.deferred_timesteps = True  # what a timestep on a GPU gets by itself
+        for k, value in enumerate(torch.linspace(900, 100, steps).tolist()):
+            ts = torch.full((2,), value, device=device)
+            with around_call(k) if around_call else contextlib.nullcontext():
+                t(x, timestep=ts, class_labels=labels)
+        return handle.stats()
+
+
+def test_driven_steps_read_nothing_back_until_the_run_ends(tiny, monkeypatch):
+    counter = _ReadCounter(monkeypatch)
+    seen = []
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def count(step):
+        counter.reset()
+        yield
+        seen.append(counter.executor)
+
+    stats = _drive_steps(tiny("dit"), "cpu", 6, count)
+    assert seen == [0, 0, 0, 0, 0, 1]  # the last call ends the run: its one read
+    assert stats["runs"] == 1 and stats["fallbacks"] == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.set_sync_debug_mode)")
+def test_on_a_gpu_the_executor_never_synchronises_before_the_run_ends():
+    """Every step but the last runs with synchronisation as an error: the executor reads nothing back
+    per step; the last call's end makes the run's one read (the deferred timestep check)."""
+    import contextlib
+
+    from planner.runner import load_runner
+
+    steps = 6
+
+    @contextlib.contextmanager
+    def strict(step):
+        torch.cuda.set_sync_debug_mode("error" if step < steps - 1 else 0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    stats = _drive_steps(load_runner("tiny:dit", device="cuda"), "cuda", steps, strict)
+    assert stats["runs"] == 1 and stats["fallbacks"] == 0
