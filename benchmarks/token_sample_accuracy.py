@@ -14,8 +14,8 @@ aggregate ``sum|sampled - exact| / sum|exact|``.
 
 Models: the trained digit models, ``digits-dit`` (class-conditional DiT, 16 tokens, DDIM 50 steps,
 guidance 3, the committed profile's 8 calibration samples) and ``digits-mmdit`` (text-to-image Flux
-MMDiT, 16 image and 16 text tokens, its own sampler: 28 flow steps, true CFG 4 against "", 8 of its
-evaluation captions), and a random-weight ``DiTTransformer2DModel`` with 4096 tokens (sample size
+MMDiT, 16 image and 16 text tokens, its zoo defaults: 28 flow steps, true CFG 4, its calibration
+captions), and a random-weight ``DiTTransformer2DModel`` with 4096 tokens (sample size
 128, patch 2) at reduced width (2 heads x 32) and depth (``--layers``) so that it runs on a CPU.
 
     OMP_NUM_THREADS=1 python benchmarks/token_sample_accuracy.py [--quick]
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import platform
 import sys
 import time
@@ -64,25 +65,6 @@ def random_dit_4096(layers: int) -> Runner:
                                  scheduler=diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False))
     pipe.set_progress_bar_config(disable=True)
     return Runner(pipe, DiTFamily(), spec=f"random-dit-4096tok-{layers}layers-w64")
-
-
-def digits_mmdit() -> Runner:
-    """digits-mmdit as a Runner: its FluxPipeline, its captions as calibration prompts, 8x8 images, 16 text tokens."""
-    from planner.pipelines.encoding import PromptEncoder
-    from planner.pipelines.prompts import Prompt, PromptSet
-    from planner.pipelines.text import text_family
-    from planner.zoo.captions import evaluation_prompts
-    from planner.zoo.mmdit import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, load_digits_mmdit_pipeline
-
-    pipe = load_digits_mmdit_pipeline()
-    family = text_family(pipe)
-    captions = PromptSet(tuple(Prompt(c, negative_prompt="") for c in evaluation_prompts(seed=0)), "digits-mmdit captions")
-    runner = Runner(pipe, family, spec="digits-mmdit", calibration_prompts=captions,
-                    call_args={"height": IMAGE_SIZE, "width": IMAGE_SIZE, "max_sequence_length": MAX_SEQUENCE_LENGTH})
-    # the captions encoded as in training (16 tokens), not at FluxPipeline's default of 512
-    runner._encoder = PromptEncoder(pipe, family.facts.returns, family.facts.negative_in_encode,
-                                    {"max_sequence_length": MAX_SEQUENCE_LENGTH}, cache=None)
-    return runner
 
 
 def errors(exact, sampled) -> dict:
@@ -179,7 +161,9 @@ def main(argv=None) -> int:
     results["models"].append(r)
     print(json.dumps({n: v["errors"]["rel_l1"] for n, v in r["token_samples"].items()}), flush=True)
     print("digits-mmdit ...", flush=True)
-    r = measure(digits_mmdit(), Sampler("default", 10 if args.quick else 28, 4.0), samples=8, batch=8, lags=3, sizes=[4, 8, 12])
+    mmdit = load_runner("digits-mmdit")
+    r = measure(mmdit, replace(mmdit.default_sampler, steps=10 if args.quick else mmdit.default_sampler.steps), samples=8,
+                batch=8, lags=3, sizes=[4, 8, 12])
     r["tokens"] = 16
     results["models"].append(r)
     print(json.dumps({n: v["errors"]["rel_l1"] for n, v in r["token_samples"].items()}), flush=True)
