@@ -436,3 +436,27 @@ def test_on_a_gpu_the_executor_never_synchronises_before_the_run_ends():
 
     stats = _drive_steps(load_runner("tiny:dit", device="cuda"), "cuda", steps, strict)
     assert stats["runs"] == 1 and stats["fallbacks"] == 0
+
+
+def test_a_plan_that_forecasts_without_its_timesteps_still_reads_each_step_time(tiny, monkeypatch):
+    """Forecasts extrapolate in the sampler's time; a plan that does not carry the timesteps takes them
+    from the calls, so it keeps reading them (one per call) even where a GPU timestep would defer."""
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_model
+
+    runner = tiny("dit")
+    steps = 5
+    blocks = [m.name for m in runner.modules() if m.kind == "block"]
+    plan = plan_for_model(runner.transformer, steps=steps, cfg_layout="cond_uncond", guidance=4.0,
+                          decisions={blocks[0]: "CCCFF"})
+    assert not plan.sampler.timesteps
+    counter = _ReadCounter(monkeypatch)
+    t = runner.transformer
+    x = torch.randn(2, 4, 8, 8)
+    labels = torch.tensor([1, 1000])
+    with apply_plan(t, plan) as handle, torch.no_grad():
+        handle._engine.deferred_timesteps = True
+        for value in torch.linspace(900, 100, steps).tolist():
+            t(x, timestep=torch.full((2,), value), class_labels=labels)
+        stats = handle.stats()
+    assert counter.executor == steps and stats["fallbacks"] == 0
