@@ -28,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--verify", action="store_true", help="then measure realized speedup and PSNR/SSIM on held-out seeds")
     p.add_argument("--verify-samples", type=count_arg, default=8)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say which profile the search would use and, when it would make one, estimate it (one-step probe); write nothing")
     run = p.add_argument_group("search runs (strategies that declare them: optuna's study, learned routers' training)")
     run.add_argument("--seed", type=seed_arg, default=None, help="random seed of the search (default: the strategy's, 0)")
     run.add_argument("--n-trials", type=count_arg, default=None, help="trials this process runs (optuna)")
@@ -114,6 +116,8 @@ def cmd_search(args) -> int:
     if args.out:
         check_plan_output(Path(args.out))
     runner, sampler = runner_and_sampler(args)
+    if args.dry_run:
+        return _dry_run(args, runner, sampler)
     out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
     check_plan_output(out)
     outcome = run_search(runner, budget, strategy=strategy, sampler=sampler, profile=args.profile,
@@ -145,6 +149,25 @@ def cmd_search(args) -> int:
             f"(range {v['speedup_range'][0]:.2f}-{v['speedup_range'][1]:.2f}), PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}"
         )
     report(args, payload, text)
+    return 0
+
+
+def _dry_run(args, runner, sampler) -> int:
+    """What ``planner search`` would profile (estimated by a one-step probe), without writing anything."""
+    from planner.profile.estimate import estimate_profile
+    from planner.profile.store import existing_profile
+
+    found, default = existing_profile(runner, sampler, args.profile, samples=args.calib_samples)
+    reference = {"runs": 1, "model_calls": sampler.steps * runner.cfg_layout(sampler).calls_per_step,
+                 "note": "full-compute outputs of the calibration inputs; the strategy's own evaluations come on top"}
+    if found is not None:
+        payload = {"profile": str(found.path), "profiles": False, "reference": reference}
+        report(args, payload, f"dry run: the search would use the profile {found.path} (nothing to profile); "
+                              f"then one full-compute run of {args.calib_samples} calibration inputs and the strategy's evaluations")
+        return 0
+    est = estimate_profile(runner, sampler, samples=args.calib_samples)
+    payload = {"profile": str(default), "profiles": True, "estimate": est.to_dict(), "reference": reference}
+    report(args, payload, f"the search would first profile into {default}/:\n" + est.format())
     return 0
 
 

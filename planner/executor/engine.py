@@ -20,6 +20,16 @@ count; a run that diverges later, or runs more steps than planned, is refused at
 raises PlannerError saying what differs; with ``strict=False`` the run goes on after one warning per
 run (steps beyond the plan then run without caching).
 
+A timestep held on a GPU is never read during the run: reading it would make the host wait for the
+device at every call, and a static plan does not need it to decide. Such a run is tracked by call
+count instead (``calls_per_step`` calls make a step; a call after the last step starts a new run);
+each call's timestep is reduced on the device and kept, and the same rules as above (equal within
+a step, falling from step to step) are checked on all of them at once when the run ends: one read
+per run instead of one per call. Timesteps on the CPU (plain numbers, CPU tensors) are read and
+checked at every call as above, and so are the timesteps of a plan that forecasts (F, Q) without
+knowing the sampler's timesteps itself: its forecasts extrapolate in each step's time, read from the
+call (plans made by ``plan_for_runner`` and the strategies carry the timesteps).
+
 The CFG branch: batched layouts carry both halves in one call (``[cond, uncond]`` for DiT,
 ``[uncond, cond]`` for PixArt/SD3); with ``separate`` calls it is the diffusers cache-context
 name when the pipeline set one (Flux, Wan), else the call order within the step (cond first).
@@ -64,6 +74,8 @@ class _Run:
         self.token = None  # at_step block the current step belongs to
         self.accounted = False  # folded into the stats totals
         self.times: dict[int, float] = {}  # the timestep each step ran at (forecasts extrapolate in it)
+        self.deferred = False  # timesteps on a device: steps by call count, checked at the run's end
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, timestep reduced on the device) per call
 
 
 class Engine:
@@ -102,6 +114,13 @@ class Engine:
         self._last_executed: dict[str, dict[str, str]] = {}
         self._last_steps: list[int] = []
         self._parents = {m: module_kind(m)[1] for m in plan.model.modules}
+        # None: defer the timestep checks when the timestep is a tensor off the CPU (see the module
+        # docstring); True/False force one way (tests use True to run the GPU path on a CPU).
+        self.deferred_timesteps: bool | None = None
+        # Forecasts extrapolate in the sampler's time; without the plan's timesteps that is each step's
+        # own, read from the call: such a plan cannot defer its timestep reads.
+        self._reads_times = self.times is None and any(
+            c in "FQ" for per in plan.decisions.values() for codes in per.values() for c in codes)
 
     def time_of(self, step: int) -> float:
         """The sampler's time at ``step``: the plan's timestep, else the one the step ran at in this run, else
@@ -111,18 +130,26 @@ class Engine:
         return self.run.times.get(step, float(step))
 
     # ------------------------------------------------------------------ calls
-    # Pure bookkeeping (and a .item() on the timestep): never traced by torch.compile.
+    # Pure bookkeeping (and, for timesteps on the CPU, a read of the value): never traced by torch.compile.
     @torch.compiler.disable
     def begin_call(self, module: torch.nn.Module, args: tuple, kwargs: dict, context_name: str | None) -> None:
         """Work out step and branch of a transformer call and check it against the plan."""
-        t = self._timestep(args, kwargs)
+        raw = tree.get_arg(self.transformer_cls, "timestep", args, kwargs)
         r = self.run
+        counted = self.forced_step is None and raw is not None and self._defer(raw, r)
+        if counted:
+            r = self._advance_by_count(raw)
+            t = None
+        else:
+            t = self._timestep(args, kwargs)
         if self.forced_step is not None:
             if not r.started or r.complete:
                 r = self._start_run(check_pipe=False)
             if r.token is not self.forced_token:  # a new at_step block is a new step
                 r.step, r.calls, r.token = self.forced_step, 0, self.forced_token
                 r.branches.clear()
+        elif counted:
+            pass  # the step was advanced by _advance_by_count
         else:
             if t is None:
                 raise PlannerError(
@@ -132,6 +159,7 @@ class Engine:
             if (
                 not r.started
                 or r.token is not None  # the previous calls were driven by at_step
+                or r.deferred  # the previous run was tracked by call count
                 or (r.complete and t >= r.last_t)
                 or (not r.complete and t > r.last_t)  # a new pipeline call after an interrupted one
             ):
@@ -173,6 +201,8 @@ class Engine:
         self.active = []
         r = self.run
         if self.forced_step is None and r.step == self.steps - 1 and r.calls >= self.calls_per_step:
+            if r.deferred:
+                self._check_deferred(r)
             self._finish_run()
             r.complete = True  # kept (with last_t) so the next call can tell a new run from an overlong one
 
@@ -204,6 +234,51 @@ class Engine:
         for hook in self.hooks.values():
             hook.caches.clear()
         self._logs.clear()
+
+    def _defer(self, t: Any, r: _Run) -> bool:
+        """Whether this call's step is tracked by call count (its timestep stays on the device)."""
+        if r.started and not r.complete and r.token is None:
+            return r.deferred  # a run keeps the mode it started in
+        if self._reads_times:
+            return False
+        if self.deferred_timesteps is not None:
+            return self.deferred_timesteps and isinstance(t, torch.Tensor)
+        return isinstance(t, torch.Tensor) and t.device.type != "cpu"
+
+    def _advance_by_count(self, t: torch.Tensor) -> _Run:
+        """Step tracking without reading the timestep: ``calls_per_step`` calls make a step."""
+        r = self.run
+        if not r.started or r.complete or r.token is not None:
+            r = self._start_run(check_pipe=True)
+            r.step = 0
+            r.deferred = True
+        elif r.calls >= self.calls_per_step:
+            r.step += 1
+            r.calls = 0
+            r.branches.clear()
+        if t.numel():
+            r.pending.append((r.step, t.detach().reshape(-1).max()))  # reduced on the device, not read
+        return r
+
+    def _check_deferred(self, r: _Run) -> None:
+        """The per-call timestep rules, checked on a finished deferred run (its one device read)."""
+        pending, r.pending = r.pending, []
+        if not pending:
+            return
+        values = torch.stack([v.float() for _, v in pending]).tolist()
+        for i in range(1, len(pending)):
+            (s0, _), (s1, _) = pending[i - 1], pending[i]
+            v0, v1 = values[i - 1], values[i]
+            if s1 == s0 and v1 != v0:
+                raise PlannerError(
+                    f"step {s1} of the plan got transformer calls with timesteps {v0:g} and {v1:g}: the pipeline makes "
+                    f"another number of calls per step than the plan's CFG layout {self.layout!r} ({self.calls_per_step})"
+                )
+            if s1 != s0 and not v1 < v0:
+                raise PlannerError(
+                    f"timestep {v1:g} at step {s1} does not fall from {v0:g} at step {s0}: the pipeline's calls do not "
+                    f"follow the plan's {self.steps} steps of {self.calls_per_step} call(s)"
+                )
 
     # ------------------------------------------------------------------ checks
     def _timestep(self, args: tuple, kwargs: dict) -> float | None:
@@ -255,7 +330,8 @@ class Engine:
                                f"the pipeline's {theirs})")
         timesteps = getattr(sched, "timesteps", None)
         if timesteps is not None:
-            ts = [float(x) for x in timesteps]
+            # one read for the whole list (a device tensor on a GPU), not one per step
+            ts = [float(x) for x in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
             self._pipe_timesteps = ts
             if len(ts) != self.steps:
                 self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs {len(ts)}")

@@ -201,11 +201,14 @@ class Profile:
     ``hook_ms`` is what the executor's hook adds to each call of the module once a plan hooks it.
     """
 
-    def __init__(self, meta: ProfileMeta, similarity: pd.DataFrame, cost: pd.DataFrame, path: Path | None = None):
+    def __init__(self, meta: ProfileMeta, similarity: pd.DataFrame, cost: pd.DataFrame, path: Path | None = None,
+                 raw: dict | None = None):
         self.meta = meta
         self.similarity = similarity
         self.cost = cost
         self.path = path
+        # Shard profiles only: the raw statistics (planner.profile.shard), saved as stats.safetensors.
+        self.raw = raw
 
     def __repr__(self) -> str:
         m = self.meta
@@ -265,6 +268,13 @@ class Profile:
                 (staging / fname).write_bytes(data)
                 tables[key] = {"file": fname, "sha256": hashlib.sha256(data).hexdigest(), "rows": int(len(df)),
                                "columns": list(df.columns)}
+            if self.raw is not None:
+                from planner.profile.shard import STATS_FILE, stats_bytes
+
+                data = stats_bytes(self.raw)
+                (staging / STATS_FILE).write_bytes(data)
+                tables["stats"] = {"file": STATS_FILE, "sha256": hashlib.sha256(data).hexdigest(),
+                                   "rows": int(self.raw["n"].size), "columns": sorted(self.raw)}
             meta = ProfileMeta(**{**self.meta.__dict__, "tables": tables})
             (staging / META_FILE).write_text(json_text(meta.to_dict()), encoding="utf-8")
         self.meta, self.path = meta, folder
@@ -358,6 +368,18 @@ def load_profile(path: str | Path) -> Profile:
             raise ProfileError(f"{tpath}: {len(frames[key])} rows, meta.json says {info['rows']}")
 
     sim, cost = frames["similarity"], frames["cost"]
+    raw = None
+    if "stats" in meta.tables:  # a shard's raw statistics (planner.profile.shard)
+        from planner.profile.shard import read_stats
+
+        info = meta.tables["stats"]
+        spath = folder / info["file"]
+        if not spath.is_file():
+            raise ProfileError(f"{spath}: missing (raw statistics of a shard profile)")
+        digest = sha256_file(spath)
+        if digest != info["sha256"]:
+            raise ProfileError(f"{spath}: checksum mismatch (sha256 {digest[:12]}..., meta.json says {info['sha256'][:12]}...): the file is truncated or was edited")
+        raw = read_stats(spath)
     from planner.profile.similarity import similarity_columns
 
     _require_columns(sim, SIMILARITY_KEYS + similarity_columns(), folder / SIMILARITY_FILE)
@@ -367,7 +389,7 @@ def load_profile(path: str | Path) -> Profile:
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
     _check_values(sim, cost, folder, meta.steps)
-    return Profile(meta, sim, cost, folder)
+    return Profile(meta, sim, cost, folder, raw=raw)
 
 
 # Cost columns every row must have, finite and >= 0; the other numeric cost columns may be empty (NaN:

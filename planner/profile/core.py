@@ -21,7 +21,8 @@ from planner.modules import LEVEL_KINDS
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
 from planner.profile.capture import foreign_hooks, resolve_modules
 from planner.profile.latency import LatencyModel
-from planner.profile.similarity import similarity_pass
+from planner.profile.similarity import similarity_stats
+from planner.profile.tokens import token_sampler
 from planner.profile.timing import (
     REUSE_COLUMNS,
     InContext,
@@ -120,6 +121,10 @@ def profile_model(
     out: str | Path | None = None,
     name: str | None = None,
     progress: bool = False,
+    token_sample: int | None = None,
+    token_seed: int = 0,
+    shard=None,
+    check_memory: bool = True,
 ) -> Profile:
     """Profile ``model`` (a zoo spec, a folder, or a loaded Runner) under ``sampler`` on ``samples``
     calibration inputs (conditions from the model's family, seeds ``seed .. seed+samples-1``).
@@ -135,6 +140,14 @@ def profile_model(
     (:mod:`planner.pipelines.probe`). Prompts are encoded before anything is timed. The model is left
     without any hook. With ``out`` the profile is also written there (a folder). Bad arguments raise
     PlannerError.
+
+    Scale (see docs/scale.md): memory is one micro-batch's (``batch_size`` samples) ring buffers and
+    activations whatever ``samples`` is; ``token_sample`` computes the similarity statistics on that
+    many token positions (:mod:`planner.profile.tokens`); ``shard`` (``"i/N"``) profiles a contiguous
+    slice of the samples into a partial profile that :func:`planner.profile.shard.merge_profiles`
+    joins. With ``check_memory`` a one-step probe first estimates the run's memory
+    (:mod:`planner.profile.estimate`) and a run that would not fit is refused, naming the option
+    that fixes it.
     """
     t_start = time.perf_counter()
     if samples < 1:
@@ -143,6 +156,13 @@ def profile_model(
         raise PlannerError(f"lags must be at least 1, got {lags}")
     if costs not in COST_SOURCES:
         raise PlannerError(f"costs must be one of {', '.join(COST_SOURCES)}, got {costs!r}")
+    if batch_size is not None and batch_size < 1:
+        raise PlannerError(f"batch_size must be at least 1, got {batch_size}")
+    from planner.profile.shard import as_shard
+
+    shard = as_shard(shard)
+    sample_ids = shard.indices(samples) if shard is not None else list(range(samples))
+    sampling = token_sampler(token_sample, token_seed)  # a bad number fails before the model loads
     if isinstance(model, Runner):
         runner = model
     else:
@@ -151,28 +171,42 @@ def profile_model(
         runner = load_runner(model, device=resolve_device(device))
     sampler = runner.resolve(sampler)
     layout = runner.cfg_layout(sampler)
-    batch = min(samples, batch_size or samples)
+    batch = min(len(sample_ids), batch_size or len(sample_ids))
     cfg = timing or TimingConfig()
     warnings: list[str] = []
     foreign = foreign_hooks(runner.transformer)
     if foreign:
         warnings.append("hooks of other tools were attached while profiling: " + ", ".join(foreign[:5]))
 
-    conditions = runner.conditions(samples, seed)
-    seeds = [seed + i for i in range(samples)]
+    all_conditions = runner.conditions(samples, seed)
+    conditions = [all_conditions[i] for i in sample_ids]
+    seeds = [seed + i for i in sample_ids]
     runner.prepare(conditions)  # prompts encoded now: neither pass times the text encoders
     measured = check_layout(runner, sampler).to_dict() if probe else None
     modules = runner.modules()
     if not modules:
         raise PlannerError(f"{runner.spec}: no cacheable modules found in {type(runner.transformer).__name__}")
 
-    n_chunks = -(-samples // batch)
+    t_probe = 0.0
+    if check_memory:
+        from planner.profile.estimate import check_fits, check_token_sample, estimate_profile, probe as probe_step
+
+        t0 = time.perf_counter()
+        found = probe_step(runner, modules, sampler, conditions[:batch], seeds[:batch], timed=False)
+        check_token_sample(token_sample, found.max_tokens)
+        check_fits(estimate_profile(runner, sampler, samples=len(sample_ids), batch_size=batch, lags=lags,
+                                    token_sample=token_sample, costs=costs, timing=cfg, probe_result=found))
+        t_probe = time.perf_counter() - t0
+
+    n_chunks = -(-len(sample_ids) // batch)
     bar = _bar(sampler.steps * n_chunks, "similarity", progress)
     t0 = time.perf_counter()
     try:
-        sim, timesteps, w = similarity_pass(runner, modules, sampler, conditions, seeds, k=lags, batch_size=batch, progress=bar)
+        collector, timesteps, w = similarity_stats(runner, modules, sampler, conditions, seeds, k=lags, batch_size=batch,
+                                                   token_sample=sampling, progress=bar)
     finally:
         bar.close()
+    sim = collector.table(timesteps)
     warnings += w
     t_sim = time.perf_counter() - t0
 
@@ -193,8 +227,10 @@ def profile_model(
         name=name or default_profile_name(runner.spec, sampler, str(runner.device)),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model_spec=runner.spec,
+        # a shard records the whole calibration set's prompts: the set its merged profile is of
         extra={"source": {"revision": runner.revision, "dtype": str(runner.dtype).removeprefix("torch."),
-                          "prompt_set": prompt_set_digest(conditions)}, "probe": measured},
+                          "prompt_set": prompt_set_digest(all_conditions)}, "probe": measured,
+               **_scale_meta(sampling, shard, sample_ids, samples, collector)},
         model_class=type(runner.transformer).__name__,
         fingerprint=runner.fingerprint(),
         modules=tuple(
@@ -204,7 +240,7 @@ def profile_model(
         cfg_layout=layout,
         branches=layout.branches,
         timesteps=tuple(timesteps),
-        samples=samples,
+        samples=len(sample_ids),
         seed=seed,
         seeds=tuple(seeds),
         conditions=tuple(_jsonable(c) for c in conditions),
@@ -218,6 +254,7 @@ def profile_model(
             "python": platform.python_version(),
         },
         durations_s={
+            "probe": round(t_probe, 3),
             "similarity": round(t_sim, 3),
             "timing": round(t_cost, 3),
             "flops": round(t_flops, 3),
@@ -242,7 +279,7 @@ def profile_model(
         schema_version=SCHEMA_VERSION,
         **_scheduler_identity(runner, sampler),
     )
-    profile = Profile(meta, sim, cost)
+    profile = Profile(meta, sim, cost, raw=collector.raw() if shard is not None else None)
     if out is not None:
         profile.save(out)
     return profile
@@ -254,6 +291,16 @@ def _scheduler_identity(runner, sampler) -> dict:
 
     sched = runner.scheduler_for(sampler)
     return {"scheduler_class": type(sched).__name__, "scheduler_config": config_hash(sched.config)}
+
+
+def _scale_meta(sampling, shard, sample_ids: list[int], samples: int, collector) -> dict:
+    """meta.json keys of a token-sampled or sharded profile (absent otherwise, so older profiles read the same)."""
+    extra: dict = {"memory": {"ring_buffer_peak_bytes": int(collector.peak_ring_bytes)}}
+    if sampling is not None:
+        extra["token_sample"] = sampling.to_dict()
+    if shard is not None:
+        extra["shard"] = {"index": shard.index, "count": shard.count, "samples": samples, "indices": list(sample_ids)}
+    return extra
 
 
 def _flop_costs(runner, modules, sampler, conds, seeds):

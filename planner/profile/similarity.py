@@ -36,6 +36,7 @@ from planner.profile.capture import (
     resolve_modules,
     split_branches,
 )
+from planner.profile.tokens import TokenSampler
 
 CFG_LAG = 0  # the ``lag`` value of rows comparing a branch with the other branch at the same step
 # Metrics, in the order of the statistics array's last axis:
@@ -124,8 +125,11 @@ class SimilarityCollector:
     on the lag axis is the CFG comparison, slot ``j`` the comparison with ``j`` steps back.
     """
 
-    def __init__(self, modules: Sequence[CacheableModule], layout: str, steps: int, k: int, device):
+    def __init__(self, modules: Sequence[CacheableModule], layout: str, steps: int, k: int, device,
+                 token_sample: TokenSampler | None = None):
         self.modules = list(modules)
+        self.token_sample = token_sample
+        self.peak_ring_bytes = 0  # the most bytes the ring buffers held at once (one micro-batch's)
         self.layout = CfgLayout(layout)
         self.branches = self.layout.branches
         self.steps = steps
@@ -137,7 +141,13 @@ class SimilarityCollector:
         self.skipped: set[str] = set()
         self._new_run()
 
+    def ring_bytes(self) -> int:
+        """Bytes the ring buffers hold now (they are allocated at a module's first output of a run)."""
+        return sum(r.buf.nbytes for r in self.rings.values() if r.buf is not None)
+
     def _new_run(self) -> None:
+        if hasattr(self, "rings"):
+            self.peak_ring_bytes = max(self.peak_ring_bytes, self.ring_bytes())
         self.rings = {
             (m, b, t): _Ring(self.k) for m in range(len(self.modules)) for b in self.branches for t in range(2)
         }
@@ -156,6 +166,10 @@ class SimilarityCollector:
             return {}
         branch = self.tracker.branch
         per_branch: dict[str, list[list[torch.Tensor]]] = {}
+        if self.token_sample is not None:
+            # the same positions of the output and of the input it updates: the residual's
+            keep = [(self.token_sample.sample(o), self.token_sample.sample(p) if p is not None and o.shape == p.shape else p)
+                    for o, p in keep]
         for o, p in keep:
             o_parts = split_branches(o.detach(), self.layout, branch)
             r_parts = split_branches((o - p).detach(), self.layout, branch) if p is not None else None
@@ -236,64 +250,107 @@ class SimilarityCollector:
         self._compare(step, index, COND, 0, cond[0], c_res, uncond[0], u_res)  # cond replaced by uncond's
         self._compare(step, index, UNCOND, 0, uncond[0], u_res, cond[0], c_res)
 
+    def raw(self) -> dict[str, np.ndarray]:
+        """The streamed statistics as float64 arrays ``sum, sq, min, max, n`` of shape
+        ``[steps, modules, branches, k + 1, metrics]``: what a shard keeps so that shards merge exactly."""
+        s = self.stats
+        return {key: getattr(s, key).double().cpu().numpy() for key in RAW_KEYS}
+
     def table(self, timesteps: Sequence[float]) -> pd.DataFrame:
         """The statistics as one row per step x module x branch x lag (dense; NaN where undefined)."""
-        s = self.stats
-        n = s.n.cpu().numpy()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = s.sum.cpu().numpy() / n
-            var = s.sq.cpu().numpy() / n - mean**2
-            std = np.sqrt(np.clip(var, 0, None)) * np.sqrt(n / np.maximum(n - 1, 1))
-        mn, mx = s.min.cpu().numpy(), s.max.cpu().numpy()
-        empty = n == 0
-        for arr in (mean, std, mn, mx):
-            arr[empty] = np.nan
-        lag_slots = list(range(1, self.k + 1)) + ([CFG_LAG] if len(self.branches) == 2 else [])
-        S, M, B = self.steps, len(self.modules), len(self.branches)
-        grid = np.array(
-            [(st, mi, bi, lg) for st in range(S) for mi in range(M) for bi in range(B) for lg in lag_slots]
-        )
-        st, mi, bi, lg = grid.T
-        data: dict[str, Any] = {
-            "step": st,
-            "timestep": np.asarray(timesteps, dtype=float)[st],
-            "module": np.array([m.name for m in self.modules])[mi],
-            "kind": np.array([m.kind for m in self.modules])[mi],
-            "block": np.array([m.block for m in self.modules])[mi],
-            "branch": np.array(self.branches)[bi],
-            "lag": lg,
-            "n": n[st, mi, bi, lg, 0].astype(int),
-        }
-        for c, metric in enumerate(METRICS):
-            for agg, arr in zip(AGGS, (mean, std, mn, mx)):
-                data[f"{metric}_{agg}"] = arr[st, mi, bi, lg, c]
-        return pd.DataFrame(data)
+        return stats_table(self.raw(), self.modules, self.branches, self.k, timesteps)
 
 
-def similarity_pass(runner, modules: list[CacheableModule], sampler, conditions: list, seeds: list[int],
-                    *, k: int, batch_size: int, progress=None) -> tuple[pd.DataFrame, list[float], list[str]]:
-    """Run the calibration inputs in batches of ``batch_size`` with watching hooks on every cacheable
-    module; returns ``(similarity table, timesteps, warnings)``. The hooks are removed afterwards,
-    also on error."""
-    layout = runner.cfg_layout(sampler)
+RAW_KEYS = ("sum", "sq", "min", "max", "n")
+
+
+def merge_raw(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Statistics of the union of the samples behind ``parts`` (sums add, min/max combine)."""
+    out = {key: parts[0][key].copy() for key in RAW_KEYS}
+    for part in parts[1:]:
+        for key in ("sum", "sq", "n"):
+            out[key] += part[key]
+        out["min"] = np.minimum(out["min"], part["min"])
+        out["max"] = np.maximum(out["max"], part["max"])
+    return out
+
+
+def stats_table(raw: dict[str, np.ndarray], modules: Sequence, branches: Sequence[str], k: int,
+                timesteps: Sequence[float]) -> pd.DataFrame:
+    """The similarity table (one row per step x module x branch x lag; NaN where undefined) from raw
+    statistics (see :meth:`SimilarityCollector.raw`); ``modules`` need ``name``, ``kind``, ``block``."""
+    n = raw["n"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = raw["sum"] / n
+        var = raw["sq"] / n - mean**2
+        std = np.sqrt(np.clip(var, 0, None)) * np.sqrt(n / np.maximum(n - 1, 1))
+    mn, mx = raw["min"].copy(), raw["max"].copy()
+    empty = n == 0
+    for arr in (mean, std, mn, mx):
+        arr[empty] = np.nan
+    lag_slots = list(range(1, k + 1)) + ([CFG_LAG] if len(branches) == 2 else [])
+    S, M, B = n.shape[0], len(modules), len(branches)
+    grid = np.array(
+        [(st, mi, bi, lg) for st in range(S) for mi in range(M) for bi in range(B) for lg in lag_slots]
+    )
+    st, mi, bi, lg = grid.T
+    data: dict[str, Any] = {
+        "step": st,
+        "timestep": np.asarray(timesteps, dtype=float)[st],
+        "module": np.array([m.name for m in modules])[mi],
+        "kind": np.array([m.kind for m in modules])[mi],
+        "block": np.array([m.block for m in modules])[mi],
+        "branch": np.array(branches)[bi],
+        "lag": lg,
+        "n": n[st, mi, bi, lg, 0].astype(int),
+    }
+    for c, metric in enumerate(METRICS):
+        for agg, arr in zip(AGGS, (mean, std, mn, mx)):
+            data[f"{metric}_{agg}"] = arr[st, mi, bi, lg, c]
+    return pd.DataFrame(data)
+
+
+class _FanOut:
+    """One module watch feeding several collectors (exact and sampled statistics from one run)."""
+
+    def __init__(self, collectors: Sequence[SimilarityCollector]):
+        self.collectors = list(collectors)
+
+    def __call__(self, index: int, args: tuple, kwargs: dict, output: Any) -> None:
+        for c in self.collectors:
+            c(index, args, kwargs, output)
+
+
+def watch_runs(runner, modules: list[CacheableModule], sampler, conditions: list, seeds: list[int],
+               collectors: Sequence[SimilarityCollector], *, batch_size: int, progress=None) -> tuple[list[float], list[str]]:
+    """Run the calibration inputs in micro-batches of ``batch_size`` with watching hooks on every
+    cacheable module, feeding every collector; returns ``(timesteps, warnings)``.
+
+    Each micro-batch starts the collectors' ring buffers afresh, so what is held at any time is one
+    micro-batch's ``k`` lags; the statistics accumulate over all of them. The hooks are removed
+    afterwards, also on error.
+    """
     transformer = runner.transformer
     targets = resolve_modules(transformer, modules)
-    collector = SimilarityCollector(modules, layout, sampler.steps, k, runner.device)
+    layout = runner.cfg_layout(sampler)
     timesteps: list[float] = []
     warnings: list[str] = []
+    sink = _FanOut(collectors)
     for start in range(0, len(conditions), batch_size):
         conds, sds = conditions[start:start + batch_size], seeds[start:start + batch_size]
-        collector.batch = len(conds)
-        collector._new_run()
+        for c in collectors:
+            c.batch = len(conds)
+            c._new_run()
 
         def on_call(tr: StepTracker):
             if progress is not None and (tr.branch in (None, COND)) and tr.step < sampler.steps:
                 progress.update(1)
 
         tracker = StepTracker(layout, on_call=on_call)
-        collector.tracker = tracker
+        for c in collectors:
+            c.tracker = tracker
         hooks = [(transformer, tracker, "step")]
-        hooks += [(mod, ModuleWatch(i, collector), f"watch.{m.name}") for i, (m, mod) in enumerate(zip(modules, targets))]
+        hooks += [(mod, ModuleWatch(i, sink), f"watch.{m.name}") for i, (m, mod) in enumerate(zip(modules, targets))]
         hs = attach(transformer, hooks)
         try:
             runner.run(conds, sds, sampler, output="latent")
@@ -308,10 +365,35 @@ def similarity_pass(runner, modules: list[CacheableModule], sampler, conditions:
                 "(schedulers with several model calls per step are not supported)"
             )
         timesteps = [float(t) for t in runner.pipe.scheduler.timesteps.flatten().tolist()][: sampler.steps]
+    for c in collectors:
+        c._new_run()  # folds the last micro-batch into peak_ring_bytes and frees its buffers
     if len(timesteps) < sampler.steps:
         timesteps += [float("nan")] * (sampler.steps - len(timesteps))
-    if collector.skipped:
+    skipped = set().union(*(c.skipped for c in collectors)) if collectors else set()
+    if skipped:
         warnings.append(
-            "outputs without the batch dimension were left out of the similarity of: " + ", ".join(sorted(collector.skipped))
+            "outputs without the batch dimension were left out of the similarity of: " + ", ".join(sorted(skipped))
         )
+    return timesteps, warnings
+
+
+def similarity_stats(runner, modules: list[CacheableModule], sampler, conditions: list, seeds: list[int],
+                     *, k: int, batch_size: int, token_sample: TokenSampler | None = None,
+                     progress=None) -> tuple[SimilarityCollector, list[float], list[str]]:
+    """The streamed statistics of the calibration inputs: ``(collector, timesteps, warnings)``; the
+    collector's :meth:`~SimilarityCollector.raw` and :meth:`~SimilarityCollector.table` give them."""
+    collector = SimilarityCollector(modules, runner.cfg_layout(sampler), sampler.steps, k, runner.device, token_sample)
+    timesteps, warnings = watch_runs(runner, modules, sampler, conditions, seeds, [collector], batch_size=batch_size,
+                                     progress=progress)
+    return collector, timesteps, warnings
+
+
+def similarity_pass(runner, modules: list[CacheableModule], sampler, conditions: list, seeds: list[int],
+                    *, k: int, batch_size: int, token_sample: TokenSampler | None = None,
+                    progress=None) -> tuple[pd.DataFrame, list[float], list[str]]:
+    """Run the calibration inputs in batches of ``batch_size`` with watching hooks on every cacheable
+    module; returns ``(similarity table, timesteps, warnings)``. The hooks are removed afterwards,
+    also on error."""
+    collector, timesteps, warnings = similarity_stats(runner, modules, sampler, conditions, seeds, k=k,
+                                                      batch_size=batch_size, token_sample=token_sample, progress=progress)
     return collector.table(timesteps), timesteps, warnings

@@ -118,17 +118,46 @@ def time_call(fn: Callable[[], Any], device: torch.device, cfg: TimingConfig) ->
     return Measurement(float(med), float(q3 - q1))
 
 
-class _Capture(ModelHook):
-    """Clones the inputs (and output) of one module's call at the chosen step and cond branch."""
+def call_signature(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """What decides a module call's cost and output shapes: the module's class and parameter shapes,
+    and the shapes and dtypes of its tensor arguments (plain values as they are)."""
+    from torch.utils._pytree import tree_flatten
 
-    def __init__(self, tracker: StepTracker, step: int, keep_output: bool = True):
+    leaves, spec = tree_flatten((args, kwargs))
+    sig = tuple(
+        (tuple(x.shape), str(x.dtype)) if isinstance(x, torch.Tensor)
+        else (type(x).__name__, x if isinstance(x, (int, float, str, bool, type(None))) else None)
+        for x in leaves
+    )
+    params = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in module.named_parameters())
+    return type(module), params, str(spec), sig
+
+
+class _Capture(ModelHook):
+    """Clones the inputs (and output) of one module's call at the chosen step and cond branch.
+
+    With a shared ``seen`` dict, a call whose :func:`call_signature` an earlier module's capture
+    already has is not cloned: it points at that capture (``same_as``). Twenty-eight identical blocks
+    then hold one copy of a block's inputs, not twenty-eight.
+    """
+
+    def __init__(self, tracker: StepTracker, step: int, keep_output: bool = True, seen: dict | None = None):
         super().__init__()
         self.tracker, self.step, self.keep_output = tracker, step, keep_output
         self.args = self.kwargs = self.output = None
+        self.same_as: "_Capture | None" = None
+        self.seen = seen
         self._armed = False
 
     def pre_forward(self, module, *args, **kwargs):
-        self._armed = self.tracker.step == self.step and self.tracker.branch in (None, COND) and self.args is None
+        self._armed = (self.tracker.step == self.step and self.tracker.branch in (None, COND)
+                       and self.args is None and self.same_as is None)
+        if self._armed and self.seen is not None:
+            key = call_signature(module, args, kwargs)
+            if key in self.seen:
+                self.same_as, self._armed = self.seen[key], False
+            else:
+                self.seen[key] = self
         if self._armed:
             clone = lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x  # noqa: E731
             self.args, self.kwargs = tree_map(clone, args), tree_map(clone, dict(kwargs))
@@ -150,17 +179,23 @@ class Captured:
     outputs: list[torch.Tensor]
 
 
-def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds) -> tuple[list[Captured], Captured]:
+def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds,
+                   dedupe: bool = True) -> tuple[list[Captured], Captured]:
     """One full run that records every module's call at the middle step; also serves as warm-up.
 
-    Returns the captures of ``modules`` (in order) and of the transformer call itself.
+    Returns the captures of ``modules`` (in order) and of the transformer call itself. With
+    ``dedupe`` (the default) modules whose calls have the same :func:`call_signature` share one
+    :class:`Captured` object (the first such module's inputs and outputs): what is held is one call
+    per distinct kind of module, not one per module, and every cost read off a capture (replay time,
+    reuse-op time, output size) is the same for calls of one signature.
     """
     layout = runner.cfg_layout(sampler)
     transformer = runner.transformer
     targets = resolve_modules(transformer, modules)
     tracker = StepTracker(layout)
     step = sampler.steps // 2
-    caps = [_Capture(tracker, step) for _ in modules]
+    seen: dict | None = {} if dedupe else None
+    caps = [_Capture(tracker, step, seen=seen) for _ in modules]
     top = _Capture(tracker, step, keep_output=False)
     hooks = [(mod, cap, f"capture.{m.name}") for m, mod, cap in zip(modules, targets, caps)]
     # The tracker must be the outermost hook on the transformer, so it is attached last.
@@ -170,12 +205,19 @@ def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds
         runner.run(conds, seeds, sampler, output="latent")
     finally:
         detach_hooks(transformer, hs)
-    missing = [m.name for m, c in zip(modules, caps) if c.args is None]
+    missing = [m.name for m, c in zip(modules, caps) if c.args is None and c.same_as is None]
     if missing or top.args is None:
         from planner.profile.artifact import ProfileError
 
         raise ProfileError(f"modules never called at step {step}: {', '.join(missing[:5]) or '<transformer>'}")
-    return [Captured(c.args, c.kwargs, c.output or []) for c in caps], Captured(top.args, top.kwargs, [])
+    made: dict[int, Captured] = {}
+    out = []
+    for c in caps:
+        rep = c.same_as or c
+        if id(rep) not in made:
+            made[id(rep)] = Captured(rep.args, rep.kwargs, rep.output or [])
+        out.append(made[id(rep)])
+    return out, Captured(top.args, top.kwargs, [])
 
 
 def half_batch(obj: Any, batch: int) -> Any:
