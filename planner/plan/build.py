@@ -80,15 +80,9 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
     ``profile_id``, ``calib_seeds``).
     """
     sampler = runner.resolve(sampler)
-    scheduler_class, scheduler_config, timesteps = None, None, []
-    try:
-        sched = runner.scheduler_for(sampler)
-        scheduler_class = type(sched).__name__
-        scheduler_config = config_hash(sched.config)
-        sched.set_timesteps(sampler.steps)
-        timesteps = [float(x) for x in sched.timesteps]
-    except Exception:  # e.g. Flux's dynamic shifting needs the image size: timesteps stay unknown
-        timesteps = []
+    sched = runner.scheduler_for(sampler)
+    scheduler_class, scheduler_config = type(sched).__name__, config_hash(sched.config)
+    timesteps = runner.timesteps(sampler)
     return plan_for_model(
         runner.transformer,
         steps=sampler.steps,
