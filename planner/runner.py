@@ -131,7 +131,10 @@ class Runner:
         self.call_args = dict(call_args or {})
         self.call_names = set(inspect.signature(type(pipe).__call__).parameters)
         self.negative_prompt = negative_prompt
-        self._prompts = {"calibration": calibration_prompts, "evaluation": evaluation_prompts}
+        from planner.pipelines.prompts import as_prompt_set
+
+        self._prompts = {"calibration": as_prompt_set(calibration_prompts, source="calibration prompts"),
+                         "evaluation": as_prompt_set(evaluation_prompts, source="evaluation prompts")}
         self._embedding_cache = embedding_cache
         self._encoder = None
         self._base_scheduler = pipe.scheduler

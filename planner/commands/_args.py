@@ -135,8 +135,10 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
             "dtype": getattr(args, "dtype", None), "offload": getattr(args, "offload", "none") or "none"}
 
 
-def runner_from_args(args: argparse.Namespace, model: str | None = None, *, prompts_as: str = "calibration"):
-    """The Runner the model and condition flags describe (``model`` overrides ``--model``)."""
+def runner_from_args(args: argparse.Namespace, model: str | None = None, *, prompts_as: str = "calibration",
+                     caching: bool = True):
+    """The Runner the model and condition flags describe (``model`` overrides ``--model``); with ``caching``
+    (profiles, plans) refused for a pipeline the planner cannot cache yet."""
     from planner.runner import load_runner, resolve_device
 
     options = condition_options(args, prompts_as=prompts_as)
@@ -147,6 +149,10 @@ def runner_from_args(args: argparse.Namespace, model: str | None = None, *, prom
                   "call_args": options["call_args"] or None}
     runner = load_runner(model or args.model, device=device, **load_options(args), **conditions)
     check_conditions_fit(runner, options)
+    if caching:
+        from planner.pipelines import check_one_transformer
+
+        check_one_transformer(runner.pipe)
     return runner
 
 
@@ -168,9 +174,23 @@ def check_conditions_fit(runner, options: dict[str, Any]) -> None:
     if text and options["class_labels"] is not None:
         raise PlannerError(f"{runner.spec} is a text pipeline ({type(runner.pipe).__name__}): it takes --prompts, "
                            "not --class-labels")
+    labels = options["class_labels"]
+    classes = _class_count(runner)
+    if labels and classes is not None and max(labels) >= classes:
+        raise PlannerError(f"--class-labels {max(labels)}: {runner.spec} has classes 0..{classes - 1}")
     unknown = [k for k in options["call_args"] if k not in runner.call_names]
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in _call_params(runner)):
         raise PlannerError(f"--call-arg {unknown[0]}: {type(runner.pipe).__name__} takes no argument of that name")
+
+
+def _class_count(runner) -> int | None:
+    """How many classes a class-conditional transformer embeds (``None`` when its config does not say)."""
+    config = getattr(runner.transformer, "config", None)
+    for key in ("num_embeds_ada_norm", "num_classes"):
+        value = config.get(key) if hasattr(config, "get") else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _call_params(runner):

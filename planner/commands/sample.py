@@ -25,11 +25,11 @@ def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.
                                                     "(default: the shipped calibration set)")
 
 
-def runner_and_sampler(args, *, prompts_as: str = "calibration"):
+def runner_and_sampler(args, *, prompts_as: str = "calibration", caching: bool = True):
     """Load the runner the flags name and build the sampler (flags left unset take the model's defaults)."""
     from planner.commands._args import runner_from_args, sampler_from_args
 
-    runner = runner_from_args(args, prompts_as=prompts_as)
+    runner = runner_from_args(args, prompts_as=prompts_as, caching=caching)
     return runner, sampler_from_args(runner, args)
 
 
@@ -52,7 +52,7 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise PlannerError(f"--n must be at least 1, got {args.n}")
     check_output_path(args.out)
-    runner, sampler = runner_and_sampler(args, prompts_as="both")
+    runner, sampler = runner_and_sampler(args, prompts_as="both", caching=False)
     conditions = runner.conditions(args.n, seed=args.seed)
     seeds = list(range(args.seed, args.seed + args.n))
     bar = tqdm(total=sampler.steps, desc=f"sample {args.model}", disable=args.json)
