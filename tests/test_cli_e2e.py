@@ -140,7 +140,11 @@ def apply_in_python(folder: Path, kind: str) -> None:
         stats = handle.stats()
     field = "frames" if hasattr(full, "frames") else "images"
     a, b = getattr(full, field), getattr(planned, field)
-    assert stats["fallbacks"] == 0 and stats["computed_fraction"] < 1.0  # the plan ran, and reused
+    # the plan ran and reused. (Fallbacks are allowed: on these tiny models the costs outside the blocks weigh
+    # so much that a 2x plan computes the blocks at step 0 alone, and a forecast with one computed output
+    # falls back to plain reuse, as the executor is meant to.)
+    assert stats["runs"] == 1 and stats["steps_run"] == list(range(STEPS)), stats
+    assert stats["computed_fraction"] < 1.0, stats
     assert a.shape == b.shape and torch.isfinite(b).all() and not torch.equal(a, b)
 
 
@@ -174,8 +178,10 @@ def test_eval_defaults_to_held_out_prompts_and_refuses_calibration_prompts(folde
     monkeypatch.chdir(tmp_path)
     write_prompts(tmp_path)
     sizes = size_flags("pixart-sigma")
+    cli_json(capsys, "profile", "--model", str(folder), "--prompts", "calib.txt", *sizes, "--steps", str(STEPS),
+             "--samples", "2", "--costs", "flops", "--quiet", "--out", "prof")
     cli_json(capsys, "search", "--model", str(folder), "--prompts", "calib.txt", *sizes, "--steps", str(STEPS),
-             "--calib-samples", "2", "--budget", "2x", "--out", "plan.json", "--quiet")
+             "--calib-samples", "2", "--profile", "prof", "--budget", "2x", "--out", "plan.json", "--quiet")
     common = ["eval", "--plan", "plan.json", "--seeds", "1000000", "--repeats", "1", "--warmup", "0"]
     report = cli_json(capsys, *common)
     assert report["prompts"] == str(EVALUATION_FILE)
@@ -228,7 +234,10 @@ def test_model_offload_composes_with_the_plan_hooks(folders, tmp_path, monkeypat
     assert plans["none"]["decisions"] == plans["model"]["decisions"]
     evals = [cli_json(capsys, "eval", "--plan", "model.json", "--prompts", "eval.txt", "--seeds", "1000000",
                       "--repeats", "1", "--warmup", "0", "--device", "cpu", "--offload", offload) for offload in ("none", "model")]
-    assert evals[0]["psnr"] == evals[1]["psnr"] and evals[0]["executor"] == evals[1]["executor"]
+    # equal up to the last float bits (weights moved by the offload hooks sit at other addresses, and CPU
+    # kernels may round differently there); the executor did the same thing
+    assert evals[0]["executor"] == evals[1]["executor"]
+    assert abs(evals[0]["psnr"] - evals[1]["psnr"]) < 1e-3 and abs(evals[0]["rel_l1"] - evals[1]["rel_l1"]) < 1e-6
     err = cli_error(capsys, "profile", *common, "--offload", "sequential", "--out", "seq")
     assert "--offload sequential" in err and not Path("seq").exists()
 

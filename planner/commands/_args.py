@@ -178,8 +178,10 @@ def check_conditions_fit(runner, options: dict[str, Any]) -> None:
     classes = _class_count(runner)
     if labels and classes is not None and max(labels) >= classes:
         raise PlannerError(f"--class-labels {max(labels)}: {runner.spec} has classes 0..{classes - 1}")
-    unknown = [k for k in options["call_args"] if k not in runner.call_names]
-    if unknown and not any(p.kind == p.VAR_KEYWORD for p in _call_params(runner)):
+    # Names outside the explicit signature are refused even where __call__ has **kwargs: diffusers keeps
+    # those for deprecated arguments, and a misspelt name would be dropped without a word.
+    unknown = [k for k in options["call_args"] if k not in runner.call_names or _is_var_keyword(runner, k)]
+    if unknown:
         raise PlannerError(f"--call-arg {unknown[0]}: {type(runner.pipe).__name__} takes no argument of that name")
 
 
@@ -193,10 +195,11 @@ def _class_count(runner) -> int | None:
     return None
 
 
-def _call_params(runner):
+def _is_var_keyword(runner, name: str) -> bool:
     import inspect
 
-    return inspect.signature(type(runner.pipe).__call__).parameters.values()
+    param = inspect.signature(type(runner.pipe).__call__).parameters.get(name)
+    return param is not None and param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL)
 
 
 def sampler_from_args(runner, args: argparse.Namespace, base=None):

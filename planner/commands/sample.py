@@ -62,7 +62,9 @@ def cmd_sample(args) -> int:
         return kwargs
 
     start = time.perf_counter()
-    images = runner.run(conditions, seeds, sampler, callback=on_step)
+    # DiTPipeline takes no step callback: its bar just jumps to the end
+    callback = on_step if "callback_on_step_end" in runner.call_names else None
+    images = runner.run(conditions, seeds, sampler, callback=callback)
     seconds = time.perf_counter() - start
     bar.close()
     write_atomic(args.out, lambda tmp: image_grid(images).save(tmp, format="PNG"))
