@@ -191,6 +191,8 @@ def test_eval_defaults_to_held_out_prompts_and_refuses_calibration_prompts(folde
     assert cli_json(capsys, *common, "--prompts", "calib.txt", "--force")["n"] == 1
     err = cli_error(capsys, *common, "--height", "32", "--width", "32", "--out", "e.json")
     assert "plan was made for 16x16" in err and not Path("e.json").exists()
+    assert "plan was made for 16x16" in cli_error(capsys, "plan", "validate", "plan.json", "--height", "16", "--width", "32")
+    assert cli_json(capsys, "plan", "validate", "plan.json", "--height", "16", "--width", "16")["checks"][-1] == "size"
     # a calibration prompt stays one with another negative prompt or other spacing
     Path("again.jsonl").write_text(json.dumps({"prompt": "  " + CALIB[1].replace(" ", "  "), "negative_prompt": "blur"}) + "\n")
     assert "calibration prompt" in cli_error(capsys, *common, "--prompts", "again.jsonl")
