@@ -26,11 +26,21 @@ CALIB = ["a red fox asleep in fresh snow", "a lighthouse on a cliff at dusk, oil
 EVAL = ["a blue rowing boat on a still lake", "close-up of a bee on a sunflower"]
 
 # Kinds whose whole path runs by default, and the others (with --slow). Left out: z-image (the zoo cannot
-# drive it yet: planner.zoo.UNSUPPORTED), wan2.2 (two transformers: refused, see test below), chroma and
-# hunyuanvideo-1.5 (residual reuse of their double-stream blocks fails in the executor: docs/pipelines.md
-# section 6; greedy plans use it).
+# drive it yet: planner.zoo.UNSUPPORTED) and wan2.2 (two transformers: refused, see the test below).
+# Known failures of the profiler, marked strict so that a fix shows up as XPASS (then drop the mark):
+_KNOWN = {
+    "pixart-alpha": "the profile's one-step probe (profile/estimate.py) runs PixArt-alpha with 1 step, which "
+                    "diffusers treats as a DMD run: IndexError in scheduler.step(...)[1]",
+    "ltx": "the profile's one-step probe runs LTX with 1 step: FlowMatchEulerDiscreteScheduler.index_for_timestep "
+           "finds no index (IndexError)",
+    "qwen-image": "profile/similarity.py compares the cond and uncond outputs of a block whole, and Qwen-Image's "
+                  "text stream differs in length between a prompt and its negative prompt (RuntimeError 1568 vs 1056)",
+    "hunyuanvideo-1.5": "the profiler counts 12 steps in a 6-step run of the guider-driven pipeline "
+                        "(24 transformer calls)",
+}
 FAST = ["pixart-sigma", "sd3", "flux"]
-SLOW = ["pixart-alpha", "sd3.5", "sana", "qwen-image", "flux2", "flux2-klein", "wan", "ltx", "cogvideox"]
+SLOW = ["sd3.5", "sana", "flux2", "flux2-klein", "wan", "cogvideox", "chroma"] + [
+    pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=reason)) for kind, reason in _KNOWN.items()]
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +294,7 @@ def test_the_readme_flux_example_runs_on_the_tiny_flux(tmp_path, monkeypatch):
         "size = dict(height=1024, width=1024)": "size = dict(height=16, width=16)",
         "steps = 28": "steps = 4",
         'call_args = {"max_sequence_length": 512}': 'call_args = {"max_sequence_length": 32}',
-        "samples=8": "samples=2",
+        "samples=8": 'samples=2, costs="flops"',  # measured costs of a model this small are mostly hook overhead
     }
     for old, new in swaps.items():
         assert old in code, old

@@ -123,6 +123,14 @@ def condition_options(args: argparse.Namespace, *, prompts_as: str = "calibratio
         calibration = prompts
     if prompts_as in ("evaluation", "both") and prompts is not None:
         evaluation = prompts
+    elif calibration is not None and evaluation is not None:
+        from planner.pipelines.prompts import check_held_out_prompts
+
+        try:
+            check_held_out_prompts(evaluation.prompts, {p.text_key for p in calibration.prompts})
+        except PlannerError:
+            raise PlannerError(f"--eval-prompts {evaluation.source} shares prompts with --prompts {calibration.source}: "
+                               "held-out prompts must be new to the search") from None
     return {"prompts": calibration, "eval_prompts": evaluation,
             "negative_prompt": getattr(args, "negative_prompt", None),
             "class_labels": parse_class_labels(getattr(args, "class_labels", None)),
