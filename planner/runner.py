@@ -132,7 +132,10 @@ class Runner:
         self.call_args = dict(call_args or {})
         self.call_names = set(inspect.signature(type(pipe).__call__).parameters)
         self.negative_prompt = negative_prompt
-        self._prompts = {"calibration": calibration_prompts, "evaluation": evaluation_prompts}
+        from planner.pipelines.prompts import as_prompt_set
+
+        self._prompts = {"calibration": as_prompt_set(calibration_prompts, source="calibration prompts"),
+                         "evaluation": as_prompt_set(evaluation_prompts, source="evaluation prompts")}
         self._embedding_cache = embedding_cache
         self._encoder = None
         self._base_scheduler = pipe.scheduler
@@ -171,7 +174,18 @@ class Runner:
             raise PlannerError(f"steps must be an integer from 1 to {MAX_STEPS}, got {sampler.steps!r}")
         if not isinstance(sampler.guidance, numbers.Real) or not math.isfinite(sampler.guidance):
             raise PlannerError(f"guidance must be a finite number, got {sampler.guidance!r}")
+        if sampler.size:
+            from planner.pipelines.sizes import check_size
+
+            check_size(self.pipe, self.call_names, sampler.height, sampler.width, sampler.num_frames)
         return sampler
+
+    def output_size(self, sampler: Sampler | None = None) -> dict[str, int]:
+        """The ``height``/``width``/``num_frames`` a run of ``sampler`` asks for where known: the sampler's
+        sizes over the runner's call arguments (sizes left to the pipeline's defaults are missing)."""
+        known = {k: int(v) for k, v in self.call_args.items()
+                 if k in ("height", "width", "num_frames") and isinstance(v, int) and not isinstance(v, bool)}
+        return {**known, **(sampler.size if sampler is not None else {})}
 
     def cfg_layout(self, sampler: Sampler | None = None) -> CfgLayout:
         return CfgLayout(self.family.cfg_layout(self.resolve(sampler)))

@@ -36,7 +36,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=None, help="output folder (default: bench/<model>)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_sampler_args(p, steps=None, guidance=None)
+    add_sampler_args(p, steps=None, guidance=None, eval_prompts=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_bench)
 
