@@ -29,17 +29,13 @@ EVAL = ["a blue rowing boat on a still lake", "close-up of a bee on a sunflower"
 # drive it yet: planner.zoo.UNSUPPORTED) and wan2.2 (two transformers: refused, see the test below).
 # Known failures of the profiler, marked strict so that a fix shows up as XPASS (then drop the mark):
 _KNOWN = {
-    "pixart-alpha": "the profile's one-step probe (profile/estimate.py) runs PixArt-alpha with 1 step, which "
-                    "diffusers treats as a DMD run: IndexError in scheduler.step(...)[1]",
-    "ltx": "the profile's one-step probe runs LTX with 1 step: FlowMatchEulerDiscreteScheduler.index_for_timestep "
-           "finds no index (IndexError)",
     "qwen-image": "profile/similarity.py compares the cond and uncond outputs of a block whole, and Qwen-Image's "
                   "text stream differs in length between a prompt and its negative prompt (RuntimeError 1568 vs 1056)",
     "hunyuanvideo-1.5": "the profiler counts 12 steps in a 6-step run of the guider-driven pipeline "
                         "(24 transformer calls)",
 }
 FAST = ["pixart-sigma", "sd3", "flux"]
-SLOW = ["sd3.5", "sana", "flux2", "flux2-klein", "wan", "cogvideox", "chroma"] + [
+SLOW = ["pixart-alpha", "ltx", "sd3.5", "sana", "flux2", "flux2-klein", "wan", "cogvideox", "chroma"] + [
     pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=reason)) for kind, reason in _KNOWN.items()]
 
 

@@ -145,7 +145,7 @@ def profile_model(
     activations whatever ``samples`` is; ``token_sample`` computes the similarity statistics on that
     many token positions (:mod:`planner.profile.tokens`); ``shard`` (``"i/N"``) profiles a contiguous
     slice of the samples into a partial profile that :func:`planner.profile.shard.merge_profiles`
-    joins. With ``check_memory`` a one-step probe first estimates the run's memory
+    joins. With ``check_memory`` a short probe run first estimates the run's memory
     (:mod:`planner.profile.estimate`) and a run that would not fit is refused, naming the option
     that fixes it.
     """

@@ -1,7 +1,8 @@
-"""Know a profile's cost before paying it: a one-step probe, and from it the model calls, memory and
+"""Know a profile's cost before paying it: a short probe run, and from it the model calls, memory and
 time a profile run will take, checked against the memory available.
 
-The probe runs the pipeline for one step on the first micro-batch with a hook on every cacheable
+The probe runs the pipeline for a short run (``PROBE_STEPS`` steps: one step is a special case in
+some pipelines, PixArt-alpha's distilled mode, LTX's scheduler) on the first micro-batch with a hook on every cacheable
 module that records what the similarity pass would keep of its output (shapes, dtype, whether a
 residual exists) and what the cost pass would capture, and measures the extra memory of that step
 (the activations). Everything else is arithmetic on those figures:
@@ -93,7 +94,7 @@ class ModuleProbe:
 
 @dataclass
 class Probe:
-    """The one-step probe's figures (see the module docstring)."""
+    """The probe's figures (see the module docstring)."""
 
     batch: int
     calls_per_step: int
@@ -167,17 +168,20 @@ class _ShapeSink:
         )
 
 
+PROBE_STEPS = 2
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: list[int], *, timed: bool = True) -> Probe:
-    """Run one step of ``sampler`` on ``conds``/``seeds`` (one micro-batch, output decoded) with
-    shape-recording hooks, measuring its extra memory; with ``timed`` a second one-step run without them, decoding its
+    """Run ``PROBE_STEPS`` steps of ``sampler`` on ``conds``/``seeds`` (one micro-batch, output decoded) with
+    shape-recording hooks, measuring its extra memory; with ``timed`` a second such run without them, decoding its
     output, is timed (the first one warms the device up). The model is left without any hook."""
     layout = runner.cfg_layout(sampler)
-    one = replace(sampler, steps=1)
+    one = replace(sampler, steps=PROBE_STEPS)
     transformer = runner.transformer
     targets = resolve_modules(transformer, modules)
     device = torch.device(runner.device)
@@ -316,7 +320,7 @@ class Estimate:
             f"dry run: {self.model} on {self.device}, {self.steps} steps, {self.samples} calibration samples in "
             f"{self.chunks} micro-batch(es) of {self.batch}, {self.lags} lags, "
             + (f"token sample {self.token_sample} of {self.max_tokens}" if self.token_sample else f"all {self.max_tokens} tokens"),
-            f"probe: one step at batch {self.batch} took {self.probe['run_s']:.3f} s"
+            f"probe: {PROBE_STEPS} steps at batch {self.batch} took {self.probe['run_s']:.3f} s"
             + (f"; transformer call {self.probe['call_s'] * 1e3:.1f} ms" if self.probe.get("call_s") else ""),
             "",
             f"{'pass':<22}{'model calls':>12}{'runs':>6}{'time':>12}",
@@ -381,7 +385,7 @@ def _counts(probe_: Probe, steps: int, chunks: int, costs: str, samples_batch: i
 def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = None, lags: int = 3,
                      token_sample: int | None = None, costs: str = "measured", timing: TimingConfig | None = None,
                      seed: int = 0, probe_result: Probe | None = None, timed: bool = True) -> Estimate:
-    """Estimate a ``profile_model`` run (same arguments) from a one-step probe; runs the probe unless
+    """Estimate a ``profile_model`` run (same arguments) from a short probe run; runs the probe unless
     given one. Never writes anything. See the module docstring for what is counted."""
     sampler = runner.resolve(sampler)
     layout = runner.cfg_layout(sampler)
@@ -420,7 +424,7 @@ def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = 
     time_s: dict[str, float | None] = {"probe": p.probe_run_s * 2 if p.timed else p.probe_run_s}
     if p.call_s is not None:
         call_b = p.call_s * scale  # a call's time grows about linearly with the batch at these sizes
-        fixed = max(0.0, p.probe_run_s - p.calls_per_step * p.call_s)
+        fixed = max(0.0, p.probe_run_s - PROBE_STEPS * p.calls_per_step * p.call_s)
         run_s = fixed + sampler.steps * p.calls_per_step * call_b
         # the hooks' own time: one per module call in the similarity pass, two (a stopwatch, and the
         # executor's hook or the tracker) in the cost pass's hooked runs
