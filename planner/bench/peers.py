@@ -69,13 +69,12 @@ class PeerRun:
 
 def clone_runner(runner):
     """A Runner on a deep copy of ``runner``'s pipeline, whose class is a private subclass of the original
-    (cache-dit patches ``__call__`` on the pipeline class)."""
-    from planner.runner import Runner
-
+    (cache-dit patches ``__call__`` on the pipeline class); it keeps every option of ``runner`` (sampler
+    defaults, meter, prompts, negative prompt, call arguments: :meth:`Runner.with_pipe`)."""
     pipe = copy.deepcopy(runner.pipe)
     cls = type(pipe)
     pipe.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
-    return Runner(pipe, runner.family, runner.spec)
+    return runner.with_pipe(pipe)
 
 
 def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
