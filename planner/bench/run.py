@@ -106,7 +106,8 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     points = strategy_points(runner, sampler, conditions, seeds, config)
     if config.fewer_steps:
         points += fewer_steps_points(runner, sampler, conditions, seeds, config.budgets)
-    peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps)
+    peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps,
+                              calib_samples=config.calib_samples)
     for name, why in skipped.items():
         _say(config, f"peer {name} skipped: {why}")
     for p in peers:
