@@ -278,4 +278,5 @@ def _rows(runner, conditions, points: list[Point], timed, sampler, reference_flo
             row.update(quality(timed.outputs[p.key], full), **meter_scores(runner, timed.outputs[p.key], conditions))
         row["plan"], row["params"] = p.plan, json.dumps(p.params, sort_keys=True) if p.params else None
         rows.append(row)
-    return rows
+    # Every row has every column (unmeasured ones None), so a failed point reads like the others.
+    return [{**dict.fromkeys(reference), **row} for row in rows]
