@@ -219,7 +219,7 @@ def test_peer_and_param_flags_refuse_bad_input():
         parse_strategy_params(["iterations=200"])
     with pytest.raises(PlannerError, match="unknown peer"):
         peer_runs(None, None, ["no-such-peer"])
-    assert len(PEERS) == 4
+    assert len(PEERS) == 11
 
 
 # --------------------------------------------------------------------------- bench
