@@ -27,10 +27,11 @@ def register(sub) -> None:
     p.add_argument("--strategies", default="all", help="comma list of registered strategies, 'all' or 'none'")
     p.add_argument("--param", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
                    help="a strategy's search parameter (VALUE read as JSON when it parses), repeatable")
-    p.add_argument("--peers", default="all", help="comma list of peer tools, 'all' or 'none' "
-                   "(diffusers-fbcache, diffusers-taylorseer, cache-dit-dbcache, cache-dit-dbcache-taylorseer)")
+    p.add_argument("--peers", default="all", help="comma list of peer tools, 'all' or 'none' (diffusers-fbcache, "
+                   "diffusers-taylorseer, diffusers-magcache, diffusers-pab, diffusers-fastercache, cache-dit-dbcache"
+                   "[-F2B1|-F4B0][-taylorseer])")
     p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
-                   help="knob values traced for a peer (threshold, or TaylorSeer's cache interval), repeatable")
+                   help="knob values traced for a peer (a threshold, or a cache interval / skip range), repeatable")
     p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
     p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
