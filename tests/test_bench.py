@@ -229,3 +229,24 @@ def test_models_flag_refuses_bad_lists(cli, tmp_path):
     proc = cli("bench", "--models", "digits-dit,tiny:dit", "--profile", "p", cwd=tmp_path)
     assert proc.returncode == 2 and "--profile" in proc.stderr
     assert not any(Path(tmp_path).iterdir())
+
+
+def test_a_method_that_crashes_becomes_a_failed_row_and_the_bench_goes_on(digits):
+    from planner.bench.run import KIND_PEER, BenchConfig, Point, _rows, _time_all
+    from planner.evaluate import Contender
+
+    sampler = digits.resolve(Sampler("ddim", 2, 3.0))
+    conditions = digits.conditions(2, seed=SEEDS[0])
+
+    def crash():
+        raise RuntimeError("shape mismatch\nin a hook")
+
+    points = [Point("broken", KIND_PEER, "x=1", contender=Contender(crash)),
+              Point("fewer", KIND_PEER, "1 step", contender=Contender(
+                  lambda: digits.run(conditions, SEEDS, digits.resolve(Sampler("ddim", 1, 3.0)))))]
+    config = BenchConfig(repeats=1, warmup=0, progress=False)
+    timed, full_flops = _time_all(digits, sampler, conditions, SEEDS, points, config)
+    rows = {r["method"]: r for r in _rows(digits, conditions, points, timed, sampler, full_flops)}
+    assert rows["broken"]["status"] == "failed: RuntimeError: shape mismatch in a hook"
+    assert rows["broken"]["speedup"] is None and rows["broken"]["psnr"] is None
+    assert rows["fewer"]["status"] == "ok" and rows["fewer"]["flop_speedup"] == pytest.approx(2.0)

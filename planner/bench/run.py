@@ -232,8 +232,7 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
 
     from planner.bench.flops import count_flops
 
-    contenders = {p.key: p.contender for p in points if p.contender is not None}
-    k = len(contenders)
+    k = sum(1 for p in points if p.contender is not None)
     warmup = max(0, config.warmup - 1)
     total = (k + 1) + warmup * (k + 1) + 1 + config.repeats * (k + math.ceil(k / max(1, config.reference_every)))
     bar = tqdm(total=total, desc="bench runs", disable=not config.progress, file=sys.stderr)
@@ -241,9 +240,15 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
         reference_flops, _ = count_flops(lambda: runner.run(conditions, seeds, sampler))
         bar.update(1)
         for p in points:
-            if p.contender is not None:
+            if p.contender is None:
+                continue
+            try:
                 p.flops, _ = count_flops(p.contender.run, p.contender.context)
-                bar.update(1)
+            except Exception as exc:  # noqa: BLE001 - a peer that crashes on this model must not end the bench
+                p.status, p.contender = f"failed: {type(exc).__name__}: {exc}".replace("\n", " "), None
+                _say(config, f"{p.key}: {p.status}")
+            bar.update(1)
+        contenders = {p.key: p.contender for p in points if p.contender is not None}
         timed = time_against_reference(
             Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
             warmup=warmup, reference_every=config.reference_every, device=runner.device,
