@@ -10,6 +10,8 @@ _LAZY = {
     "Sampler": "planner.runner",
     "Runner": "planner.runner",
     "load_runner": "planner.runner",
+    "as_runner": "planner.runner",
+    "make_sampler": "planner.runner",
     "Plan": "planner.plan",
     "load_plan": "planner.plan",
     "save_plan": "planner.plan",

@@ -193,9 +193,10 @@ def evaluate_plan(runner, sampler, plan, seeds: list[int], repeats: int = 5, war
 
 
 def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
-                               force: bool = False, progress: Callable[[str], None] | None = None
-                               ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """:func:`evaluate_plan`'s report plus the full and planned outputs (images) it compared."""
+                               force: bool = False, progress: Callable[[str], None] | None = None,
+                               conditions: list[Any] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """:func:`evaluate_plan`'s report plus the full and planned outputs (images) it compared.
+    ``conditions``: one per seed (default: the runner's conditions for the seeds)."""
     from planner.executor import apply_plan
 
     if not seeds:
@@ -203,7 +204,10 @@ def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats:
     check_held_out(seeds, plan.provenance.calib_seeds, force)
     sampler = runner.resolve(sampler)
     plan.check_sampler(runner, sampler)
-    conditions = runner.conditions(len(seeds), seed=seeds[0])
+    if conditions is None:
+        conditions = runner.conditions(len(seeds), seed=seeds[0])
+    elif len(conditions) != len(seeds):
+        raise PlannerError(f"{len(conditions)} conditions for {len(seeds)} seeds")
     handles = []
 
     def install():

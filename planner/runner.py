@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import numbers
 from dataclasses import asdict, dataclass, replace
@@ -131,10 +132,14 @@ class Runner:
         self.call_args = dict(call_args or {})
         self.call_names = set(inspect.signature(type(pipe).__call__).parameters)
         self.negative_prompt = negative_prompt
-        self._prompts = {"calibration": calibration_prompts, "evaluation": evaluation_prompts}
+        from planner.pipelines.prompts import as_prompt_set
+
+        self._prompts = {"calibration": as_prompt_set(calibration_prompts, source="calibration prompts"),
+                         "evaluation": as_prompt_set(evaluation_prompts, source="evaluation prompts")}
         self._embedding_cache = embedding_cache
         self._encoder = None
         self._base_scheduler = pipe.scheduler
+        self._timesteps: dict[Sampler, list[float]] = {}
         self.transformer.eval()
         pipe.set_progress_bar_config(disable=True)
 
@@ -184,7 +189,18 @@ class Runner:
             raise PlannerError(f"steps must be an integer from 1 to {MAX_STEPS}, got {sampler.steps!r}")
         if not isinstance(sampler.guidance, numbers.Real) or not math.isfinite(sampler.guidance):
             raise PlannerError(f"guidance must be a finite number, got {sampler.guidance!r}")
+        if sampler.size:
+            from planner.pipelines.sizes import check_size
+
+            check_size(self.pipe, self.call_names, sampler.height, sampler.width, sampler.num_frames)
         return sampler
+
+    def output_size(self, sampler: Sampler | None = None) -> dict[str, int]:
+        """The ``height``/``width``/``num_frames`` a run of ``sampler`` asks for where known: the sampler's
+        sizes over the runner's call arguments (sizes left to the pipeline's defaults are missing)."""
+        known = {k: int(v) for k, v in self.call_args.items()
+                 if k in ("height", "width", "num_frames") and isinstance(v, int) and not isinstance(v, bool)}
+        return {**known, **(sampler.size if sampler is not None else {})}
 
     def cfg_layout(self, sampler: Sampler | None = None) -> CfgLayout:
         return CfgLayout(self.family.cfg_layout(self.resolve(sampler)))
@@ -275,13 +291,56 @@ class Runner:
                       output_type="pt" if output == "image" else "latent")
         if callback is not None:
             kwargs["callback_on_step_end"] = callback
-        self.pipe.scheduler = self.scheduler_for(sampler)
+        result = self._call(kwargs, sampler, self.scheduler_for(sampler))
+        return self.family.to_tensor(getattr(result, self.family.output_field())).cpu()
+
+    def _call(self, kwargs: dict, sampler: Sampler, scheduler: Any) -> Any:
+        """Call the pipeline with ``scheduler`` in place of its own (put back afterwards)."""
+        self.pipe.scheduler = scheduler
         try:
             with self.family.configured(self.pipe, sampler):
-                result = self.pipe(**kwargs)
+                return self.pipe(**kwargs)
         finally:
             self.pipe.scheduler = self._base_scheduler
-        return self.family.to_tensor(getattr(result, self.family.output_field())).cpu()
+
+    def timesteps(self, sampler: Sampler | None = None) -> list[float]:
+        """The timesteps the pipeline itself sets for ``sampler``, as plain numbers ([] when it cannot
+        say). Pipelines pass their own sigmas and shifts to the scheduler (Flux: a linear sigma ramp
+        shifted by the image size), so they are probed: the pipeline is called and stopped as soon as
+        its scheduler's ``set_timesteps`` has run, before any transformer call."""
+        sampler = self.resolve(sampler)
+        if sampler not in self._timesteps:
+            self._timesteps[sampler] = self._probe_timesteps(sampler)
+        return list(self._timesteps[sampler])
+
+    def _probe_timesteps(self, sampler: Sampler) -> list[float]:
+        scheduler = self.scheduler_for(sampler)
+        set_timesteps = scheduler.set_timesteps
+
+        @functools.wraps(set_timesteps)  # pipelines read its signature (does it take sigmas?)
+        def stop_after(*args, **kwargs):
+            set_timesteps(*args, **kwargs)
+            raise _TimestepsSet(scheduler.timesteps)
+
+        scheduler.set_timesteps = stop_after
+        conditions = self.conditions(1, 0)
+        kwargs = {**self.call_args, **_prompt_args(conditions)}
+        kwargs.update({k: v for k, v in sampler.size.items() if k in self.call_names})
+        kwargs.update(self.family.call_kwargs(self, conditions, sampler))
+        kwargs.update(num_inference_steps=sampler.steps, generator=[torch.Generator("cpu").manual_seed(0)],
+                      output_type="latent")
+        try:
+            self._call(kwargs, sampler, scheduler)
+        except _TimestepsSet as done:
+            values = done.args[0]
+            return [float(x) for x in (values.tolist() if isinstance(values, torch.Tensor) else values)]
+        except Exception:  # a pipeline that cannot run this way: the timesteps stay unknown
+            return []
+        return []  # the pipeline never set timesteps
+
+
+class _TimestepsSet(Exception):
+    """Stops a timestep probe once the pipeline has set its scheduler's timesteps."""
 
 
 def _prompt_args(conditions: list[Any]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ Killed workers: :func:`fail_stale_trials` marks as failed the RUNNING trials who
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import random
@@ -29,6 +28,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from planner.errors import PlannerError
+from planner.io import process_alive
 
 STUDY_ATTR = "planner"
 WORKER_ATTR = "worker"
@@ -206,20 +206,6 @@ def open_study(storage, name: str, sampler, key: dict[str, Any], where: str) -> 
 def worker_id() -> dict[str, Any]:
     """This process, as recorded on its trials: host name and process id."""
     return {"host": socket.gethostname(), "pid": os.getpid()}
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` on this host still runs (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def fail_stale_trials(study, stale_after: float | None = None) -> list[int]:

@@ -192,6 +192,30 @@ def replace_text(rel: str, data: str):
     return damage
 
 
+def unet_pipeline_folder(t: Path) -> str:
+    """A real saved pipeline without a transformer (a tiny DDPM UNet)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(8,),
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=8)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(t / "unet")
+    return "unet"
+
+
+def plan_with_prompts(*texts: str):
+    """A builder of the committed plan recording ``texts`` as its calibration prompts (format 1.2.0)."""
+    from planner.pipelines.prompts import Prompt
+
+    def build(t: Path) -> str:
+        doc = plan_doc()
+        doc["version"] = "1.2.0"
+        doc["provenance"]["prompts"] = {"digest": "0" * 16, "count": len(texts),
+                                        "keys": sorted(Prompt(x).text_key for x in texts)}
+        return text(t, "p.json", json.dumps(doc))
+
+    return build
+
+
 def deep(n: int = 5000) -> str:
     return "[" * n + "]" * n
 
@@ -531,6 +555,59 @@ CASES = [
      None, None),
     ("model-scheduler-config-invalid", argv("sample", "--model", model_folder(
         replace_text("scheduler/scheduler_config.json", "{oops")), "--n", "1"), None, None),
+    # --- your own model, prompts, sizes, dtype and offload (the planner's pipelines and CLI flags)
+    ("model-repo-id-not-cached", argv("profile", "--model", "planner-tests/never-downloaded", "--out", "p"), None,
+     lambda err: "not in the local Hugging Face cache" in err),
+    ("model-revision-for-zoo", argv("profile", "--model", "tiny:pixart-sigma", "--revision", "main"), None, None),
+    ("model-without-transformer", argv("profile", "--model", unet_pipeline_folder, "--out", "p"), None,
+     lambda err: "no transformer" in err),
+    ("model-two-transformers", argv("search", "--model", "tiny:wan2.2", "--steps", "2"), None,
+     lambda err: "two transformers" in err),
+    ("prompts-missing", argv("profile", "--model", "tiny:pixart-sigma", "--prompts", "nope.txt"), None,
+     lambda err: "no such prompt file" in err),
+    ("prompts-empty", argv("profile", "--model", "tiny:pixart-sigma", "--prompts",
+                           lambda t: text(t, "p.txt", "\n# only a comment\n\n")), None, lambda err: "no prompts" in err),
+    ("prompts-not-utf8", argv("search", "--model", "tiny:pixart-sigma", "--prompts",
+                              lambda t: text(t, "p.txt", b"a cat\n\xff\xfe\x80 a dog\n")), None,
+     lambda err: "not UTF-8" in err),
+    ("prompts-wrong-suffix", argv("profile", "--prompts", lambda t: text(t, "p.csv", "a cat\n")), None, None),
+    ("prompts-jsonl-bad-line", argv("profile", "--model", "tiny:pixart-sigma", "--prompts",
+                                    lambda t: text(t, "p.jsonl", '{"prompt": "a cat"}\n{"prompt": 3}\n')), None,
+     lambda err: "p.jsonl:2" in err),
+    ("eval-prompts-missing", argv("search", "--eval-prompts", "nope.jsonl"), None, None),
+    ("eval-prompts-share-calibration", argv("bench", "--prompts", lambda t: text(t, "c.txt", "a cat\na dog\n"),
+                                            "--eval-prompts", lambda t: text(t, "e.jsonl", '{"prompt": "a  dog"}\n')),
+     None, lambda err: "held-out prompts must be new" in err),
+    ("eval-prompts-overlap-calibration", argv("eval", "--plan", plan_with_prompts("a red fox in snow"), "--prompts",
+                                              lambda t: text(t, "e.txt", "a red fox in snow\n"), "--out", "r.json"),
+     None, lambda err: "calibration prompt" in err),
+    ("prompts-for-class-model", argv("profile", "--model", "tiny:dit", "--prompts",
+                                     lambda t: text(t, "p.txt", "a cat\n"), "--out", "p"), None,
+     lambda err: "class-conditional" in err),
+    ("class-labels-for-text-model", argv("profile", "--model", "tiny:pixart-sigma", "--class-labels", "1"), None, None),
+    ("class-labels-word", argv("sample", "--class-labels", "cat,dog"), None, None),
+    ("class-labels-out-of-range", argv("sample", "--class-labels", "3,10", "--n", "1"), None,
+     lambda err: "classes 0..9" in err),
+    ("call-arg-no-equals", argv("profile", "--call-arg", "max_sequence_length"), None, None),
+    ("call-arg-reserved", argv("search", "--call-arg", "prompt=a cat"), None, lambda err: "--prompts" in err),
+    ("call-arg-unknown", argv("profile", "--model", "tiny:pixart-sigma", "--call-arg", "frobnicate=1", "--out", "p"),
+     None, lambda err: "takes no argument" in err),
+    ("height-not-vae-multiple", argv("profile", "--model", "tiny:pixart-sigma", "--height", "20", "--width", "16",
+                                     "--out", "p"), None, lambda err: "multiples of 8" in err),
+    ("width-not-packing-multiple", argv("search", "--model", "tiny:flux", "--height", "16", "--width", "18"), None,
+     lambda err: "multiples of 4" in err),
+    ("frames-not-1-plus-4k", argv("profile", "--model", "tiny:wan", "--num-frames", "6", "--out", "p"), None,
+     lambda err: "1 + 4k" in err),
+    ("frames-for-image-model", argv("profile", "--model", "tiny:sd3", "--num-frames", "5"), None,
+     lambda err: "takes no num_frames" in err),
+    ("height-for-class-model", argv("sample", "--height", "64", "--n", "1"), None, None),
+    ("height-zero", argv("profile", "--height", "0"), None, None),
+    ("dtype-unknown", argv("profile", "--dtype", "float64"), None, None),
+    ("offload-unknown", argv("profile", "--offload", "disk"), None, None),
+    ("offload-sequential-on-cpu", argv("profile", "--model", "tiny:pixart-sigma", "--device", "cpu",
+                                       "--offload", "sequential", "--out", "p"), None,
+     lambda err: "--offload sequential" in err),
+    ("eval-size-for-class-model", argv("eval", "--plan", P, "--num-frames", "5"), None, None),
     # --- bench and zoo arguments
     ("bench-budgets-empty", argv("bench", "--budgets", ""), None, None),
     ("bench-budgets-word", argv("bench", "--budgets", "fast"), None, None),
@@ -773,7 +850,7 @@ def test_bare_transformer_refuses_another_step_count_at_the_first_call(digits, d
 def test_plan_records_the_scheduler_and_1_0_files_still_load(digits_plan10):
     from planner.plan import PLAN_FORMAT, load_plan, loads_plan, plan_to_json
 
-    assert PLAN_FORMAT.version == "1.1.0"
+    assert PLAN_FORMAT.version == "1.2.0"
     doc = json.loads(plan_to_json(digits_plan10))
     assert re.fullmatch(r"[0-9a-f]{12}", doc["sampler"]["scheduler_config"])
     assert doc["sampler"]["resolution"] is None and doc["sampler"]["frames"] is None

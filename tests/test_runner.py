@@ -117,6 +117,28 @@ def test_sizes_come_from_the_sampler(runners):
     assert video.shape[2] == 9
 
 
+@pytest.mark.parametrize("spec", CORE)
+def test_plans_carry_the_timesteps_the_pipeline_itself_sets(runners, spec):
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_runner
+
+    runner = runners(spec)
+    sampler = _quick(runner)
+    seen = []
+    record = lambda module, args, kwargs: seen.append(float(kwargs["timestep"].reshape(-1).max()))  # noqa: E731
+    handle = runner.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        runner.run(runner.conditions(1), [0], sampler, output="latent")
+    finally:
+        handle.remove()
+    plan = plan_for_runner(runner, sampler)
+    observed = sorted(set(seen), reverse=True)
+    scale = 1000.0 if max(observed) <= 1.0 else 1.0  # Flux-like pipelines call the transformer with t / 1000
+    assert plan.sampler.timesteps == pytest.approx([t * scale for t in observed], rel=1e-5)
+    with apply_plan(runner.pipe, plan, strict=True):  # checked against the scheduler's own list
+        runner.run(runner.conditions(1), [0], sampler, output="latent")
+
+
 def test_bfloat16_and_cpu_offload_run_with_a_plan():
     from planner.executor import apply_plan
     from planner.plan import plan_for_runner

@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output folder (default: bench/<model>; with --models: bench/, one "
                    "subfolder per model)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_sampler_args(p, steps=None, guidance=None)
+    add_sampler_args(p, steps=None, guidance=None, eval_prompts=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_bench)
 

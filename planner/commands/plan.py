@@ -44,6 +44,9 @@ def register(sub) -> None:
     val.add_argument("--steps", type=steps_arg, default=None, help="also check against a run of this many steps")
     val.add_argument("--guidance", type=finite_float, default=None, help="with --model: check the CFG layout at this guidance")
     val.add_argument("--device", default="cpu", help="device to load the model on (default cpu)")
+    from planner.commands._args import add_size_args
+
+    add_size_args(val.add_argument_group("with --model: check against a run of this size"))
     add_json_flag(val)
     val.set_defaults(func=cmd_validate)
 
@@ -227,7 +230,8 @@ def cmd_validate(args) -> int:
         runner = load_runner(args.model, device=resolve_device(args.device))
         plan.check_model(runner)
         checks.append("model")
-        sampler = Sampler(plan.sampler.scheduler, plan.steps, plan.sampler.guidance)
+        sampler = Sampler(plan.sampler.scheduler, plan.steps, plan.sampler.guidance,
+                          height=args.height, width=args.width, num_frames=args.num_frames)
         if args.steps is not None:
             sampler = replace(sampler, steps=args.steps)
         if args.guidance is not None:
@@ -236,6 +240,10 @@ def cmd_validate(args) -> int:
         checks.append("sampler")
     elif args.guidance is not None:
         raise PlannerError("--guidance needs --model (the CFG layout depends on the model)")
+    elif any(v is not None for v in (args.height, args.width, args.num_frames)):
+        plan.check_size({k: v for k, v in (("height", args.height), ("width", args.width),
+                                           ("num_frames", args.num_frames)) if v is not None})
+        checks.append("size")
     payload = {"plan": args.plan, "valid": True, "checks": checks, "model": plan.model.cls, "steps": plan.steps}
     text = f"{args.plan}: valid ({', '.join(checks)})"
     report(args, payload, text)

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from planner.cli import add_json_flag, report
+from planner.commands._args import add_condition_args, add_model_args, add_sampling_args
 from planner.errors import PlannerError
 from planner.limits import MAX_STEPS, count_arg, finite_float, int_in, seed_arg, steps_arg
 
@@ -26,15 +27,10 @@ def register(sub) -> None:
             "(or --out). `planner profile show PATH` summarises a profile, `planner profile plot PATH` draws it."
         ),
     )
-    p.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
-    p.add_argument("--steps", type=steps_arg, default=None, help="sampling steps (default: the model's, 50 for digits-dit)")
-    p.add_argument("--guidance", type=finite_float, default=None, help="CFG scale, <= 1 turns CFG off (default: the model's, 3 for digits-dit)")
-    p.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's default sampler's)")
     p.add_argument("--samples", type=count_arg, default=8, help="calibration inputs (default 8)")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first calibration input; the others count up")
     p.add_argument("--lags", type=lags_arg, default=3, help="compare each output with 1..LAGS steps back (default 3)")
     p.add_argument("--batch-size", type=count_arg, default=None, help="calibration inputs per run (default: all at once)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-flops", action="store_true", help="skip the fvcore FLOP count")
     p.add_argument("--costs", choices=("measured", "flops"), default="measured",
                    help="module costs timed on this device (default), or FLOPs at a nominal rate (FLOP speedups)")
@@ -48,6 +44,10 @@ def register(sub) -> None:
     scale.add_argument("--token-seed", type=int, default=0, help="seed of the token positions (default 0)")
     scale.add_argument("--shard", default=None, metavar="I/N",
                        help="profile shard I of N (a contiguous slice of the samples); join with `planner profile merge`")
+    add_model_args(p)
+    add_sampling_args(p)
+    add_condition_args(p, prompts_help="calibration prompts: .txt (one a line) or .jsonl (default: the shipped "
+                                       "calibration set)")
     add_json_flag(p)
     p.set_defaults(func=cmd_profile)
 
@@ -71,14 +71,12 @@ def register(sub) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     """Run the profiler the flags describe and write its folder."""
-    from dataclasses import replace
-
+    from planner.commands._args import runner_from_args, sampler_from_args
     from planner.io import check_output_path
     from planner.profile import profile_model
     from planner.profile.artifact import default_profile_name
     from planner.profile.report import format_summary, summarize
     from planner.profile.shard import ShardSpec, shard_name
-    from planner.runner import load_runner, resolve_device
 
     if args.samples < 1:
         raise PlannerError(f"--samples must be at least 1, got {args.samples}")
@@ -93,10 +91,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     shard = ShardSpec.parse(args.shard) if args.shard is not None else None
     if shard is not None:
         shard.indices(args.samples)  # too many shards for the samples: refused before the model loads
-    device = resolve_device(args.device)
-    runner = load_runner(args.model, device=device)
-    changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-    sampler = runner.resolve(replace(runner.default_sampler, **changes))
+    runner = runner_from_args(args)
+    device = str(runner.device)
+    sampler = sampler_from_args(runner, args)
     if args.dry_run:
         return _dry_run(args, runner, sampler, shard)
     name = default_profile_name(runner.spec, sampler, device)

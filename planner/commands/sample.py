@@ -12,30 +12,31 @@ from planner.errors import PlannerError
 from planner.limits import count_arg, finite_float, seed_arg, steps_arg
 
 
-def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.0) -> None:
-    """The model and sampler flags shared by every command that runs a model."""
-    parser.add_argument("--model", default="digits-dit", help="digits-dit, tiny:dit|pixart|sd3|flux|wan, or a folder")
-    parser.add_argument("--steps", type=steps_arg, default=steps, help="number of sampling steps")
-    parser.add_argument("--guidance", type=finite_float, default=guidance, help="CFG scale (<= 1 turns CFG off)")
-    parser.add_argument("--scheduler", default=None, help="ddim, dpm, euler, flow-euler, ... (default: the model's own)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.0, *, prompts_help: str | None = None,
+                     eval_prompts: bool = False) -> None:
+    """The model, sampler and condition flags shared by every command that runs a model
+    (:mod:`planner.commands._args`)."""
+    from planner.commands._args import add_condition_args, add_model_args, add_sampling_args
+
+    add_model_args(parser)
+    add_sampling_args(parser, steps=steps, guidance=guidance)
+    add_condition_args(parser, eval_prompts=eval_prompts,
+                       prompts_help=prompts_help or "calibration prompts: .txt (one a line) or .jsonl "
+                                                    "(default: the shipped calibration set)")
 
 
-def runner_and_sampler(args):
+def runner_and_sampler(args, *, prompts_as: str = "calibration", caching: bool = True):
     """Load the runner the flags name and build the sampler (flags left unset take the model's defaults)."""
-    from dataclasses import replace
+    from planner.commands._args import runner_from_args, sampler_from_args
 
-    from planner.runner import load_runner, resolve_device
-
-    runner = load_runner(args.model, device=resolve_device(args.device))
-    sampler = runner.default_sampler
-    changes = {k: v for k, v in (("scheduler", args.scheduler), ("steps", args.steps), ("guidance", args.guidance)) if v is not None}
-    return runner, runner.resolve(replace(sampler, **changes))
+    runner = runner_from_args(args, prompts_as=prompts_as, caching=caching)
+    return runner, sampler_from_args(runner, args)
 
 
 def register(sub) -> None:
     p = sub.add_parser("sample", help="sample a model without caching and save a PNG grid")
-    add_sampler_args(p)
+    add_sampler_args(p, prompts_help="prompts to sample, in turn: .txt (one a line) or .jsonl "
+                                     "(default: the shipped calibration set)")
     p.add_argument("--n", type=count_arg, default=100, help="number of samples")
     p.add_argument("--seed", type=seed_arg, default=0, help="seed of the first sample (the others count up)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
@@ -51,7 +52,7 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise PlannerError(f"--n must be at least 1, got {args.n}")
     check_output_path(args.out)
-    runner, sampler = runner_and_sampler(args)
+    runner, sampler = runner_and_sampler(args, prompts_as="both", caching=False)
     conditions = runner.conditions(args.n, seed=args.seed)
     seeds = list(range(args.seed, args.seed + args.n))
     bar = tqdm(total=sampler.steps, desc=f"sample {args.model}", disable=args.json)
@@ -61,7 +62,9 @@ def cmd_sample(args) -> int:
         return kwargs
 
     start = time.perf_counter()
-    images = runner.run(conditions, seeds, sampler, callback=on_step)
+    # DiTPipeline takes no step callback: its bar just jumps to the end
+    callback = on_step if "callback_on_step_end" in runner.call_names else None
+    images = runner.run(conditions, seeds, sampler, callback=callback)
     seconds = time.perf_counter() - start
     bar.close()
     write_atomic(args.out, lambda tmp: image_grid(images).save(tmp, format="PNG"))

@@ -36,7 +36,7 @@ def register(sub) -> None:
     run.add_argument("--storage", default=None, help="an Optuna storage URL (sqlite:///f.db, postgresql://..., journal:FILE)")
     run.add_argument("--study", default=None, help="study name in --storage (workers that name one study share it)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint next to the plan (learned routers)")
-    add_sampler_args(p, steps=None, guidance=None)
+    add_sampler_args(p, steps=None, guidance=None, eval_prompts=True)
     add_json_flag(p)
     p.set_defaults(func=cmd_search)
 

@@ -97,7 +97,7 @@ def load_folder(path: Path, *, variant: str | None = None, dtype: str | None = N
     if variant:
         kwargs["variant"] = variant
     if dtype:
-        kwargs["torch_dtype"] = torch_dtype(dtype)
+        kwargs["dtype"] = torch_dtype(dtype)  # diffusers 0.42 calls the old name torch_dtype deprecated
     # Warnings raised on the way are shown only when the folder loads: for a damaged folder they are
     # noise around the one-line error.
     with warnings.catch_warnings(record=True) as caught:
@@ -175,8 +175,10 @@ class _quiet:
         from transformers.utils import logging as t_logging
 
         self.levels = t_logging.get_verbosity(), d_logging.get_verbosity()
+        self.bar = t_logging.is_progress_bar_enabled()
         t_logging.set_verbosity_error()
         d_logging.set_verbosity_error()
+        t_logging.disable_progress_bar()  # transformers' "Loading weights" bar of each text encoder
 
     def __exit__(self, *exc):
         from diffusers.utils import logging as d_logging
@@ -184,3 +186,5 @@ class _quiet:
 
         t_logging.set_verbosity(self.levels[0])
         d_logging.set_verbosity(self.levels[1])
+        if self.bar:
+            t_logging.enable_progress_bar()

@@ -42,6 +42,12 @@ class Prompt:
         """A short hash of what the text encoders see (the prompt and the negative prompt)."""
         return _digest([self.prompt, self.negative_prompt])
 
+    @property
+    def text_key(self) -> str:
+        """A short hash of the prompt text alone: what held-out checks compare (a calibration prompt stays
+        one whatever negative prompt it is given)."""
+        return _digest([" ".join(self.prompt.split())])
+
     def args(self) -> dict[str, Any]:
         return dict(self.call_args)
 
@@ -178,8 +184,11 @@ def evaluation_prompts() -> PromptSet:
 
 
 def check_held_out_prompts(evaluation: Iterable[Prompt], calibration_keys: Iterable[str], force: bool = False) -> None:
-    """PlannerError when an evaluation prompt is one the plan was calibrated on (unless ``force``)."""
-    shared = [p.prompt for p in evaluation if p.key in set(calibration_keys)]
+    """PlannerError when an evaluation prompt is one the plan was calibrated on (unless ``force``);
+    ``calibration_keys`` are the :attr:`Prompt.text_key` of the calibration prompts, as plans record them
+    (or their :attr:`Prompt.key`)."""
+    keys = set(calibration_keys)  # a set's own keys (Prompt.key) are taken too
+    shared = list(dict.fromkeys(p.prompt for p in evaluation if p.text_key in keys or p.key in keys))
     if shared and not force:
         more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
         raise PlannerError(f"evaluation prompt {shared[0]!r}{more} was a calibration prompt of this plan: a plan must "

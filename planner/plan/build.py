@@ -29,6 +29,9 @@ def plan_for_model(
     profile_id: str | None = None,
     calib_seeds: Iterable[int] | None = None,
     device: str | None = None,
+    model_revision: str | None = None,
+    dtype: str | None = None,
+    prompts: dict | None = None,
 ) -> Plan:
     """A validated plan for a transformer (or a pipeline or Runner holding one) from a decisions dict.
 
@@ -65,6 +68,9 @@ def plan_for_model(
             versions=package_versions(),
             device=device,
             created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            model_revision=model_revision,
+            dtype=dtype,
+            prompts=prompts,
         ),
     )
     plan.decisions = normalize_decisions(decisions or {}, plan.branches, plan.steps, fill=names)
@@ -73,22 +79,25 @@ def plan_for_model(
 
 def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, Any] | None = None, **kwargs: Any) -> Plan:
     """A validated plan for a Runner and Sampler (``None``: the family default): fills model, sampler
-    (scheduler class and timesteps when the scheduler can say them) and provenance; ``decisions``
+    (scheduler class, and the timesteps the pipeline sets when it can say them) and provenance; ``decisions``
     ``None`` or ``{}`` gives the all-compute (identity) plan.
 
     Other keyword arguments go to :func:`plan_for_model` (``prediction``, ``strategy``, ``params``,
-    ``profile_id``, ``calib_seeds``).
+    ``profile_id``, ``calib_seeds``). The resolution and frames of the run, the model's revision, the
+    transformer's dtype and (text models) the calibration prompts of ``calib_seeds`` are recorded.
     """
     sampler = runner.resolve(sampler)
-    scheduler_class, scheduler_config, timesteps = None, None, []
-    try:
-        sched = runner.scheduler_for(sampler)
-        scheduler_class = type(sched).__name__
-        scheduler_config = config_hash(sched.config)
-        sched.set_timesteps(sampler.steps)
-        timesteps = [float(x) for x in sched.timesteps]
-    except Exception:  # e.g. Flux's dynamic shifting needs the image size: timesteps stay unknown
-        timesteps = []
+    size = runner.output_size(sampler) if hasattr(runner, "output_size") else {}
+    if "height" in size and "width" in size:
+        kwargs.setdefault("resolution", [size["height"], size["width"]])
+    if "num_frames" in size:
+        kwargs.setdefault("frames", size["num_frames"])
+    kwargs.setdefault("model_revision", getattr(runner, "revision", None))
+    kwargs.setdefault("dtype", str(runner.dtype).removeprefix("torch."))
+    kwargs.setdefault("prompts", calibration_prompts_record(runner, kwargs.get("calib_seeds")))
+    sched = runner.scheduler_for(sampler)
+    scheduler_class, scheduler_config = type(sched).__name__, config_hash(sched.config)
+    timesteps = runner.timesteps(sampler)
     return plan_for_model(
         runner.transformer,
         steps=sampler.steps,
@@ -103,6 +112,23 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         device=kwargs.pop("device", str(runner.device)),
         **kwargs,
     )
+
+
+def calibration_prompts_record(runner: Any, calib_seeds: Iterable[int] | None) -> dict | None:
+    """``{"digest", "count", "keys"}`` of the prompts a text model was calibrated on with ``calib_seeds``
+    (the runner gives calibration seed ``s`` its prompt number ``s``), ``None`` for other models. ``keys``
+    are the prompts' :attr:`~planner.pipelines.prompts.Prompt.text_key`, what ``planner eval`` checks."""
+    from planner.pipelines.prompts import Prompt, PromptSet
+
+    seeds = [int(s) for s in (calib_seeds or [])]
+    if not seeds or not getattr(getattr(runner, "family", None), "text", False):
+        return None
+    prompts = [c for c in runner.conditions(len(seeds), seed=min(seeds)) if isinstance(c, Prompt)]
+    if not prompts:
+        return None
+    unique = list(dict.fromkeys(prompts))
+    return {"digest": PromptSet(tuple(prompts), "calibration").digest, "count": len(unique),
+            "keys": sorted({p.text_key for p in unique})}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

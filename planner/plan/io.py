@@ -20,7 +20,8 @@ from planner.plan.build import as_number
 from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRef, normalize_decisions
 
 # 1.1.0: the sampler also records its scheduler's config hash and, when known, resolution and frames.
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.1.0", noun="cache plan", version_key="version",
+# 1.2.0: the provenance also records the model's revision, the dtype and the calibration prompts.
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.2.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric")
 
@@ -49,7 +50,8 @@ def plan_to_dict(plan: Plan) -> dict:
         "prediction": {k: getattr(p, k) for k in PREDICTION_KEYS},
         "provenance": {"strategy": pv.strategy, "params": pv.params, "profile_id": pv.profile_id,
                        "calib_seeds": list(pv.calib_seeds), "versions": dict(pv.versions), "device": pv.device,
-                       "created": pv.created},
+                       "created": pv.created, "model_revision": pv.model_revision, "dtype": pv.dtype,
+                       "prompts": pv.prompts},
     }
 
 
@@ -79,7 +81,8 @@ def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
             provenance=Provenance(strategy=pv.get("strategy", "manual"), params=dict(pv.get("params", {})),
                                   profile_id=pv.get("profile_id"), calib_seeds=list(pv.get("calib_seeds", [])),
                                   versions=dict(pv.get("versions", {})), device=pv.get("device"),
-                                  created=pv.get("created")),
+                                  created=pv.get("created"), model_revision=pv.get("model_revision"),
+                                  dtype=pv.get("dtype"), prompts=pv.get("prompts")),
         )
         return plan.validate()
     except PlannerError as exc:

@@ -87,6 +87,9 @@ class Provenance:
     versions: dict = field(default_factory=dict)
     device: str | None = None
     created: str | None = None
+    model_revision: str | None = None  # since 1.2.0: the hub commit of the model
+    dtype: str | None = None  # since 1.2.0: the transformer's dtype
+    prompts: dict | None = None  # since 1.2.0: {"digest", "count", "keys"} of the calibration prompts
 
 
 @dataclass
@@ -320,6 +323,22 @@ class Plan:
             raise PlannerError(
                 f"plan was made for CFG layout {self.sampler.cfg_layout!r}, the run has {layout!r} (guidance {sampler.guidance})"
             )
+        size = getattr(runner, "output_size", None)
+        if size is not None:
+            self.check_size(size(sampler))
+
+    def check_size(self, size: Mapping[str, int]) -> None:
+        """Raise PlannerError unless a run of ``size`` (``height``, ``width``, ``num_frames``; missing: unknown)
+        matches the resolution and frames the plan records (unknown on either side passes)."""
+        res = self.sampler.resolution
+        if res is not None and size.get("height") is not None and size.get("width") is not None:
+            if [int(size["height"]), int(size["width"])] != list(res):
+                raise PlannerError(f"plan was made for {res[0]}x{res[1]} (height x width), the run has "
+                                   f"{size['height']}x{size['width']}: give --height {res[0]} --width {res[1]}")
+        if self.sampler.frames is not None and size.get("num_frames") is not None:
+            if int(size["num_frames"]) != self.sampler.frames:
+                raise PlannerError(f"plan was made for {self.sampler.frames} frames, the run has {size['num_frames']}: "
+                                   f"give --num-frames {self.sampler.frames}")
 
 
 def _finite(value: Any) -> bool:

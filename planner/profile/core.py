@@ -169,6 +169,9 @@ def profile_model(
         from planner.runner import load_runner
 
         runner = load_runner(model, device=resolve_device(device))
+    from planner.pipelines import check_one_transformer
+
+    check_one_transformer(runner.pipe)
     sampler = runner.resolve(sampler)
     layout = runner.cfg_layout(sampler)
     batch = min(len(sample_ids), batch_size or len(sample_ids))

@@ -12,7 +12,7 @@ PROFILES_DIR = Path("profiles")
 def profile_for(runner, sampler, path: str | Path | None = None, *, samples: int = 8, progress: bool = False,
                 folder: str | Path = PROFILES_DIR) -> Profile:
     """The profile at ``path``; without one, the default profile of this model, sampler and device in
-    ``folder`` when it fits the model, was made on the same calibration prompts and holds at least
+    ``folder`` when it fits the model, was made on the same calibration prompts in the same dtype and holds at least
     ``samples`` calibration inputs, else a new profile made now and written there."""
     from planner.profile.core import profile_model
 
@@ -38,9 +38,11 @@ def existing_profile(runner, sampler, path: str | Path | None = None, *, samples
     if (default / META_FILE).is_file():
         profile = load_profile(default)
         prompts = prompt_set_digest(runner.conditions(profile.meta.samples, profile.meta.seed))
-        recorded = profile.meta.extra.get("source", {}).get("prompt_set")
+        source = profile.meta.extra.get("source", {})
+        recorded = source.get("prompt_set")
+        same_dtype = source.get("dtype") in (None, str(runner.dtype).removeprefix("torch."))
         same_scheduler = profile.meta.scheduler_config in (None, config_hash(runner.scheduler_for(sampler).config))
         if (profile.meta.fingerprint == runner.fingerprint() and profile.meta.samples >= samples and same_scheduler
-                and recorded == prompts):
+                and recorded == prompts and same_dtype):
             return profile, default
     return None, default

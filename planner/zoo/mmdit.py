@@ -257,11 +257,13 @@ def pipeline_call_kwargs(steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_G
 
 def load_digits_mmdit_pipeline(path: str | Path | None = None):
     """The shipped (or a given) digits-mmdit folder as a diffusers ``FluxPipeline``: eval mode, float32, CPU."""
-    from diffusers import FluxPipeline
-
     from planner.zoo.fixtures import quiet_hf_logging
 
-    with quiet_hf_logging():  # "Loading pipeline components" and the like are noise for a small model
+    # "Loading pipeline components", and at import transformers' notes on missing torchvision, are
+    # noise for a small model
+    with quiet_hf_logging():
+        from diffusers import FluxPipeline
+
         pipe = FluxPipeline.from_pretrained(str(path or WEIGHTS_DIR))
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
