@@ -143,6 +143,21 @@ class Runner:
         self.transformer.eval()
         pipe.set_progress_bar_config(disable=True)
 
+    def with_pipe(self, pipe) -> "Runner":
+        """A Runner on ``pipe`` (e.g. a deep copy of this one's pipeline) that keeps every option of this one:
+        spec, revision, default sampler, meter, class labels, call arguments, prompt sets, negative prompt,
+        embedding cache and prompt encoder (it only encodes prompts, which a copy of the pipeline would
+        encode alike)."""
+        import inspect
+
+        clone = copy.copy(self)
+        clone.pipe = pipe
+        clone.call_names = set(inspect.signature(type(pipe).__call__).parameters)
+        clone._prompts = dict(self._prompts)
+        clone._base_scheduler = pipe.scheduler
+        pipe.set_progress_bar_config(disable=True)
+        return clone
+
     @property
     def transformer(self) -> torch.nn.Module:
         return self.pipe.transformer

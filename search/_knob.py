@@ -50,13 +50,28 @@ def choose_knob(
     return context.plan(decisions, strategy=strategy, params=params_for(knob), evaluation=evaluation)
 
 
-def on_levels(level: str, search_at: Callable[[str], Plan]) -> Plan:
-    """``search_at(level)`` for ``sublayer`` or ``block``; ``auto`` tries sub-layers first (the
-    finer, usually more accurate granularity) and falls back to blocks when they cannot meet the
-    budget (sub-layer reuse keeps each block's norms and modulation, which caps its speedup)."""
+def on_levels(level: str, search_at: Callable[[str], Plan], budget=None) -> Plan:
+    """``search_at(level)`` for ``sublayer`` or ``block``; ``auto`` searches both and keeps the better on
+    the calibration inputs: under a speed budget the plan with the lower calibration error (sub-layer
+    reuse is the finer grain but keeps each block's norms and modulation, which caps its speedup
+    and can leave it worse at loose budgets), under an error target the faster predicted plan. A level
+    that cannot meet the budget drops out; when neither can, the block level's message is raised."""
     if level != "auto":
         return search_at(level)
-    try:
-        return search_at("sublayer")
-    except PlannerError:
-        return search_at("block")
+    plans, errors = {}, {}
+    for each in ("sublayer", "block"):
+        try:
+            plans[each] = search_at(each)
+        except PlannerError as exc:
+            errors[each] = exc
+    if not plans:
+        raise errors["block"]
+    error_target = budget is not None and budget.speedup is None
+    return min(plans.values(), key=lambda plan: _better_first(plan, error_target))
+
+
+def _better_first(plan: Plan, error_target: bool) -> tuple:
+    """Sort key, better plans first: lower calibration error then higher predicted speedup (speed
+    budgets), or the other way round (error targets)."""
+    error, speed = plan.prediction.calib_error, -(plan.prediction.speedup or 0.0)
+    return (speed, error) if error_target else (error, speed)

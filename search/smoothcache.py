@@ -50,7 +50,7 @@ class SmoothCache(Strategy):
     Settings = SmoothCacheSettings
 
     def search(self, context, budget):
-        return on_levels(self.settings.level, lambda level: self._at_level(context, budget, level))
+        return on_levels(self.settings.level, lambda level: self._at_level(context, budget, level), budget)
 
     def _at_level(self, context, budget, level):
         profile = context.profile

@@ -21,7 +21,7 @@ def uniform_codes(steps: int, interval: int, action: str = "R") -> str:
 class UniformSettings(StrategySettings):
     level: Literal["auto", "sublayer", "block"] = Field(
         "auto", description="sublayer: attention and MLP outputs reused (FORA); block: block residuals reused; "
-                            "auto: sublayer when it can meet the budget, else block")
+                            "auto: both searched, the one with the lower calibration error kept")
 
 
 @register
@@ -44,4 +44,4 @@ class Uniform(Strategy):
                 lambda n: {"level": level, "interval": n}, f"reusing every {level} on all but every N-th step",
             )
 
-        return on_levels(self.settings.level, at_level)
+        return on_levels(self.settings.level, at_level, budget)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from planner.bench.peers import PEERS, parse_sweeps, peer_runs
-from planner.bench.report import pareto_front, psnr_at
+from planner.bench.margins import pareto_front, quality_at
 from planner.cli import main
 from planner.commands.bench import parse_strategy_params
 from planner.errors import PlannerError
@@ -219,18 +219,19 @@ def test_peer_and_param_flags_refuse_bad_input():
         parse_strategy_params(["iterations=200"])
     with pytest.raises(PlannerError, match="unknown peer"):
         peer_runs(None, None, ["no-such-peer"])
-    assert len(PEERS) == 4
+    assert len(PEERS) == 11
 
 
 # --------------------------------------------------------------------------- bench
 
 
-def test_psnr_at_matched_speedup_interpolates_on_the_pareto_front():
+def test_quality_at_matched_speedup_interpolates_on_the_pareto_front():
     points = [(1.5, 40.0), (2.5, 30.0), (2.0, 20.0), (1.2, 39.0)]  # (2.0, 20) and (1.2, 39) are dominated
     assert pareto_front(points) == [(1.5, 40.0), (2.5, 30.0)]
-    assert psnr_at(points, 2.0) == (pytest.approx(35.0), "")
-    assert psnr_at(points, 2.7) == (30.0, "2.50x")  # nearest point within 10 %
-    assert psnr_at(points, 3.0) is None and psnr_at([], 2.0) is None
+    assert quality_at(points, 2.0) == pytest.approx(35.0)
+    assert quality_at(points, 1.1) == 40.0  # every front point is faster: the slowest one
+    assert quality_at(points, 2.7) is None  # never measured that fast: no extrapolation
+    assert quality_at([], 2.0) is None
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,31 @@
-"""Peer caching tools, run for real on our pipelines: diffusers' FirstBlockCache and TaylorSeer hooks,
-and cache-dit's DBCache with and without its TaylorSeer calibrator.
+"""Peer caching tools, run for real on our pipelines: diffusers' FirstBlockCache, TaylorSeer, MagCache,
+Pyramid Attention Broadcast and FasterCache hooks, and cache-dit's DBCache at three block splits
+(F1B0, F2B1, F4B0), each with and without its TaylorSeer calibrator.
 
 Every peer setting gets its own deep copy of the pipeline (``clone_runner``), so no peer's hooks,
 patched forwards or patched pipeline ``__call__`` (cache-dit patches the pipeline *class*; the copy
 gets a private subclass) ever touch the model that the reference and our plans run on.
 
 How the diffusers hooks are applied to models without ``CacheMixin`` (DiT, PixArt, SD3): diffusers'
-``CacheMixin.enable_cache`` is nothing but ``apply_first_block_cache`` / ``apply_taylorseer_cache`` on
-the transformer plus a refresh of the hook registry's child cache; its pipelines then wrap each
-transformer call in ``transformer.cache_context(name)`` and reset the hooks' state at the end of the
-call (``maybe_free_model_hooks`` -> ``_reset_stateful_cache``). We do the same: apply the hook, set
-one cache context around the whole call (our pipelines make one batched-CFG transformer call per
-step, which diffusers' pipelines name ``"cond_uncond"``, or ``"cond"`` without CFG) and reset the
-stateful hooks after it. Models with ``CacheMixin`` (Flux, Wan) use ``enable_cache`` and their
-pipelines' own contexts.
+``CacheMixin.enable_cache`` is nothing but ``apply_<method>`` on the transformer plus a refresh of the
+hook registry's child cache; its pipelines then wrap each transformer call in
+``transformer.cache_context(name)`` and reset the hooks' state at the end of the call
+(``maybe_free_model_hooks`` -> ``_reset_stateful_cache``). We do the same: apply the hook, set one
+cache context around the whole call (our pipelines make one batched-CFG transformer call per step,
+which diffusers' pipelines name ``"cond_uncond"``, or ``"cond"`` without CFG) and reset the stateful
+hooks after it. Models with ``CacheMixin`` (Flux, Wan) use ``enable_cache`` and their pipelines' own
+contexts.
+
+MagCache needs magnitude ratios of the model; they come from its own ``calibrate=True`` mode, run
+once on the calibration inputs (seeds 0..N-1, the ones our searches calibrate on) on a separate
+copy; the ratios it prints at the end of each run (one list per cache context and batch) are
+averaged step by step and passed as ``mag_ratios``. Pyramid Attention Broadcast and FasterCache
+read the current timestep through a callback: the pipeline's ``current_timestep`` where it has one,
+else the ``timestep`` argument of the transformer's last call. Both keep one state per attention
+module rather than per cache context, so on a pipeline that calls the transformer twice per step
+(``separate`` CFG) the second call would reuse the first's attention: there they are unavailable.
+FasterCache's CFG cache assumes ``[uncond, cond]`` batches; on a ``[cond, uncond]`` pipeline (DiT)
+it runs its attention cache alone (``is_guidance_distilled=True``), which its setting says.
 
 cache-dit on a custom pipeline: a ``BlockAdapter`` naming the transformer, its block list and the
 blocks' forward pattern (DiT's blocks take and return ``hidden_states`` only: ``Pattern_3``), with
@@ -23,34 +35,47 @@ its registered adapters.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from planner.errors import PlannerError
 
-PEERS = ("diffusers-fbcache", "diffusers-taylorseer", "cache-dit-dbcache", "cache-dit-dbcache-taylorseer")
+# cache-dit's DBCache at three splits: F compute blocks first (their residual decides), B last.
+DBCACHE_SPLITS = {"cache-dit-dbcache": (1, 0), "cache-dit-dbcache-F2B1": (2, 1), "cache-dit-dbcache-F4B0": (4, 0)}
+DBCACHE_PEERS = tuple(name + suffix for name in DBCACHE_SPLITS for suffix in ("", "-taylorseer"))
+PEERS = ("diffusers-fbcache", "diffusers-taylorseer", "diffusers-magcache", "diffusers-pab", "diffusers-fastercache",
+         *DBCACHE_PEERS)
 
 # Knob values traced per peer, from least to most aggressive, chosen on digits-dit (DDIM 50, guidance
 # 3) to span its useful range (override with ``--sweep NAME=v1,v2``): FirstBlockCache 1.3x-3x
 # (below 0.05 it never caches); TaylorSeer 2x-4x (interval 2 is its least aggressive setting);
 # DBCache 1.1x-2.3x: with cache-dit's default 8 warm-up steps it goes no faster, and beyond 0.48
-# quality collapses (0.8: 16 dB).
+# quality collapses (0.8: 16 dB). MagCache's accumulated-error threshold (0.06 is its default);
+# PAB's and FasterCache's attention skip ranges (2 is their default).
+DBCACHE_SWEEP = [0.04, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48]
 DEFAULT_SWEEPS: dict[str, list[float]] = {
     "diffusers-fbcache": [0.05, 0.08, 0.12, 0.16, 0.24, 0.32],  # FirstBlockCacheConfig.threshold
     "diffusers-taylorseer": [2, 3, 4, 5, 6, 8],  # TaylorSeerCacheConfig.cache_interval
-    "cache-dit-dbcache": [0.04, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48],  # DBCacheConfig.residual_diff_threshold
-    "cache-dit-dbcache-taylorseer": [0.04, 0.08, 0.12, 0.16, 0.24, 0.32, 0.48],
+    "diffusers-magcache": [0.005, 0.01, 0.02, 0.04, 0.1, 0.2],  # MagCacheConfig.threshold
+    "diffusers-pab": [2, 3, 4, 6],  # PyramidAttentionBroadcastConfig.spatial_attention_block_skip_range
+    "diffusers-fastercache": [2, 3, 4, 6],  # FasterCacheConfig.spatial_attention_block_skip_range
+    **{name: list(DBCACHE_SWEEP) for name in DBCACHE_PEERS},  # DBCacheConfig.residual_diff_threshold
 }
 KNOBS = {
     "diffusers-fbcache": "threshold",
     "diffusers-taylorseer": "cache_interval",
-    "cache-dit-dbcache": "residual_diff_threshold",
-    "cache-dit-dbcache-taylorseer": "residual_diff_threshold",
+    "diffusers-magcache": "threshold",
+    "diffusers-pab": "skip_range",
+    "diffusers-fastercache": "skip_range",
+    **{name: "residual_diff_threshold" for name in DBCACHE_PEERS},
 }
+WHOLE_KNOBS = {"cache_interval", "skip_range"}  # knobs that count calls: whole numbers of at least 1
 INSTALL_HINT = "pip install 'dit-cache-planner[bench]'"
 
 
@@ -69,13 +94,12 @@ class PeerRun:
 
 def clone_runner(runner):
     """A Runner on a deep copy of ``runner``'s pipeline, whose class is a private subclass of the original
-    (cache-dit patches ``__call__`` on the pipeline class)."""
-    from planner.runner import Runner
-
+    (cache-dit patches ``__call__`` on the pipeline class); it keeps every option of ``runner`` (sampler
+    defaults, meter, prompts, negative prompt, call arguments: :meth:`Runner.with_pipe`)."""
     pipe = copy.deepcopy(runner.pipe)
     cls = type(pipe)
     pipe.__class__ = type(cls.__name__, (cls,), {"__module__": cls.__module__})
-    return Runner(pipe, runner.family, runner.spec)
+    return runner.with_pipe(pipe)
 
 
 def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
@@ -93,34 +117,40 @@ def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
             raise PlannerError(f"--sweep {name}: give at least one value")
         if any(v < 0 for v in sweeps[name]):
             raise PlannerError(f"--sweep {name}: values must not be negative")
-        if KNOBS[name] == "cache_interval" and any(v < 1 or v != int(v) for v in sweeps[name]):
-            raise PlannerError(f"--sweep {name}: cache intervals are whole numbers of at least 1")
+        if KNOBS[name] in WHOLE_KNOBS and any(v < 1 or v != int(v) for v in sweeps[name]):
+            raise PlannerError(f"--sweep {name}: {KNOBS[name]} takes whole numbers of at least 1")
     return sweeps
 
 
-def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] | None = None
-              ) -> tuple[list[PeerRun], dict[str, str]]:
+def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] | None = None,
+              calib_samples: int = 8) -> tuple[list[PeerRun], dict[str, str]]:
     """Install every setting of every peer named in ``peers`` on its own pipeline copy.
 
     Returns the installed runs and, per peer that cannot run, the one-line reason it was skipped
-    (e.g. the ``[bench]`` extra not installed).
+    (e.g. the ``[bench]`` extra not installed, or a hook that cannot drive this pipeline).
+    ``calib_samples``: calibration inputs (seeds 0..N-1) of the peers that calibrate (MagCache).
     """
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise PlannerError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
     sweeps = {**DEFAULT_SWEEPS, **(sweeps or {})}
+    shared = {"calib_samples": calib_samples}  # what several settings of one peer share (MagCache's ratios)
     runs, skipped = [], {}
     for peer in peers:
         try:
-            runs.extend(_INSTALLERS[peer](runner, sampler, peer, value) for value in sweeps[peer])
+            runs.extend(_INSTALLERS[peer](runner, sampler, peer, value, shared) for value in sweeps[peer])
         except PeerUnavailable as exc:
             skipped[peer] = str(exc)
     return runs, skipped
 
 
-def _setting(peer: str, value: float) -> str:
+def _setting(peer: str, value: float, note: str = "") -> str:
     knob = KNOBS[peer]
-    return f"{knob}={int(value) if knob == 'cache_interval' else value:g}"
+    text = f"{knob}={int(value) if knob in WHOLE_KNOBS else value:g}"
+    if peer in DBCACHE_PEERS:
+        f, b = DBCACHE_SPLITS[peer.removesuffix("-taylorseer")]
+        text = f"F{f}B{b} {text}"
+    return f"{text} {note}".strip()
 
 
 # --------------------------------------------------------------------------- diffusers hooks
@@ -129,68 +159,167 @@ def _setting(peer: str, value: float) -> str:
 def _diffusers_hooks():
     try:
         from diffusers.hooks import (
+            FasterCacheConfig,
             FirstBlockCacheConfig,
             HookRegistry,
+            MagCacheConfig,
+            PyramidAttentionBroadcastConfig,
             TaylorSeerCacheConfig,
+            apply_faster_cache,
             apply_first_block_cache,
+            apply_mag_cache,
+            apply_pyramid_attention_broadcast,
             apply_taylorseer_cache,
         )
         from diffusers.hooks.hooks import CacheContext, _set_cache_context
         from diffusers.models.cache_utils import CacheMixin
     except ImportError as exc:
-        raise PeerUnavailable(f"this diffusers has no FirstBlockCache/TaylorSeer hooks ({exc}); diffusers >= 0.36 has") from None
-    return {
-        "FirstBlockCacheConfig": FirstBlockCacheConfig, "TaylorSeerCacheConfig": TaylorSeerCacheConfig,
-        "apply_first_block_cache": apply_first_block_cache, "apply_taylorseer_cache": apply_taylorseer_cache,
-        "HookRegistry": HookRegistry, "CacheContext": CacheContext, "set_context": _set_cache_context,
-        "CacheMixin": CacheMixin,
-    }
+        raise PeerUnavailable(f"this diffusers lacks a cache hook the bench runs ({exc}); diffusers >= 0.37 has them") from None
+    return SimpleNamespace(
+        FasterCacheConfig=FasterCacheConfig, FirstBlockCacheConfig=FirstBlockCacheConfig, MagCacheConfig=MagCacheConfig,
+        PyramidAttentionBroadcastConfig=PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig=TaylorSeerCacheConfig,
+        apply={"diffusers-fbcache": apply_first_block_cache, "diffusers-taylorseer": apply_taylorseer_cache,
+               "diffusers-magcache": apply_mag_cache, "diffusers-pab": apply_pyramid_attention_broadcast,
+               "diffusers-fastercache": apply_faster_cache},
+        HookRegistry=HookRegistry, CacheContext=CacheContext, set_context=_set_cache_context, CacheMixin=CacheMixin,
+    )
 
 
-def _install_diffusers(runner, sampler, peer: str, value: float) -> PeerRun:
+def _timestep_reader(copy_runner) -> Callable[[], float]:
+    """A callback giving the current timestep on the 0..1000 scale: the pipeline's ``current_timestep`` where
+    it has one, else the ``timestep`` argument of the transformer's latest call (read by a pre-hook)."""
+    pipe = copy_runner.pipe
+    if hasattr(type(pipe), "current_timestep"):
+        return lambda: float(pipe.current_timestep)
+    seen = {"t": 1000.0}
+
+    def remember(module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            seen["t"] = float(t.flatten()[0]) if hasattr(t, "flatten") else float(t)
+
+    copy_runner.transformer.register_forward_pre_hook(remember, with_kwargs=True)
+    return lambda: seen["t"]
+
+
+def _diffusers_config(d, peer: str, value: float, copy_runner, sampler, layout, shared: dict, runner) -> tuple[Any, str]:
+    """The diffusers cache config of ``peer`` at knob ``value``, and a note for its setting text."""
     import torch
 
+    from planner.cfg import CfgLayout
+
+    if peer == "diffusers-fbcache":
+        return d.FirstBlockCacheConfig(threshold=float(value)), ""
+    if peer == "diffusers-taylorseer":
+        # Default identifiers name attention modules ("...attn"), which DiT's "attn1" does not match:
+        # name the transformer blocks, so TaylorSeer forecasts whole block outputs (what its paper caches).
+        blocks = [m.name for m in copy_runner.modules() if m.kind == "block"]
+        return d.TaylorSeerCacheConfig(cache_interval=int(value), max_order=1, taylor_factors_dtype=torch.float32,
+                                       cache_identifiers=[re.escape(b) for b in blocks]), ""
+    if peer == "diffusers-magcache":
+        if "mag_ratios" not in shared:
+            shared["mag_ratios"] = _magcache_ratios(d, runner, sampler, shared["calib_samples"])
+        return d.MagCacheConfig(threshold=float(value), num_inference_steps=sampler.steps,
+                                mag_ratios=list(shared["mag_ratios"])), ""
+    if layout == CfgLayout.SEPARATE:
+        raise PeerUnavailable(f"{peer}: its hooks keep one state per attention module, not per cache context, and "
+                              f"this pipeline calls the transformer twice per step (cond, uncond): the uncond call "
+                              "would reuse the cond call's attention")
+    timestep = _timestep_reader(copy_runner)
+    if peer == "diffusers-pab":
+        return d.PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=int(value),
+                                                 current_timestep_callback=timestep), ""
+    # FasterCache: its CFG cache splits batches as [uncond, cond]; elsewhere only its attention cache runs.
+    attention_only = layout != CfgLayout.UNCOND_COND
+    return d.FasterCacheConfig(spatial_attention_block_skip_range=int(value), current_timestep_callback=timestep,
+                               attention_weight_callback=lambda _: 0.5, tensor_format="BCHW",
+                               is_guidance_distilled=attention_only), ("(attention cache only)" if attention_only else "")
+
+
+def _install_diffusers(runner, sampler, peer: str, value: float, shared: dict) -> PeerRun:
     from planner.cfg import CfgLayout
 
     d = _diffusers_hooks()
     layout = runner.cfg_layout(sampler)
     copy_runner = clone_runner(runner)
     transformer = copy_runner.transformer
-    if peer == "diffusers-fbcache":
-        config = d["FirstBlockCacheConfig"](threshold=float(value))
-        apply = d["apply_first_block_cache"]
-    else:
-        # Default identifiers name attention modules ("...attn"), which DiT's "attn1" does not match:
-        # name the transformer blocks, so TaylorSeer forecasts whole block outputs (what its paper caches).
-        blocks = [m.name for m in copy_runner.modules() if m.kind == "block"]
-        config = d["TaylorSeerCacheConfig"](
-            cache_interval=int(value), max_order=1, taylor_factors_dtype=torch.float32,
-            cache_identifiers=[re.escape(b) for b in blocks],
-        )
-        apply = d["apply_taylorseer_cache"]
-    registry = d["HookRegistry"].check_if_exists_or_initialize(transformer)
-    if isinstance(transformer, d["CacheMixin"]):
+    config, note = _diffusers_config(d, peer, value, copy_runner, sampler, layout, shared, runner)
+    with _diffusers_quiet():  # FasterCache warns that it is experimental on every install
+        run = _hooked(d, copy_runner, layout, peer, lambda: d.apply[peer](transformer, config), config)
+    return PeerRun(peer, _setting(peer, value, note), run)
+
+
+@contextlib.contextmanager
+def _diffusers_quiet():
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
+def _hooked(d, copy_runner, layout, peer: str, apply: Callable[[], None], config) -> Callable:
+    """Install a diffusers cache on ``copy_runner``'s transformer and return its ``run(conditions, seeds,
+    sampler)``, which opens the cache context and resets the hooks' state as diffusers' pipelines do."""
+    from planner.cfg import CfgLayout
+
+    transformer = copy_runner.transformer
+    registry = d.HookRegistry.check_if_exists_or_initialize(transformer)
+    if isinstance(transformer, d.CacheMixin):
         transformer.enable_cache(config)  # the pipeline opens its own cache contexts and resets the state
         own_context = None
     else:
         if layout == CfgLayout.SEPARATE:
             raise PeerUnavailable(f"{peer}: {type(transformer).__name__} has no CacheMixin and its pipeline calls "
                                   "it twice per step; no cache context can tell the two calls apart")
-        apply(transformer, config)
+        apply()
         registry.invalidate_child_registries_cache()
         own_context = "cond" if layout == CfgLayout.NONE else "cond_uncond"
 
     def run(conditions, seeds, smp):
         if own_context is None:
             return copy_runner.run(conditions, seeds, smp)
-        d["set_context"](transformer, d["CacheContext"](own_context))
+        d.set_context(transformer, d.CacheContext(own_context))
         try:
             return copy_runner.run(conditions, seeds, smp)
         finally:
-            d["set_context"](transformer, None)
+            d.set_context(transformer, None)
             registry.reset_stateful_hooks(recurse=True)
 
-    return PeerRun(peer, _setting(peer, value), run)
+    return run
+
+
+def _magcache_ratios(d, runner, sampler, samples: int) -> list[float]:
+    """MagCache's magnitude ratios of this model and sampler, from its own ``calibrate=True`` mode run on the
+    calibration inputs (seeds ``0..samples-1``): the lists it prints, averaged step by step."""
+    import io
+    import json
+
+    copy_runner = clone_runner(runner)
+    layout = runner.cfg_layout(sampler)
+    config = d.MagCacheConfig(calibrate=True, num_inference_steps=sampler.steps)
+    run = _hooked(d, copy_runner, layout, "diffusers-magcache",
+                  lambda: d.apply["diffusers-magcache"](copy_runner.transformer, config), config)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run(runner.conditions(samples, seed=0), list(range(samples)), sampler)
+    lists = []
+    for line in printed.getvalue().splitlines():
+        line = line.strip()
+        if line.startswith("[") and line.endswith("]") and "MagCache" not in line:
+            try:
+                values = json.loads(line)
+            except ValueError:
+                continue
+            if len(values) == sampler.steps and all(isinstance(v, (int, float)) for v in values):
+                lists.append(values)
+    if not lists:
+        raise PeerUnavailable("diffusers-magcache: its calibration run printed no magnitude ratios for this model "
+                              "(no transformer block list it recognises)")
+    return [sum(col) / len(col) for col in zip(*lists)]
 
 
 # --------------------------------------------------------------------------- cache-dit
@@ -205,8 +334,13 @@ def _cache_dit():
     return cache_dit
 
 
-def _install_cache_dit(runner, sampler, peer: str, value: float) -> PeerRun:
+def _install_cache_dit(runner, sampler, peer: str, value: float, shared: dict) -> PeerRun:
     cache_dit = _cache_dit()
+    front, back = DBCACHE_SPLITS[peer.removesuffix("-taylorseer")]
+    blocks = sum(1 for m in runner.modules() if m.kind == "block")
+    if front + back >= blocks:
+        raise PeerUnavailable(f"{peer}: F{front}B{back} computes all {blocks} blocks of this model at every step; "
+                              "nothing is left to cache")
     from cache_dit import (
         BlockAdapter,
         DBCacheConfig,
@@ -229,9 +363,9 @@ def _install_cache_dit(runner, sampler, peer: str, value: float) -> PeerRun:
         target = pipe
     else:
         raise PeerUnavailable(f"{peer}: cache-dit has no block adapter for {type(pipe).__name__}")
-    # F1B0: the first block decides, as in FirstBlockCache (cache-dit's default F8 would be the whole
-    # 8-block model); warm-up and the rest are cache-dit's defaults.
-    config = DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=float(value),
+    # F1B0: the first block decides, as in FirstBlockCache; F2B1 and F4B0: the splits cache-dit's docs
+    # recommend (its default F8 would be the whole 8-block model); warm-up and the rest are its defaults.
+    config = DBCacheConfig(Fn_compute_blocks=front, Bn_compute_blocks=back, residual_diff_threshold=float(value),
                            num_inference_steps=sampler.steps)
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if peer.endswith("taylorseer") else None
     cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
@@ -239,8 +373,6 @@ def _install_cache_dit(runner, sampler, peer: str, value: float) -> PeerRun:
 
 
 _INSTALLERS: dict[str, Callable[..., PeerRun]] = {
-    "diffusers-fbcache": _install_diffusers,
-    "diffusers-taylorseer": _install_diffusers,
-    "cache-dit-dbcache": _install_cache_dit,
-    "cache-dit-dbcache-taylorseer": _install_cache_dit,
+    **{name: _install_diffusers for name in PEERS if name.startswith("diffusers-")},
+    **{name: _install_cache_dit for name in DBCACHE_PEERS},
 }

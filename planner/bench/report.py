@@ -16,11 +16,11 @@ import numpy as np
 from planner.io import json_safe
 
 COLUMNS = ["method", "kind", "setting", "budget", "status", "speedup", "speedup_min", "speedup_max", "median_s",
-           "predicted_speedup", "calib_error", "search_s", "psnr", "ssim", "rel_l1", "mse", "accuracy", "frechet",
-           "plan", "params"]
+           "flop_speedup", "flops", "predicted_speedup", "calib_error", "search_s", "psnr", "psnr_mean", "psnr_p5",
+           "psnr_worst", "ssim", "rel_l1", "mse"]
+TAIL = ["plan", "params"]  # after the model's own meter scores (accuracy, frechet, ...), whichever it has
 STYLE = {"ours": "-", "baseline": "--", "peer": ":"}
 PACKAGES = ("torch", "diffusers", "cache-dit", "optuna", "numpy", "transformers", "dit-cache-planner")
-NEAREST_TOLERANCE = 0.10  # a curve that does not bracket a target speedup may answer with a point this close
 
 
 # --------------------------------------------------------------------------- environment
@@ -67,52 +67,21 @@ def _cpu_name() -> str:
 # --------------------------------------------------------------------------- tables
 
 
+def meter_columns(rows: list[dict]) -> list[str]:
+    """The model's own meter scores the rows carry (e.g. ``accuracy``, ``frechet``), in first-seen order."""
+    known = set(COLUMNS) | set(TAIL)
+    return list(dict.fromkeys(k for r in rows for k in r if k not in known))
+
+
 def results_frame(rows: list[dict]):
-    """The rows as a pandas DataFrame with the columns in ``COLUMNS`` order."""
+    """The rows as a pandas DataFrame: the columns of ``COLUMNS``, the meter scores, then ``TAIL``."""
     import pandas as pd
 
-    return pd.DataFrame(rows).reindex(columns=COLUMNS)
+    return pd.DataFrame(rows).reindex(columns=COLUMNS + meter_columns(rows) + TAIL)
 
 
 def _measured(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("speedup") is not None and r.get("kind") != "reference"]
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (speedup, PSNR) points no other point beats on both, sorted by speedup (non-finite PSNR left out)."""
-    finite = sorted((s, q) for s, q in points if math.isfinite(s) and math.isfinite(q))
-    front = []
-    for s, q in sorted(finite, key=lambda p: (-p[0], -p[1])):  # fastest first: keep a point if it beats all faster ones
-        if not front or q > front[-1][1]:
-            front.append((s, q))
-    return sorted(front)
-
-
-def psnr_at(points: list[tuple[float, float]], target: float) -> tuple[float, str] | None:
-    """PSNR a method's curve gives at ``target`` realized speedup: linear interpolation on its Pareto front
-    where the front brackets the target (``how`` = ``""``), else the front point within 10 % of it
-    (``how`` = its speedup, e.g. ``"1.46x"``); ``None`` when no point is that close."""
-    front = pareto_front(points)
-    if not front:
-        return None
-    speeds = [s for s, _ in front]
-    if speeds[0] <= target <= speeds[-1]:
-        return float(np.interp(target, speeds, [q for _, q in front])), ""
-    s, q = min(front, key=lambda p: abs(p[0] - target))
-    if abs(s - target) <= NEAREST_TOLERANCE * target:
-        return q, f"{s:.2f}x"
-    return None
-
-
-def matched_table(rows: list[dict], targets: list[float]) -> list[dict]:
-    """Per method: PSNR at each target realized speedup (see :func:`psnr_at`), in first-seen order."""
-    methods: dict[str, dict] = {}
-    for r in _measured(rows):
-        m = methods.setdefault(r["method"], {"method": r["method"], "kind": r["kind"], "points": []})
-        if r["psnr"] is not None:
-            m["points"].append((r["speedup"], r["psnr"]))
-    return [{"method": m["method"], "kind": m["kind"], "psnr": {t: psnr_at(m["points"], t) for t in targets}}
-            for m in methods.values()]
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -124,40 +93,61 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, str], info: dict, env: dict) -> str:
-    """The bench report in markdown: quality at matched realized speedup, then every point measured."""
+    """The bench report in markdown: pooled PSNR at matched realized and FLOP speedup, the margins of our
+    best strategy, then every point measured."""
+    from planner.bench.margins import AXES, margins, matched
+    from planner.evaluate import METER_LABELS
+
     setup = (f"Model {info.get('model', '')}, {_sampler_text(info['sampler'])}; {info['n']} held-out seeds "
              f"({_seed_text(info['seeds'])}), {info['repeats']} interleaved timed runs each after {info['warmup']} "
              f"warm-up; {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads.")
-    how = (f"PSNR (dB, against the full {info['sampler']['steps']}-step run from the same seeds) at matched realized "
-           "speedup: interpolated on each method's Pareto front; a value with a speedup in brackets is the nearest "
-           "measured point (within 10 %); blank: the method does not reach that speed.")
+    how = (f"Pooled PSNR (dB, from the MSE over all pixels of all images, against the full {info['sampler']['steps']}-step "
+           "run from the same seeds) at matched speedup, read off each method's Pareto front: linear interpolation "
+           "between the measured neighbours, the slowest point when all are faster, blank when the method does not "
+           "reach that speed (docs/eval-and-bench.md).")
     lines = [setup, "", how, ""]
-    head = "| method | kind | " + " | ".join(f"{t:g}x" for t in targets) + " |"
-    lines += [head, "|---|---|" + "---|" * len(targets)]
-    for m in matched_table(rows, targets):
-        cells = []
-        for t in targets:
-            v = m["psnr"][t]
-            cells.append("" if v is None else f"{v[0]:.2f}" + (f" ({v[1]})" if v[1] else ""))
-        lines.append(f"| {m['method']} | {m['kind']} | " + " | ".join(cells) + " |")
-    lines += ["", "Every point measured (speedup: median of per-run ratios to the interleaved full runs, min-max in brackets):", ""]
-    lines += ["| method | kind | setting | realized speedup | predicted | PSNR dB | SSIM | rel. L1 | digit acc. | Frechet | search s | status |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for axis, title in AXES.items():
+        lines += [f"**At matched {title}**", "", "| method | kind | " + " | ".join(f"{t:g}x" for t in targets) + " |",
+                  "|---|---|" + "---|" * len(targets)]
+        for m in matched(rows, targets, axis):
+            cells = ["" if m["psnr"][t] is None else f"{m['psnr'][t]:.2f}" for t in targets]
+            lines.append(f"| {m['method']} | {m['kind']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Margins of the best of our strategies** (dB pooled PSNR; blank: a side does not reach the speed)", "",
+              "| axis | speedup | best of ours | vs best peer | vs fewer steps | vs greedy |", "|---|---|---|---|---|---|"]
+    for axis, per in margins(rows, targets).items():
+        for label, e in per.items():
+            ours = "" if e["ours"]["psnr"] is None else f"{e['ours']['psnr']:.2f} ({e['ours']['method']})"
+            cells = ["" if e[k] is None else f"{e[k]:+.2f}" for k in ("margin_peer", "margin_fewer_steps", "margin_greedy")]
+            lines.append(f"| {AXES[axis]} | {label} | {ours} | " + " | ".join(cells) + " |")
+    meters = meter_columns(rows)
+    lines += ["", "Every point measured (realized speedup: median of per-run ratios to the interleaved full runs, "
+              "min-max in brackets; FLOP speedup: counted FLOPs of full compute over the method's; PSNR pooled, then "
+              "the mean, 5th percentile and worst of the per-image PSNRs):", ""]
+    lines += ["| method | kind | setting | realized speedup | FLOP speedup | predicted | PSNR pooled | mean | p5 | worst | "
+              "SSIM | " + "".join(f"{METER_LABELS.get(n, n)} | " for n in meters) + "search s | status |",
+              "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(meters) + "---|---|"]
     for r in rows:
         speed = ""
         if r.get("speedup") is not None:
             speed = f"{r['speedup']:.2f}x"
             if r.get("speedup_min") is not None:
                 speed += f" ({r['speedup_min']:.2f}-{r['speedup_max']:.2f})"
+        flop = "" if r.get("flop_speedup") is None else f"{r['flop_speedup']:.2f}x"
         status = "" if r["status"] == "ok" else r["status"].replace("|", "/")
+        meter = "".join(f"{_fmt(r.get(n), '.1f' if n == 'frechet' else '.3f')} | " for n in meters)
         lines.append(
-            f"| {r['method']} | {r['kind']} | {r['setting']} | {speed} | {_fmt(r.get('predicted_speedup'), '.2f')} | "
-            f"{_fmt(r.get('psnr'), '.2f')} | {_fmt(r.get('ssim'), '.4f')} | {_fmt(r.get('rel_l1'), '.4f')} | "
-            f"{_fmt(r.get('accuracy'), '.3f')} | {_fmt(r.get('frechet'), '.1f')} | {_fmt(r.get('search_s'), '.1f')} | {status} |")
+            f"| {r['method']} | {r['kind']} | {r['setting']} | {speed} | {flop} | {_fmt(r.get('predicted_speedup'), '.2f')} | "
+            + " | ".join(_fmt(r.get(k), ".2f") for k in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst"))
+            + f" | {_fmt(r.get('ssim'), '.4f')} | {meter}{_fmt(r.get('search_s'), '.1f')} | {status} |")
     if info.get("search_params"):
         given = "; ".join(f"{name} " + ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items())
                           for name, params in info["search_params"].items())
         lines += ["", f"Search parameters set by the bench (the rest are each strategy's defaults): {given}."]
+    if info.get("reduced"):
+        cut = "; ".join(f"{name} " + ", ".join(f"{k}={json.dumps(v['bench'])} (default {json.dumps(v['default'])})"
+                                               for k, v in keys.items()) for name, keys in info["reduced"].items())
+        lines += ["", f"Reduced from the declared defaults in this run: {cut}."]
     if skipped:
         lines += [""] + [f"- peer `{name}` skipped: {why}" for name, why in skipped.items()]
     return "\n".join(lines) + "\n"
@@ -177,9 +167,9 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def pareto_plot(rows: list[dict], path: str | Path, title: str, targets: list[float] = ()) -> Path:
-    """Realized speedup vs PSNR, one curve per method (ours solid, baselines dashed, peers dotted) through
-    its points in knob order, each with its min-max speedup spread as a horizontal bar; written
-    atomically as PNG."""
+    """Two panels, realized speedup vs pooled PSNR and FLOP speedup vs pooled PSNR, one curve per method
+    (ours solid, baselines dashed, peers dotted) through its points in knob order, realized points with
+    their min-max speedup spread as a horizontal bar; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,28 +177,35 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str, targets: list[fl
 
     from planner.io import write_atomic
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5), dpi=120, sharey=True)
     methods: dict[str, list[dict]] = {}
     for r in _measured(rows):
         if r["psnr"] is not None and math.isfinite(r["psnr"]):
             methods.setdefault(r["method"], []).append(r)
     colors = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20").colors
-    for (name, pts), color in zip(methods.items(), colors * 2):
-        # points joined in knob order (budget, threshold), so timing noise shows rather than being sorted away
-        x = np.array([r["speedup"] for r in pts])
-        y = np.array([r["psnr"] for r in pts])
-        err = np.array([[r["speedup"] - (r["speedup_min"] or r["speedup"]) for r in pts],
-                        [(r["speedup_max"] or r["speedup"]) - r["speedup"] for r in pts]]).clip(min=0)
-        kind = pts[0]["kind"]
-        ax.errorbar(x, y, xerr=err, color=color, linestyle=STYLE.get(kind, "-"), marker="o", markersize=4, capsize=2,
-                    linewidth=2.2 if kind == "ours" else 1.3, label=f"{name} ({kind})")
-    for t in targets:
-        ax.axvline(t, color="0.85", linewidth=0.8, zorder=0)
-    ax.set_xlabel("realized speedup over full compute (interleaved wall clock, median)")
-    ax.set_ylabel("PSNR vs full compute (dB)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    for ax, axis in zip(axes, ("speedup", "flop_speedup")):
+        for (name, pts), color in zip(methods.items(), colors * 3):
+            # points joined in knob order (budget, threshold), so timing noise shows rather than being sorted away
+            pts = [r for r in pts if r.get(axis) is not None]
+            if not pts:
+                continue
+            x = np.array([r[axis] for r in pts])
+            y = np.array([r["psnr"] for r in pts])
+            err = None
+            if axis == "speedup":
+                err = np.array([[r["speedup"] - (r["speedup_min"] or r["speedup"]) for r in pts],
+                                [(r["speedup_max"] or r["speedup"]) - r["speedup"] for r in pts]]).clip(min=0)
+            kind = pts[0]["kind"]
+            ax.errorbar(x, y, xerr=err, color=color, linestyle=STYLE.get(kind, "-"), marker="o", markersize=4,
+                        capsize=2, linewidth=2.2 if kind == "ours" else 1.3, label=f"{name} ({kind})")
+        for t in targets:
+            ax.axvline(t, color="0.85", linewidth=0.8, zorder=0)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_xlabel("realized speedup over full compute (interleaved wall clock, median)")
+    axes[1].set_xlabel("FLOP speedup over full compute (counted FLOPs)")
+    axes[0].set_ylabel("pooled PSNR vs full compute (dB)")
+    fig.suptitle(title, fontsize=9)
+    axes[1].legend(fontsize=7, loc="best")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -275,6 +272,9 @@ def write_outputs(result, env: dict, out: str | Path, targets: list[float], titl
     write_text_atomic(files["results.md"], results_markdown(result.rows, targets, result.skipped, result.info, env))
     pareto_plot(result.rows, files["pareto.png"], title, targets)
     write_json_atomic(files["environment.json"], json_safe(env))
+    from planner.bench.margins import margins
+
     write_json_atomic(files["results.json"], json_safe({"info": result.info, "skipped": result.skipped,
+                                                        "margins": margins(result.rows, targets),
                                                         "rows": result.rows, "environment": env}))
     return files

@@ -18,16 +18,13 @@ from planner.seeds import check_held_out, evaluation_seeds
 KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
 # Registered strategies that re-implement other people's methods: baselines, not ours.
 BASELINE_STRATEGIES = {"uniform": "FORA", "smoothcache": "SmoothCache"}
-# Their block level (residual reuse), as in benchmarks/search_bench.py: on digits-dit sub-layer reuse
-# cannot reach 2x, and at 1.5x uniform's sub-layer plan errs five times more (calibration error 0.126
-# vs 0.023), so the baselines are shown at their best. ``--param uniform:level=auto`` restores the
-# strategies' own default.
+# The baselines run at their own default level, ``auto``: block and sub-layer reuse both searched, the
+# one with the lower calibration error kept, so they are shown at their best.
 # HarmoniCa trains at a third of its default rollouts on half its beta grid, so that the whole
-# default bench fits in 30 minutes on 2 CPU cores (its defaults took 574 s per budget there);
-# ``--param harmonica:rounds=12`` and the like restore them.
+# default bench fits in 30 minutes per model on 2 CPU cores (its defaults took 574 s per budget
+# there); ``--param harmonica:rounds=12`` and the like restore them. Every setting that differs from
+# a strategy's declared default is listed in the results (``reduced``).
 DEFAULT_PARAMS = {
-    "uniform": {"level": "block"},
-    "smoothcache": {"level": "block"},
     "harmonica": {"rounds": 4, "betas": [0.01, 0.03]},
 }
 FEWER_STEPS = "fewer steps"
@@ -73,6 +70,7 @@ class Point:
     search_s: float | None = None
     plan: str | None = None
     params: dict | None = None
+    flops: int | None = None
 
     @property
     def key(self) -> str:
@@ -108,18 +106,20 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     points = strategy_points(runner, sampler, conditions, seeds, config)
     if config.fewer_steps:
         points += fewer_steps_points(runner, sampler, conditions, seeds, config.budgets)
-    peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps)
+    peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps,
+                              calib_samples=config.calib_samples)
     for name, why in skipped.items():
         _say(config, f"peer {name} skipped: {why}")
     for p in peers:
         points.append(Point(p.method, KIND_PEER, p.setting,
                             contender=Contender(lambda run=p.run: run(conditions, seeds, sampler))))
 
-    timed = _time_all(runner, sampler, conditions, seeds, points, config)
-    rows = _rows(runner, conditions, points, timed, sampler)
+    timed, reference_flops = _time_all(runner, sampler, conditions, seeds, points, config)
+    rows = _rows(runner, conditions, points, timed, sampler, reference_flops)
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
-    info = {"search_params": {n: v for n, v in given.items() if v}, "model": runner.spec, "seeds": seeds, "n": len(seeds), "repeats": config.repeats, "warmup": config.warmup,
+    info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
+            "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec, "seeds": seeds, "n": len(seeds), "repeats": config.repeats, "warmup": config.warmup,
             "sampler": sampler.to_dict(), "budgets": config.budgets, "wall_s": time.perf_counter() - start}
     return BenchResult(rows, skipped, info)
 
@@ -183,7 +183,8 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
 
 
 def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -> list[Point]:
-    """Plain sampling with ``round(steps / s)`` steps for each speed budget ``s`` (same cost, no cache)."""
+    """Plain sampling with ``floor(steps / s)`` steps for each speed budget ``s``: the most steps that still
+    meet the budget, as every strategy's plan must (``round`` would leave 17 of 50 steps at 2.94x for 3x)."""
     from planner.search.budget import Budget
 
     points = []
@@ -191,7 +192,7 @@ def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -
         budget = Budget.parse(label)
         if budget.speedup is None:
             continue
-        steps = max(1, round(sampler.steps / budget.speedup))
+        steps = max(1, math.floor(sampler.steps / budget.speedup + 1e-9))
         if steps >= sampler.steps:
             continue
         fewer = replace(sampler, steps=steps)
@@ -204,35 +205,77 @@ def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -
 # --------------------------------------------------------------------------- measuring
 
 
+def reduced_settings(given: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Per strategy, every setting the bench gives that differs from the strategy's declared default:
+    ``{"harmonica": {"rounds": {"bench": 4, "default": 12}}}`` (what a report must say was reduced)."""
+    from planner.search import get_strategy
+
+    out: dict[str, dict[str, dict]] = {}
+    for name, params in given.items():
+        try:
+            fields = get_strategy(name).Settings.model_fields
+        except Exception:  # noqa: BLE001 - a strategy without declared settings has no defaults to compare
+            continue
+        for key, value in params.items():
+            if key not in fields:
+                continue
+            default = fields[key].get_default(call_default_factory=True)
+            default = list(default) if isinstance(default, tuple) else default
+            if value != default:
+                out.setdefault(name, {})[key] = {"bench": value, "default": default}
+    return out
+
+
 def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: BenchConfig):
+    """Count every method's FLOPs in a first untimed round (it doubles as the first warm-up round), then
+    time them all against full compute; returns the timed runs and the reference's FLOPs."""
     from tqdm.auto import tqdm
 
-    contenders = {p.key: p.contender for p in points if p.contender is not None}
-    k = len(contenders)
-    total = config.warmup * (k + 1) + 1 + config.repeats * (k + math.ceil(k / max(1, config.reference_every)))
+    from planner.bench.flops import count_flops
+
+    k = sum(1 for p in points if p.contender is not None)
+    warmup = max(0, config.warmup - 1)
+    total = (k + 1) + warmup * (k + 1) + 1 + config.repeats * (k + math.ceil(k / max(1, config.reference_every)))
     bar = tqdm(total=total, desc="bench runs", disable=not config.progress, file=sys.stderr)
     try:
-        return time_against_reference(
+        reference_flops, _ = count_flops(lambda: runner.run(conditions, seeds, sampler))
+        bar.update(1)
+        for p in points:
+            if p.contender is None:
+                continue
+            try:
+                p.flops, _ = count_flops(p.contender.run, p.contender.context)
+            except Exception as exc:  # noqa: BLE001 - a peer that crashes on this model must not end the bench
+                p.status, p.contender = f"failed: {type(exc).__name__}: {exc}".replace("\n", " "), None
+                _say(config, f"{p.key}: {p.status}")
+            bar.update(1)
+        contenders = {p.key: p.contender for p in points if p.contender is not None}
+        timed = time_against_reference(
             Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
-            warmup=config.warmup, reference_every=config.reference_every, device=runner.device,
+            warmup=warmup, reference_every=config.reference_every, device=runner.device,
             progress=lambda name: bar.update(1),
         )
+        return timed, reference_flops
     finally:
         bar.close()
 
 
-def _rows(runner, conditions, points: list[Point], timed, sampler) -> list[dict]:
+def _rows(runner, conditions, points: list[Point], timed, sampler, reference_flops: int) -> list[dict]:
+    from planner.bench.flops import flop_speedup
+
     full = timed.outputs[REFERENCE]
     ref = timed.reference_seconds
     reference = {"method": NO_CACHE, "kind": KIND_REFERENCE, "setting": f"{sampler.steps} steps", "budget": None,
                  "status": "ok", "speedup": 1.0, "speedup_min": None, "speedup_max": None,
-                 "median_s": statistics.median(ref), "predicted_speedup": 1.0, "calib_error": 0.0, "search_s": None,
+                 "median_s": statistics.median(ref), "flops": reference_flops, "flop_speedup": 1.0,
+                 "predicted_speedup": 1.0, "calib_error": 0.0, "search_s": None,
                  **quality(full, full), **meter_scores(runner, full, conditions), "plan": None,
                  "params": None}
     rows = [reference]
     for p in points:
         row = {"method": p.method, "kind": p.kind, "setting": p.setting, "budget": p.budget, "status": p.status,
                "speedup": None, "speedup_min": None, "speedup_max": None, "median_s": None,
+               "flops": p.flops, "flop_speedup": flop_speedup(reference_flops, p.flops),
                "predicted_speedup": p.predicted_speedup, "calib_error": p.calib_error, "search_s": p.search_s}
         if p.key in timed.timings:
             t = timed.timings[p.key]
@@ -241,4 +284,5 @@ def _rows(runner, conditions, points: list[Point], timed, sampler) -> list[dict]
             row.update(quality(timed.outputs[p.key], full), **meter_scores(runner, timed.outputs[p.key], conditions))
         row["plan"], row["params"] = p.plan, json.dumps(p.params, sort_keys=True) if p.params else None
         rows.append(row)
-    return rows
+    # Every row has every column (unmeasured ones None), so a failed point reads like the others.
+    return [{**dict.fromkeys(reference), **row} for row in rows]

@@ -1,9 +1,12 @@
-"""``planner bench``: every strategy, the baselines and the peer tools on one model, sampler and set of
-held-out seeds; writes a results table (CSV, markdown), a Pareto plot and the environment."""
+"""``planner bench``: every strategy, the baselines and the peer tools on one model (or each of several:
+``--models a,b,c``), sampler and set of held-out seeds; writes a results table (CSV, markdown, JSON),
+a Pareto plot and the environment per model, and with ``--models`` a summary of the worst-case
+margins of our best strategy across the models."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from planner.cli import add_json_flag, report
 from planner.commands.sample import add_sampler_args
@@ -18,14 +21,17 @@ DEFAULT_SAMPLES = 32
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="all strategies, baselines and peer tools side by side at matched realized speedup")
+    p.add_argument("--models", default=None, help="comma list of models to bench one after the other (instead of "
+                   "--model): one folder per model under --out, and summary.json/summary.md of the margins across them")
     p.add_argument("--budgets", default="1.5x,2x,3x", help="speed budgets of the searches and the fewer-steps baseline")
     p.add_argument("--strategies", default="all", help="comma list of registered strategies, 'all' or 'none'")
     p.add_argument("--param", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
                    help="a strategy's search parameter (VALUE read as JSON when it parses), repeatable")
-    p.add_argument("--peers", default="all", help="comma list of peer tools, 'all' or 'none' "
-                   "(diffusers-fbcache, diffusers-taylorseer, cache-dit-dbcache, cache-dit-dbcache-taylorseer)")
+    p.add_argument("--peers", default="all", help="comma list of peer tools, 'all' or 'none' (diffusers-fbcache, "
+                   "diffusers-taylorseer, diffusers-magcache, diffusers-pab, diffusers-fastercache, cache-dit-dbcache"
+                   "[-F2B1|-F4B0][-taylorseer])")
     p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
-                   help="knob values traced for a peer (threshold, or TaylorSeer's cache interval), repeatable")
+                   help="knob values traced for a peer (a threshold, or a cache interval / skip range), repeatable")
     p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
     p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
@@ -34,7 +40,8 @@ def register(sub) -> None:
     p.add_argument("--reference-every", type=count_arg, default=4, help="a full-compute run after every N method runs")
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-sampling-steps baseline")
     p.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's own choice)")
-    p.add_argument("--out", default=None, help="output folder (default: bench/<model>)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/<model>; with --models: bench/, one "
+                   "subfolder per model)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_sampler_args(p, steps=None, guidance=None, eval_prompts=True)
     add_json_flag(p)
@@ -65,17 +72,35 @@ def _names(text: str) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _models(args) -> list[str] | None:
+    """The ``--models`` list (``None`` without the flag); PlannerError when it is empty or repeats a model."""
+    if args.models is None:
+        return None
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise PlannerError(f"--models names no model: {args.models!r} (write e.g. digits-dit,digits-mmdit)")
+    if len(set(models)) != len(models):
+        raise PlannerError(f"--models names a model twice: {args.models!r}")
+    if args.profile and len(models) > 1:
+        raise PlannerError("--profile names one model's profile; with several --models leave it out (each model "
+                           "uses its own from profiles/, made when missing)")
+    return models
+
+
+def _model_slug(model: str) -> str:
+    from planner.profile.artifact import slug
+
+    return slug(Path(model).name if Path(model).is_dir() else model)
+
+
 def cmd_bench(args) -> int:
     import torch
 
-    from planner.bench import BenchConfig, run_bench
-    from planner.io import atomic_folder, check_output_path
+    from planner.bench import BenchConfig
     from planner.bench.peers import parse_sweeps
-    from planner.bench.report import environment, write_outputs
-    from planner.commands.sample import runner_and_sampler
-    from planner.seeds import evaluation_seeds, format_seeds, parse_seeds
-    from planner.profile.artifact import slug
+    from planner.io import check_output_path
     from planner.search.budget import Budget
+    from planner.seeds import evaluation_seeds, parse_seeds
 
     for flag, value, least in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
                                ("--calib-samples", args.calib_samples, 1), ("--reference-every", args.reference_every, 1)):
@@ -88,6 +113,7 @@ def cmd_bench(args) -> int:
     budgets = [Budget.parse(b).label() for b in args.budgets.split(",") if b.strip()]
     if not budgets:
         raise PlannerError(f"--budgets names no budget: {args.budgets!r} (write e.g. 1.5x,2x,3x)")
+    models = _models(args)
     if args.out:
         check_output_path(args.out, "folder")
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
@@ -99,10 +125,30 @@ def cmd_bench(args) -> int:
         reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps, profile=args.profile,
         progress=not (args.quiet or args.json),
     )
-    runner, sampler = runner_and_sampler(args)
-    out = Path(args.out) if args.out else BENCH_DIR / slug(Path(args.model).name if Path(args.model).is_dir() else args.model)
-    check_output_path(out, "folder")
-    config.out = out
+    if models is None:
+        out = Path(args.out) if args.out else BENCH_DIR / _model_slug(args.model)
+        check_output_path(out, "folder")
+        payload, text = _bench_one(args, args.model, config, out, targets)
+    else:
+        payload, text = _bench_many(args, models, config, Path(args.out) if args.out else BENCH_DIR, targets)
+    from planner.io import json_safe
+
+    report(args, json_safe(payload), text)
+    return 0
+
+
+def _bench_one(args, model: str, config, out: Path, targets: list[float]) -> tuple[dict, str]:
+    """Bench ``model`` into the folder ``out`` (written whole at the end); the JSON payload and the text."""
+    from dataclasses import replace
+
+    from planner.bench import run_bench
+    from planner.bench.report import environment, write_outputs
+    from planner.commands.sample import runner_and_sampler
+    from planner.io import atomic_folder
+    from planner.seeds import format_seeds
+
+    runner, sampler = runner_and_sampler(SimpleNamespace(**{**vars(args), "model": model}))
+    config = replace(config, out=out)
     # The bench folder is one artifact: written into a temporary folder, swapped in whole at the end.
     with atomic_folder(out) as staging:
         config.write_to = staging
@@ -112,13 +158,49 @@ def cmd_bench(args) -> int:
                  f"{len(config.seeds)} held-out seeds, {env['device']}, {env['torch_threads']} threads")
         written = write_outputs(result, env, staging, targets, title)
     files = {name: str(out / Path(path).name) for name, path in written.items()}
-
     payload = {"out": str(out), "files": files, "wall_s": round(result.info["wall_s"], 1), "skipped": result.skipped,
                "info": {**result.info, "seeds": format_seeds(result.info["seeds"])}, "environment": env,
-               "rows": result.rows}
+               "margins": _margins(result.rows, targets), "rows": result.rows}
     text = Path(files["results.md"]).read_text()
     text += f"\nbench took {result.info['wall_s']:.0f} s -> {out}/ (results.csv, results.md, pareto.png, environment.json)"
+    return payload, text
+
+
+def _margins(rows: list[dict], targets: list[float]) -> dict:
+    from planner.bench.margins import margins
+
+    return margins(rows, targets)
+
+
+def _bench_many(args, models: list[str], config, out: Path, targets: list[float]) -> tuple[dict, str]:
+    """Bench each model into ``out/<model>/`` in turn, then write ``out/summary.json`` and ``out/summary.md``:
+    the margins of our best strategy per model and their worst case across the models."""
+    from planner.bench.margins import margins_markdown, worst_case
+    from planner.io import check_output_path, write_json_atomic, write_text_atomic
+
+    folders = {m: out / _model_slug(m) for m in models}
+    if len(set(folders.values())) != len(folders):
+        raise PlannerError(f"--models names two models that share a folder name: {', '.join(models)}")
+    for folder in folders.values():
+        check_output_path(folder, "folder")
+    per_model, results, texts = {}, {}, []
+    for model, folder in folders.items():
+        payload, text = _bench_one(args, model, config, folder, targets)
+        per_model[model] = payload["margins"]
+        results[model] = {k: payload[k] for k in ("out", "files", "wall_s", "skipped")}
+        texts.append(f"## {model}\n\n{text}")
+    worst = worst_case(per_model)
+    summary = {"models": models, "metric": "pooled PSNR (dB; MSE over all pixels of all held-out images)",
+               "matching": "Pareto-front interpolation, the slowest point when all are faster, none when slower "
+                           "(planner.bench.margins)",
+               "targets": [f"{t:g}x" for t in targets], "worst_case": worst, "per_model": per_model,
+               "results": {m: r["files"]["results.json"] for m, r in results.items()}}
     from planner.io import json_safe
 
-    report(args, json_safe(payload), text)
-    return 0
+    files = {"summary.json": str(out / "summary.json"), "summary.md": str(out / "summary.md")}
+    md = (f"# Bench summary: {', '.join(models)}\n\n" + margins_markdown(per_model, worst)
+          + "\nPer-model tables: " + ", ".join(f"[{m}]({folders[m].name}/results.md)" for m in models) + "\n")
+    write_json_atomic(files["summary.json"], json_safe(summary))
+    write_text_atomic(files["summary.md"], md)
+    payload = {"out": str(out), "files": files, "models": results, "summary": summary}
+    return payload, "\n\n".join(texts) + "\n\n" + md + f"\nsummary -> {files['summary.md']}, {files['summary.json']}"

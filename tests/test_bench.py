@@ -1,0 +1,252 @@
+"""Tests of the bench across models: FLOP counts of what actually ran, quality at matched speed and the
+margins of our best strategy, the baselines' level choice, every peer tool on digits-dit (or its
+reason for being unavailable), a clone of a Runner keeping its options, and a two-model bench run on
+tiny settings writing its per-model tables and the summary. No assertion reads a wall-clock time."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from planner.bench.flops import count_flops, flop_speedup
+from planner.bench.margins import margins, quality_at, worst_case
+from planner.bench.peers import PEERS, clone_runner, peer_runs
+from planner.cli import main
+from planner.executor import apply_plan
+from planner.plan import plan_for_runner
+from planner.runner import Sampler
+from planner.seeds import EVAL_SEED_BASE
+
+TORCH_THREADS = 1  # see conftest.py
+SEEDS = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def test_flop_speedup_of_a_block_skipping_plan_exceeds_one_and_full_compute_is_one(digits):
+    sampler = digits.resolve(Sampler("ddim", 6, 3.0))
+    conditions = digits.conditions(2, seed=SEEDS[0])
+
+    def run():
+        return digits.run(conditions, SEEDS, sampler)
+
+    full, _ = count_flops(run)
+    identity = plan_for_runner(digits, sampler, {})
+    same, _ = count_flops(run, lambda: apply_plan(digits.pipe, identity))
+    blocks = [m.name for m in digits.modules() if m.kind == "block"]
+    skipping = plan_for_runner(digits, sampler, {b: "CDCDCD" for b in blocks[1:]})
+    fewer, out = count_flops(run, lambda: apply_plan(digits.pipe, skipping))
+    assert full > 0 and flop_speedup(full, same) == 1.0
+    assert flop_speedup(full, fewer) > 1.5  # 7 of 8 blocks skip 3 of 6 steps
+    assert torch.isfinite(out).all()
+    assert flop_speedup(full, 0) is None and flop_speedup(None, 5) is None
+
+
+def test_operator_flops_agree_with_flop_counter_mode(digits):
+    sampler = digits.resolve(Sampler("ddim", 2, 3.0))
+    conditions = digits.conditions(2, seed=SEEDS[0])
+    light, a = count_flops(lambda: digits.run(conditions, SEEDS, sampler))
+    exact, b = count_flops(lambda: digits.run(conditions, SEEDS, sampler), exact=True)
+    assert light == exact > 0 and torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- matching and margins
+
+
+def _row(method, kind, speedup, psnr, flop=None):
+    return {"method": method, "kind": kind, "speedup": speedup, "flop_speedup": flop or speedup, "psnr": psnr}
+
+
+def test_quality_at_reads_the_front_without_extrapolating():
+    pts = [(1.4, 45.0), (2.2, 37.0), (3.1, 30.0)]
+    assert quality_at(pts, 1.8) == pytest.approx(41.0)
+    assert quality_at(pts, 1.2) == 45.0  # all faster: the slowest
+    assert quality_at(pts, 3.5) is None  # never that fast
+    assert quality_at([(1.0, math.inf), (2.0, 40.0)], 1.5) == 40.0  # an identical run never inflates a match
+
+
+def test_margins_take_the_best_of_ours_against_each_side_and_the_worst_model():
+    rows = [{"method": "no cache", "kind": "reference", "speedup": 1.0, "flop_speedup": 1.0, "psnr": math.inf},
+            _row("greedy", "ours", 1.5, 44.0), _row("greedy", "ours", 2.0, 40.0),
+            _row("l2c", "ours", 1.5, 46.0), _row("l2c", "ours", 2.0, 39.0),
+            _row("fewer steps", "baseline", 1.5, 41.0), _row("fewer steps", "baseline", 2.0, 38.0),
+            _row("uniform", "baseline", 2.0, 45.0),  # a baseline never counts as ours
+            _row("diffusers-taylorseer", "peer", 1.5, 43.0), _row("diffusers-taylorseer", "peer", 2.0, 41.5),
+            _row("diffusers-fbcache", "peer", 1.6, 42.0)]
+    m = margins(rows, [1.5, 2.0, 3.0])
+    at15, at2, at3 = (m["speedup"][k] for k in ("1.5x", "2x", "3x"))
+    assert at15["ours"] == {"method": "l2c", "psnr": 46.0}
+    assert at15["margin_peer"] == pytest.approx(3.0) and at15["margin_fewer_steps"] == pytest.approx(5.0)
+    assert at15["margin_greedy"] == pytest.approx(2.0)
+    assert at2["ours"]["method"] == "greedy" and at2["margin_peer"] == pytest.approx(-1.5)
+    assert at2["margin_greedy"] == 0.0
+    assert at3["ours"]["psnr"] is None and at3["margin_peer"] is None
+    assert set(m) == {"speedup", "flop_speedup"}
+    better = margins([_row("greedy", "ours", 2.0, 50.0), _row("diffusers-taylorseer", "peer", 2.0, 41.0)], [2.0])
+    worst = worst_case({"a": m, "b": better})
+    assert worst["speedup"]["2x"]["margin_peer"] == {"worst": pytest.approx(-1.5), "model": "a", "missing": []}
+    assert worst["speedup"]["2x"]["margin_fewer_steps"]["missing"] == ["b"]
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "smoothcache"])
+def test_auto_level_keeps_the_better_level_on_the_calibration_inputs(digits10, strategy):
+    from planner.search.api import search_plan
+    from planner.search.context import SearchContext
+
+    context = SearchContext.build(digits10.runner, digits10.sampler, digits10.profile, samples=2, progress=False)
+    errors = {}
+    for level in ("sublayer", "block"):
+        try:
+            errors[level] = search_plan(None, "1.5x", strategy=strategy, context=context, level=level).prediction.calib_error
+        except Exception:  # noqa: BLE001 - a level that cannot meet the budget drops out
+            pass
+    assert errors
+    auto = search_plan(None, "1.5x", strategy=strategy, context=context)
+    assert auto.prediction.calib_error == pytest.approx(min(errors.values()))
+    assert auto.provenance.params["level"] == min(errors, key=errors.get)
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def test_a_clone_keeps_the_runners_options(digits):
+    runner = digits.with_pipe(digits.pipe)
+    runner.call_args = {"x": 1}
+    runner.negative_prompt = "blurry"
+    runner.default_sampler = Sampler("ddim", 7, 2.0)
+    clone = clone_runner(runner)
+    assert clone.pipe is not runner.pipe and clone.transformer is not runner.transformer
+    for attr in ("spec", "meter", "call_args", "negative_prompt", "default_sampler", "class_labels", "family"):
+        assert getattr(clone, attr) == getattr(runner, attr), attr
+    assert clone._prompts == runner._prompts
+
+
+NEW_PEERS = {"diffusers-magcache": 0.1, "diffusers-pab": 2, "diffusers-fastercache": 2,
+             "cache-dit-dbcache-F2B1": 0.3, "cache-dit-dbcache-F2B1-taylorseer": 0.3,
+             "cache-dit-dbcache-F4B0": 0.3, "cache-dit-dbcache-F4B0-taylorseer": 0.3}
+
+
+def test_every_peer_has_a_default_sweep():
+    from planner.bench.peers import DEFAULT_SWEEPS
+
+    assert set(NEW_PEERS) <= set(PEERS) and set(DEFAULT_SWEEPS) == set(PEERS)
+
+
+@pytest.mark.parametrize("peer", sorted(NEW_PEERS))
+def test_each_new_peer_runs_on_digits_dit_and_saves_flops(digits, peer):
+    if peer.startswith("cache-dit"):
+        pytest.importorskip("cache_dit")
+    sampler = digits.resolve(Sampler("ddim", 20, 3.0))  # enough steps for cache-dit's 8 warm-up steps
+    conditions = digits.conditions(2, seed=SEEDS[0])
+    full, before = count_flops(lambda: digits.run(conditions, SEEDS, sampler))
+    runs, skipped = peer_runs(digits, sampler, [peer], {peer: [NEW_PEERS[peer]]}, calib_samples=2)
+    if skipped:  # unavailable: a one-line reason naming the peer
+        assert set(skipped) == {peer} and peer in skipped[peer] and "\n" not in skipped[peer]
+        return
+    assert len(runs) == 1 and runs[0].method == peer
+    used, first = count_flops(lambda: runs[0].run(conditions, SEEDS, sampler))
+    again = runs[0].run(conditions, SEEDS, sampler)
+    assert torch.equal(first, again)  # the peer's state is reset between calls
+    assert torch.isfinite(first).all() and (first - before).abs().mean() < 0.2
+    assert flop_speedup(full, used) > 1.0  # it skipped work
+    assert torch.equal(digits.run(conditions, SEEDS, sampler), before)  # the original model is untouched
+
+
+def test_peers_that_cannot_drive_a_model_say_why(digits):
+    sampler = digits.resolve(Sampler("ddim", 4, 3.0))
+    pytest.importorskip("cache_dit")
+    shallow = copy.copy(digits)
+    four_blocks = [m for m in digits.modules() if m.kind == "block"][:4]
+    shallow.modules = lambda: four_blocks  # as a 4-block model: F4B0 leaves nothing to cache
+    runs, skipped = peer_runs(shallow, sampler, ["cache-dit-dbcache-F4B0"], {"cache-dit-dbcache-F4B0": [0.3]})
+    assert runs == [] and "computes all 4 blocks" in skipped["cache-dit-dbcache-F4B0"]
+
+
+# --------------------------------------------------------------------------- the bench over models
+
+
+def test_bench_over_two_models_writes_per_model_tables_and_a_summary(cli, tmp_path):
+    proc = cli("bench", "--models", "digits-dit,tiny:dit", "--steps", "6", "--budgets", "1.2x,2x",
+               "--strategies", "greedy,uniform", "--peers", "diffusers-fbcache", "--sweep", "diffusers-fbcache=0.2,0.5",
+               "--seeds", "1000000..1000003", "--repeats", "1", "--warmup", "0", "--calib-samples", "2",
+               "--threads", "1", "--out", "suite", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    out = tmp_path / "suite"
+    assert set(payload["models"]) == {"digits-dit", "tiny:dit"}
+    for model, folder in (("digits-dit", "digits-dit"), ("tiny:dit", "tiny-dit")):
+        for name in ("results.csv", "results.md", "results.json", "pareto.png", "environment.json"):
+            assert (out / folder / name).is_file(), (model, name)
+        result = json.loads((out / folder / "results.json").read_text())
+        rows = {(r["method"], r["setting"]): r for r in result["rows"]}
+        assert rows[("no cache", "6 steps")]["flop_speedup"] == 1.0
+        for r in result["rows"]:
+            for key in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst", "ssim", "flop_speedup"):
+                assert key in r
+        assert set(result["margins"]) == {"speedup", "flop_speedup"}
+        md = (out / folder / "results.md").read_text()
+        assert "At matched FLOP speedup" in md and "| PSNR pooled | mean | p5 | worst |" in md
+    digits_rows = {(r["method"], r["setting"]): r
+                   for r in json.loads((out / "digits-dit" / "results.json").read_text())["rows"]}
+    assert digits_rows[("fewer steps", "3 steps")]["flop_speedup"] == pytest.approx(2.0, rel=1e-6)
+    assert "accuracy" in digits_rows[("no cache", "6 steps")] and "frechet" in digits_rows[("no cache", "6 steps")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"] == ["digits-dit", "tiny:dit"] and "pooled" in summary["metric"]
+    for axis in ("speedup", "flop_speedup"):
+        for label in ("1.2x", "2x"):
+            entry = summary["worst_case"][axis][label]
+            assert set(entry) == {"margin_peer", "margin_fewer_steps", "margin_greedy"}
+            for e in entry.values():
+                assert set(e) == {"worst", "model", "missing"}
+                assert e["worst"] is not None or e["missing"]
+    assert "pooled PSNR" in (out / "summary.md").read_text()
+
+
+def test_models_flag_refuses_bad_lists(cli, tmp_path):
+    for models, words in (("", "names no model"), ("digits-dit,digits-dit", "twice")):
+        proc = cli("bench", "--models", models, cwd=tmp_path)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("bench", "--models", "digits-dit,tiny:dit", "--profile", "p", cwd=tmp_path)
+    assert proc.returncode == 2 and "--profile" in proc.stderr
+    assert not any(Path(tmp_path).iterdir())
+
+
+def test_a_method_that_crashes_becomes_a_failed_row_and_the_bench_goes_on(digits):
+    from planner.bench.run import KIND_PEER, BenchConfig, Point, _rows, _time_all
+    from planner.evaluate import Contender
+
+    sampler = digits.resolve(Sampler("ddim", 2, 3.0))
+    conditions = digits.conditions(2, seed=SEEDS[0])
+
+    def crash():
+        raise RuntimeError("shape mismatch\nin a hook")
+
+    points = [Point("broken", KIND_PEER, "x=1", contender=Contender(crash)),
+              Point("fewer", KIND_PEER, "1 step", contender=Contender(
+                  lambda: digits.run(conditions, SEEDS, digits.resolve(Sampler("ddim", 1, 3.0)))))]
+    config = BenchConfig(repeats=1, warmup=0, progress=False)
+    timed, full_flops = _time_all(digits, sampler, conditions, SEEDS, points, config)
+    rows = {r["method"]: r for r in _rows(digits, conditions, points, timed, sampler, full_flops)}
+    assert rows["broken"]["status"] == "failed: RuntimeError: shape mismatch in a hook"
+    assert rows["broken"]["speedup"] is None and rows["broken"]["psnr"] is None
+    assert rows["fewer"]["status"] == "ok" and rows["fewer"]["flop_speedup"] == pytest.approx(2.0)
