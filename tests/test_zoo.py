@@ -129,5 +129,5 @@ def test_zoo_train_builds_the_named_shape(tmp_path):
     out = tmp_path / "deep"
     assert main(["zoo", "train", "digits-dit-deep", "--steps", "2", "--out", str(out), "--json"]) == 0
     config = json.loads((out / "transformer" / "config.json").read_text())
-    assert (config["num_layers"], config["patch_size"]) == (12, 1)
+    assert (config["num_layers"], config["patch_size"]) == (12, 2)
     assert load_runner(str(out)).family.name == "digits"
