@@ -44,7 +44,7 @@ TIMESTEPS_UNKNOWN = {"digits-mmdit"}  # see measure_model
 
 
 def measure_model(model: str, budgets: list[str], variants: list[str], calib: int, eval_n: int, repeats: int,
-                  save=None) -> dict:
+                  save=None, done: list[dict] | None = None) -> dict:
     """Every (budget, variant) of one model: search figures and held-out figures; ``save(result so far)``
     after each row (a long run keeps what it measured)."""
     from planner.errors import PlannerError
@@ -63,12 +63,15 @@ def measure_model(model: str, budgets: list[str], variants: list[str], calib: in
     profile_s = time.perf_counter() - t0
     ctx = SearchContext.build(runner, sampler, profile, samples=calib)
     seeds = evaluation_seeds(eval_n)
-    rows = []
+    rows = list(done or [])  # rows an earlier run of the same settings measured (--append)
+    have = {(r["budget"], r["variant"]) for r in rows if r.get("status") == "ok"}
     head = {"model": model, "sampler": {"scheduler": sampler.scheduler, "steps": sampler.steps, "guidance": sampler.guidance},
             "profile": profile.meta.name, "profile_s": profile_s, "calib_samples": calib, "eval_seeds": f"{seeds[0]}..{seeds[-1]}",
             "repeats": repeats, "max_speedup": ctx.max_speedup(), "rows": rows}
     for budget in budgets:
         for variant in variants:
+            if (budget, variant) in have:
+                continue
             row = {"budget": budget, "variant": variant, "actions": VARIANTS[variant]}
             t0 = time.perf_counter()
             try:
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--part", action="store_true", help="write each model's figures to actions_reach.<model>.json only")
     ap.add_argument("--merge", action="store_true", help="join the parts into actions_reach.{json,md}")
+    ap.add_argument("--append", action="store_true", help="with --part: keep the rows the model's part file holds, measure the rest")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -162,8 +166,9 @@ def main(argv=None) -> int:
     for model in args.models.split(","):
         part = RESULTS / f"{NAME}.{model}.json"
         save = (lambda r, part=part: write_json_atomic(part, r)) if args.part else None
+        done = json.loads(part.read_text())["rows"] if args.append and part.exists() else None
         result = measure_model(model, args.budgets.split(","), args.variants.split(","), args.calib_samples,
-                               args.eval_seeds, args.repeats, save)
+                               args.eval_seeds, args.repeats, save, done)
         if args.part:
             save(result)
         models.append(result)
