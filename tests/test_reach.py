@@ -99,11 +99,13 @@ def _assert_greedy_reaches(ctx, actions):
         assert used <= set("".join(actions.values())), used
 
 
+@pytest.mark.slow  # a whole greedy search per budget of the grid
 @pytest.mark.parametrize("actions", [OLD, NEW], ids=["old-actions", "new-actions"])
 def test_greedy_meets_every_budget_up_to_the_fastest_plan_on_digits(digits10, context_of, actions):
     _assert_greedy_reaches(context_of(digits10), actions)
 
 
+@pytest.mark.slow  # a whole greedy search per budget of the grid
 @pytest.mark.parametrize("actions", [OLD, NEW], ids=["old-actions", "new-actions"])
 def test_greedy_meets_every_budget_up_to_the_fastest_plan_on_a_tiny_dit(tiny, actions):
     runner = tiny("dit")
