@@ -256,6 +256,26 @@ def max_speedup(context, gates: Gates | Router) -> float:
     return predicted_speedup(context, gates, THETA_ALL_REUSE)
 
 
+def router_reach(context, router: Router, max_runs: Sequence[int | None] | None = None) -> float:
+    """The fastest predicted speedup any hard plan of ``router``'s shape can have, whatever training makes
+    of its gates: every free entry reusing, under the least limiting of the run caps ``max_runs`` (``None``:
+    the router's own cap)."""
+    g = Gates.of(router)
+    caps = [router.max_run] if max_runs is None else list(max_runs)
+    return max(max_speedup(context, dataclasses.replace(g, max_run=cap)) for cap in caps)
+
+
+def check_reach(context, budget, router: Router, max_runs: Sequence[int | None] | None, how: str) -> None:
+    """PlannerError, before any training, when no plan of ``router``'s shape reaches the speed budget."""
+    if budget.speedup is None:
+        return
+    reach = router_reach(context, router, max_runs)
+    if not budget.speed_met(reach):
+        raise PlannerError(f"budget {budget.label()} cannot be met: the fastest plan {how} predicts {reach:.2f}x "
+                           f"(every free gate reusing; the model's fastest plan: {context.max_speedup():.2f}x), "
+                           "and no training changes that")
+
+
 def _theta_for_error(context, g: Gates, max_error: float, evaluations: int = 8):
     """``(theta, evaluation)`` of the fastest plan found within ``max_error``, ``None`` when none is:
     a bisection for the largest threshold (most reuse) that keeps the calibration error within,

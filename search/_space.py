@@ -3,8 +3,9 @@
 One boolean per (step, module) would give an optimizer thousands of dimensions; this space has
 ``5 + groups`` of them. One schedule for the whole model:
 
-* ``action``: how skipped steps are served: ``D`` (block residual reuse), ``F`` (forecast of the
-  block output) or ``R`` (reuse of attention/MLP outputs; the block's norms still run);
+* ``action``: how skipped steps are served: ``D`` (block residual reuse), ``F`` / ``Q`` (first- /
+  second-order forecast of the block output) or ``R`` (reuse of attention/MLP outputs; the block's
+  norms still run);
 * ``interval``: compute once every N steps (1 = never reuse), as in FORA / DeepCache;
 * ``warmup`` / ``cooldown``: steps at the start / end that always compute (the late steps are the
   sensitive ones: their outputs change most);
@@ -49,7 +50,8 @@ import numpy as np
 from planner.errors import PlannerError
 
 SPACE_VERSION = 1
-ACTION_NAMES = {"D": "block residual reuse", "F": "block output forecast", "R": "attention/MLP output reuse"}
+ACTION_NAMES = {"D": "block residual reuse", "F": "block output forecast", "Q": "block output forecast, second order",
+                "R": "attention/MLP output reuse"}
 SUBLAYER_KINDS = ("attn", "cross_attn", "mlp")
 DEFAULT_TOLERANCES = (70, 80, 90, 100)
 DEFAULT_SHIFTS = (-1, 0, 1)
@@ -119,6 +121,13 @@ class PlanSpace:
                 raise PlannerError(f"{g.name}_shift={shift} is not one of {list(self.shifts)}")
             out[f"{g.name}_shift"] = shift
         return out
+
+    def fastest_params(self, action: str) -> dict[str, Any]:
+        """The point of the space that reuses most with ``action``: the longest interval, every group at its
+        own longest, no warm-up or cool-down, tolerance 100."""
+        shift = self.shifts[-1]
+        return self.complete({"action": action, "interval": self.max_interval, "tolerance": 100,
+                              **{f"{g.name}_shift": shift for g in self.groups}})
 
     def uniform_params(self, interval: int, action: str, cooldown: int = 0) -> dict[str, Any]:
         """FORA's pattern as a point of the space: every group computes once every ``interval``
@@ -245,8 +254,9 @@ def _median_ratio(num: np.ndarray, den: np.ndarray) -> float:
 
 def build_space(profile, modules, steps: int, *, groups: int = 4, max_interval: int = 6, actions: str = "DF",
                 tolerances: Iterable[int] = DEFAULT_TOLERANCES, shifts: Iterable[int] = DEFAULT_SHIFTS,
-                drift_ratio: float = 1.5) -> PlanSpace:
-    """The plan space for a model (``modules`` as ``runner.modules()``) and its profile; see the module docstring."""
+                drift_ratio: float = 1.5, scale_groups: bool = True) -> PlanSpace:
+    """The plan space for a model (``modules`` as ``runner.modules()``) and its profile; see the module docstring.
+    ``scale_groups=False`` gives every group ``max_interval`` as its longest interval (the widest space)."""
     if not actions or any(a not in ACTION_NAMES for a in actions):
         raise PlannerError(f"actions must be letters of {''.join(ACTION_NAMES)}, got {actions!r}")
     if max_interval < 2:
@@ -276,7 +286,7 @@ def build_space(profile, modules, steps: int, *, groups: int = 4, max_interval: 
         raise PlannerError(f"the profile lacks module {e}: was it made for this model?") from None
     offered = []
     for a in dict.fromkeys(actions):
-        if a == "F" and lags >= 2 and not _median_ratio(output[1][2:], output[0][2:]) >= drift_ratio:
+        if a in "FQ" and lags >= 2 and not _median_ratio(output[1][2:], output[0][2:]) >= drift_ratio:
             continue  # the outputs do not drift: extrapolating them would add noise
         if a == "R" and not any(children.values()):
             continue
@@ -289,10 +299,11 @@ def build_space(profile, modules, steps: int, *, groups: int = 4, max_interval: 
         ratio = min(finite) / c if finite and np.isfinite(c) and c > 0 else 0.0
         subs = tuple(n for b in part for n in children[b])
         group_curves = {"D": curves(part, "res_reuse_rel_l1_mean"), "F": curves(part, "rel_l1_mean"),
+                        "Q": curves(part, "rel_l1_mean"),
                         "R": curves(list(subs), "rel_l1_mean") if subs else []}
         out.append(GroupSpace(
             name=f"g{i}", blocks=tuple(part), sublayers=subs,
-            max_interval=int(np.clip(round(max_interval * ratio), 2, max_interval)),
+            max_interval=int(np.clip(round(max_interval * ratio), 2, max_interval)) if scale_groups else max_interval,
             allowed={a: _allowed_masks(group_curves[a], tolerances) for a in offered},
         ))
     low, high = max(1, steps // 10), max(1, steps // 10, steps // 4)

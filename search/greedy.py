@@ -41,6 +41,9 @@ from planner.search.budget import first_true, unreachable
 
 GREEDY_HOOK = "planner_greedy_search"
 DEFAULT_ACTIONS = {"block": "FD", "attn": "", "cross_attn": "", "mlp": ""}
+# The executor's reuse actions a module may try in a pass (planner.plan.ACTION_CODES): reuse (R), residual
+# reuse (D, blocks only), first- and second-order forecasts (F, Q). CFG sharing (S) is ``share_cfg``.
+CANDIDATE_CODES = "RDFQ"
 Kind = Literal["block", "attn", "cross_attn", "mlp"]
 
 
@@ -66,8 +69,10 @@ class GreedySettings(StrategySettings):
     @classmethod
     def _known_actions(cls, actions: dict[str, str]) -> dict[str, str]:
         for kind, codes in actions.items():
-            if set(codes) - set("RDF"):
-                raise ValueError(f"actions for {kind} must be letters of R, D, F, got {codes!r}")
+            if set(codes) - set(CANDIDATE_CODES):
+                raise ValueError(f"actions for {kind} must be letters of {', '.join(CANDIDATE_CODES)}, got {codes!r}")
+            if len(set(codes)) != len(codes):
+                raise ValueError(f"actions for {kind} name an action twice: {codes!r}")
             if "D" in codes and kind != "block":
                 raise ValueError(f"reuse_residual (D) applies to blocks only, not to {kind}")
         return actions
@@ -136,8 +141,10 @@ class _StepSearchHook(ModelHook):
 class _GreedyPass:
     """One greedy pass at a fixed delta; ``run()`` returns ``(decisions, final latents)``.
 
-    ``records`` collects, per trial of the first (most saving) candidate, ``(step, module, choice,
-    required delta)``: the smallest delta at which that candidate would have been accepted."""
+    ``records`` collects, per trial, in the order tried, ``(step, module, choice, required delta)``:
+    the smallest delta at which that candidate would have been accepted. Every measured candidate
+    counts (a pass that rejects a forecast and accepts a residual reuse records both), so the plan
+    that a records-predicted delta gives keeps what the pass chose."""
 
     def __init__(self, context, delta: float, actions: dict[str, str], share_cfg: bool, bar=None,
                  weights: np.ndarray | None = None, guided: bool = True, max_run: int | None = None):
@@ -254,17 +261,22 @@ class _GreedyPass:
                 return self.trial_error(step, name, choice, at_step, reference, saved)
 
             index, errors = first_acceptable(candidates, error_of, weight * self.delta)
-            self.records.append((step, m.name, candidates[0], errors[0] / weight if weight > 0 else math.inf))
+            for choice, error in zip(candidates, errors):  # every candidate measured, in the order tried
+                self.records.append((step, m.name, choice, error / weight if weight > 0 else math.inf))
             self._set(m.name, step, candidates[index] if index is not None else {b: "C" for b in active})
         return at_step()
 
 
 def decisions_from_records(records, modules: Iterable[str], branches: Sequence[str], steps: int, delta: float) -> dict:
-    """The plan a pass at ``delta`` would pick if every trial's error stayed what ``records`` say
-    (the first candidate where its required delta is within ``delta``, else compute)."""
+    """The plan a pass at ``delta`` would pick if every trial's error stayed what ``records`` say: per
+    step, module and set of branches, the first candidate recorded (the order tried) whose required
+    delta is within ``delta``, else compute. Candidates a pass never measured count as rejected."""
     codes = {m: {b: ["C"] * steps for b in branches} for m in modules}
+    decided: set[tuple] = set()
     for step, module, choice, need in records:
-        if need <= delta:
+        key = (step, module, tuple(sorted(choice)))
+        if need <= delta and key not in decided:
+            decided.add(key)
             for b, code in choice.items():
                 codes[module][b][step] = code
     return {m: {b: "".join(c) for b, c in per.items()} for m, per in codes.items()}
@@ -363,6 +375,7 @@ class _GreedySearch:
         blocks = [m.name for m in ctx.modules if m.kind == "block"]
         last_error = None
         first = max(1, math.floor(2 * budget.speedup) - 2)
+        searched = 0
         for run in range(first, ctx.steps):
             upper = ctx.plan({b: uniform_codes(ctx.steps, run + 1, "D") for b in blocks})
             if not budget.speed_met(ctx.predict(upper)[0]):
@@ -373,24 +386,33 @@ class _GreedySearch:
                 return self._search_speed(budget)
             except PlannerError as e:
                 last_error = e
-                if run >= first + 2:
+                searched += 1  # three bounds that can reach it on paper but whose passes do not: give up
+                if searched >= 3:
                     break
         raise last_error or unreachable(budget, ctx.max_speedup(), "of a greedy plan")
 
     def _search_speed(self, budget) -> dict:
-        """Estimate delta from the last pass's trial errors, run there, correct upwards until met."""
+        """Estimate delta from the last pass's trial errors, run there, correct upwards until met.
+
+        Passes bracket the delta: the largest that missed the budget and the smallest that met it. An
+        estimate outside that bracket (the records of one trajectory misjudge another, most at loose
+        budgets where a smaller delta changes many choices) is replaced by the bracket's geometric middle."""
         s = self.settings
         max_passes = s.max_passes or 6
         step_up = 1.0 + s.step_up
         delta = s.delta0
         meeting: list[dict] = []
+        missed, meets = 0.0, math.inf
         for _ in range(max_passes):
             last = self.at(delta)
             met = budget.speed_met(last["speedup"])
             if met:
                 meeting.append(last)
+                meets = min(meets, delta)
                 if last["speedup"] <= budget.speedup * 1.03:
                     break  # close enough: more passes buy little
+            else:
+                missed = max(missed, delta)
             estimate = self._estimate(last["records"], budget)
             if estimate is None:  # even accepting every trial misses it: try the loosest delta once
                 finite = [r[3] for r in last["records"] if math.isfinite(r[3])]
@@ -402,6 +424,10 @@ class _GreedySearch:
                 step_up = 1.0 + 2.0 * (step_up - 1.0)  # the estimates keep undershooting: correct faster
             elif meeting and estimate >= delta:
                 break  # met, and the records see no smaller delta that would
+            if not missed < estimate < meets and missed > 0 and math.isfinite(meets):
+                if meets / missed < 1.02:
+                    break  # the bracket is closed: what met is as slow as a pass gets
+                estimate = math.sqrt(missed * meets)
             if estimate in self.tried:
                 break
             delta = estimate

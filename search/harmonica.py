@@ -36,6 +36,7 @@ from planner.search._harmonica_proxy import PROXIES, normalise, raw_proxy
 from planner.search._harmonica_sdt import StepwiseDistillation
 from planner.search._router import (
     THETA_ALL_REUSE,
+    check_reach,
     choose_plan,
     frozen,
     decisions_from_gates,
@@ -195,13 +196,14 @@ class HarmoniCa(Strategy):
     def search(self, context, budget):
         s = self.settings
         trainer = HarmoniCaTrainer(context, s, budget)
+        how = f"of a harmonica router ({s.level} level, {s.proxy} proxy)"
+        check_reach(context, budget, trainer.router, s.max_runs, how)
         snapshots = trainer.train()
         common = common_params(s, s.level, trainer.progress.elapsed_s, proxy=s.proxy, betas=list(s.betas),
                                rounds_per_beta=s.rounds, batch=s.batch, proxy_every=s.proxy_every,
                                proxy_floor=s.proxy_floor, max_runs=list(s.max_runs))
         for g in snapshots:
             g.params = {**common, **g.params}
-        how = f"of a harmonica router ({s.level} level, {s.proxy} proxy)"
         if s.theta is not None:
             plan = plan_at_theta(context, budget, snapshots, s.theta, self.name, how)
         else:

@@ -30,6 +30,7 @@ from planner.cfg import CfgLayout, cfg_halves, guided
 from planner.search import Strategy, StrategySettings, register
 from planner.search._router import (
     StepCalls,
+    check_reach,
     choose_plan,
     every_other_step,
     frozen,
@@ -190,17 +191,18 @@ class L2C(Strategy):
     def search(self, context, budget):
         s = self.settings
         trainer = L2CTrainer(context, s)
+        how = f"of an l2c router ({s.level} level, {s.mode} mode)"
+        # every cap up to the trained window length: a cached value is never staler than trained
+        runs = [None] if s.mode == "paper" else range(1, s.max_distance + 1)
+        check_reach(context, budget, trainer.router, [None] if s.mode == "paper" else [s.max_distance], how)
         snapshots = trainer.train()
         common = common_params(s, s.level, trainer.progress.elapsed_s, mode=s.mode, iterations_per_lambda=s.iterations,
                                lambdas=list(s.lambdas), max_distance=s.max_distance if s.mode == "rollout" else 1)
         for g in snapshots:
             g.params = {**common, **g.params}
-        how = f"of an l2c router ({s.level} level, {s.mode} mode)"
         if s.theta is not None:
             plan = plan_at_theta(context, budget, snapshots, s.theta, self.name, how)
         else:
-            # every cap up to the trained window length: a cached value is never staler than trained
-            runs = [None] if s.mode == "paper" else range(1, s.max_distance + 1)
             plan = choose_plan(context, budget, snapshots, self.name, how, max_runs=runs)
         trainer.save_beside_plan(plan)
         return plan

@@ -77,7 +77,8 @@ class OptunaSettings(StrategySettings):
     population: int = Field(12, ge=2, description="NSGA-II population")
     groups: int = Field(4, ge=1, description="depth groups of blocks, each with its own interval shift")
     max_interval: int = Field(6, ge=2, description="longest interval between computes")
-    actions: str = Field("DF", pattern="^[DFR]+$", description="letters of D (residual reuse), F (forecast), R (sub-layer reuse)")
+    actions: str = Field("DF", pattern="^[DFQR]+$",
+                         description="letters of D (residual reuse), F / Q (first- / second-order forecast), R (sub-layer reuse)")
     tolerances: tuple[int, ...] = Field(DEFAULT_TOLERANCES, description="percentiles of the profile's change allowed to reuse at")
     shifts: tuple[int, ...] = Field(DEFAULT_SHIFTS, description="per-group interval shifts to search")
     drift_ratio: float = Field(1.5, gt=0, description="F is offered where lag-2 change is at least this times lag-1")
@@ -187,10 +188,7 @@ class OptunaSearch(Strategy):
     def search(self, context, budget):
         self.prepare()
         settings = self.settings
-        space = build_space(context.profile, context.modules, context.steps, groups=settings.groups,
-                            max_interval=settings.max_interval, actions=settings.actions,
-                            tolerances=settings.tolerances, shifts=settings.shifts,
-                            drift_ratio=settings.drift_ratio)
+        space = space_for_budget(context, budget, settings)
         name = settings.study or default_study_name(context, budget)
         where = redact(settings.storage)
         storage = self._storage if settings.storage is not None else open_storage(None)  # a fresh in-memory study
@@ -217,6 +215,43 @@ class OptunaSearch(Strategy):
         if context.artifacts is not None:
             save_front(context, budget, space, records, best, info, settings.baselines)
         return plan_of(context, space, best, {**info, "trial": best.number})
+
+
+def space_reach(context, space: PlanSpace) -> float:
+    """The fastest predicted speedup of any point of ``space``: its most reusing point, over its actions."""
+    return max(context.predict(context.plan(space.decisions(space.fastest_params(a))))[0] for a in space.actions)
+
+
+def space_for_budget(context, budget, settings: OptunaSettings) -> PlanSpace:
+    """The plan space of ``settings``; when a speed budget lies beyond its fastest point and ``max_interval``
+    was left at its default, the longest interval doubles (up to the number of steps) until the space
+    reaches the budget, and last every depth group may take that longest interval (not only the most
+    stable one): then the space holds the model's fastest plan, compute at the first step only. PlannerError,
+    before any trial, when the space cannot reach the budget: trials only pick points of the space, so
+    more of them cannot help."""
+
+    def build(max_interval: int, scale_groups: bool = True) -> PlanSpace:
+        return build_space(context.profile, context.modules, context.steps, groups=settings.groups,
+                           max_interval=max_interval, actions=settings.actions, tolerances=settings.tolerances,
+                           shifts=settings.shifts, drift_ratio=settings.drift_ratio, scale_groups=scale_groups)
+
+    space = build(settings.max_interval)
+    if budget.speedup is None or budget.speed_met(reach := space_reach(context, space)):
+        return space
+    if "max_interval" not in settings.model_fields_set:
+        interval = settings.max_interval
+        while interval < context.steps:
+            interval = min(2 * interval, context.steps)
+            space = build(interval)
+            if budget.speed_met(reach := space_reach(context, space)):
+                return space
+        space = build(max(interval, 2), scale_groups=False)
+        if budget.speed_met(reach := space_reach(context, space)):
+            return space
+    raise PlannerError(
+        f"budget {budget.label()} lies beyond optuna's plan space: its fastest point predicts {reach:.2f}x "
+        f"(actions {''.join(space.actions)}, intervals up to {space.max_interval}; the model's fastest plan: "
+        f"{context.max_speedup():.2f}x); more trials cannot help: widen the space (max_interval, actions) or use greedy")
 
 
 def default_study_name(context, budget) -> str:

@@ -24,7 +24,7 @@ import pandas as pd
 
 from planner.cfg import CfgLayout
 from planner.plan import COMPUTE
-from planner.profile.timing import REUSE_COLUMNS
+from planner.profile.timing import REUSE_COLUMNS, REUSE_FALLBACKS
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class ModuleCost:
     parent: str | None
     self_s: float
     self_half_s: float
-    reuse_s: dict[str, float]  # action code (R, D, F, S) -> seconds, for the full batch of one call
+    reuse_s: dict[str, float]  # action code (R, D, F, Q, S) -> seconds, for the full batch of one call
     hook_s: float = 0.0  # what the executor's hook adds to every call that reaches the module, once hooked
 
 
@@ -76,7 +76,8 @@ class LatencyModel:
     @classmethod
     def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0) -> "LatencyModel":
         """Build the model from a profile's cost table (module rows plus the ``fixed`` rows); modules
-        without a ``hook_ms`` value get ``hook_ms``."""
+        without a ``hook_ms`` value get ``hook_ms``. A reuse column the table lacks (``forecast2_ms`` in
+        profiles made before it) is estimated from the one :data:`REUSE_FALLBACKS` names."""
         mods = cost[cost.kind != "fixed"]
         fixed = cost[cost.kind == "fixed"].groupby("scope").self_ms.sum()
         modules = tuple(
@@ -86,7 +87,7 @@ class LatencyModel:
                 parent=r.parent or None,
                 self_s=float(r.self_ms) / 1e3,
                 self_half_s=float(r.self_half_ms) / 1e3,
-                reuse_s={code: float(getattr(r, col)) / 1e3 for code, col in REUSE_COLUMNS.items()},
+                reuse_s={code: _reuse_ms(r, col) / 1e3 for code, col in REUSE_COLUMNS.items()},
                 hook_s=_num(getattr(r, "hook_ms", None), hook_ms) / 1e3,
             )
             for r in mods.itertuples()
@@ -235,6 +236,18 @@ class LatencyModel:
             for m in d["modules"]
         )
         return cls(d["layout"], d["steps"], mods, d["call_fixed_s"], d["step_fixed_s"], d["run_fixed_s"])
+
+
+def _reuse_ms(row, col: str) -> float:
+    """The cost table's ``col`` of ``row`` in ms; where the profile has no such value, the stand-in
+    :data:`REUSE_FALLBACKS` gives (so old profiles still price every action)."""
+    value = _num(getattr(row, col, None), float("nan"))
+    if np.isfinite(value):
+        return value
+    if col in REUSE_FALLBACKS:
+        base, factor = REUSE_FALLBACKS[col]
+        return _num(getattr(row, base, None), 0.0) * factor
+    return float(getattr(row, col))
 
 
 def _num(value, default: float) -> float:

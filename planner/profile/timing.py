@@ -42,7 +42,13 @@ from planner.profile.capture import (
     resolve_modules,
 )
 # The cost table's column for each reuse action of planner.plan.ACTION_CODES.
-REUSE_COLUMNS = {"R": "reuse_ms", "D": "reuse_residual_ms", "F": "forecast_ms", "S": "share_cfg_ms"}
+REUSE_COLUMNS = {"R": "reuse_ms", "D": "reuse_residual_ms", "F": "forecast_ms", "Q": "forecast2_ms", "S": "share_cfg_ms"}
+# Columns profiles made before them lack: the column whose cost stands in, times a factor. The timed
+# first-order forecast is two tensor operations (a subtraction and an addition); the second-order one
+# weighs three cached outputs, six operations (three products, three sums), so three times as many.
+# Small outputs cost per operation, not per element: on digits-dit's block outputs (16k elements,
+# one thread) the measured ratio was 4.9, on large ones it tends to the operation count's 3.
+REUSE_FALLBACKS = {"forecast2_ms": ("forecast_ms", 3.0)}
 
 
 @dataclass
@@ -353,7 +359,8 @@ def time_reuse_ops(caps: list[Captured], layout: str, device: torch.device, cfg:
     """Cost of the reuse operations on each module's output size (full batch of one call), in ms.
 
     ``R`` copies the cached output, ``D`` adds a cached residual to the fresh input, ``F`` extrapolates
-    from two cached outputs, ``S`` copies one CFG half onto the other. Modules with equal output
+    from two cached outputs, ``Q`` weighs three (the executor's second-order forecast), ``S`` copies one
+    CFG half onto the other. Modules with equal output
     shapes share one measurement.
     """
     light = TimingConfig(warmup=2, repeats=max(5, cfg.repeats // 2), run_repeats=cfg.run_repeats, min_sample_s=cfg.min_sample_s)
@@ -367,10 +374,13 @@ def time_reuse_ops(caps: list[Captured], layout: str, device: torch.device, cfg:
                 memo[key] = {col: 0.0 for col in REUSE_COLUMNS.values()}
             else:
                 prev = [t * 0.5 for t in outs]
+                older = [t * 0.25 for t in outs]
+                weights = (0.3, -1.1, 1.8)  # what the executor's Lagrange weights look like: any three floats
                 ops = {
                     "R": lambda: [t.clone() for t in outs],
                     "D": lambda: [torch.add(t, p) for t, p in zip(outs, prev)],
                     "F": lambda: [torch.add(t, torch.sub(t, p)) for t, p in zip(outs, prev)],
+                    "Q": lambda: [sum(w * x for w, x in zip(weights, xs)) for xs in zip(older, prev, outs)],
                     "S": (lambda: [torch.cat([h, h]) for h in (t[: t.shape[0] // 2] for t in outs)])
                     if CfgLayout(layout).batched
                     else (lambda: [t.clone() for t in outs]),
