@@ -40,7 +40,6 @@ VARIANTS = {
     "sub": {"block": "QFD", "attn": "FR", "cross_attn": "FR", "mlp": "FR"},
 }
 NAME = "actions_reach"
-TIMESTEPS_UNKNOWN = {"digits-mmdit"}  # see measure_model
 
 
 def measure_model(model: str, budgets: list[str], variants: list[str], calib: int, eval_n: int, repeats: int,
@@ -86,11 +85,6 @@ def measure_model(model: str, budgets: list[str], variants: list[str], calib: in
             row["passes"] = plan.provenance.params.get("passes")
             row["max_run"] = plan.provenance.params.get("max_run")
             row["actions_used"] = {k: v for k, v in plan.action_counts().items() if v} if hasattr(plan, "action_counts") else None
-            if model in TIMESTEPS_UNKNOWN:
-                # The plan builder asks the scheduler for its timesteps without the sigmas FluxPipeline passes
-                # (1000, 963, ... where the pipeline runs 1000, 964, ...), and apply_plan then refuses the run.
-                # Both are evenly spaced, so forecasts weigh the same; the plan reads each call's timestep.
-                plan.sampler.timesteps = []
             report = evaluate_plan(runner, sampler, plan, seeds, repeats=repeats)
             row.update({"status": "ok", "speedup": report["speedup"], "psnr": report["psnr"],
                         "psnr_mean": report["psnr_mean"], "psnr_worst": report["psnr_worst"]})
