@@ -149,7 +149,8 @@ def _from_function(spec: str):
 
 
 def _with_dtype(pipe, dtype: str | None):
-    if dtype is not None:
+    """``pipe`` in ``dtype`` (cast only when its transformer is in another: diffusers warns at every cast)."""
+    if dtype is not None and pipe.transformer.dtype != torch_dtype(dtype):
         pipe.to(torch_dtype(dtype))
     return pipe
 
