@@ -267,3 +267,19 @@ def test_shipped_model_follows_thickness_words(pipe):
     ink_thick = cap.measure_attributes(thick)["thickness"]
     ink_thin = cap.measure_attributes(thin)["thickness"]
     assert (ink_thick > ink_thin).mean() >= 0.8
+
+
+def test_the_readme_prompt_example_runs_the_committed_plan():
+    """The README's digits-mmdit example, as written: the committed 2x plan on prompt strings."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "digits-mmdit-default28" in b)
+    code = code.replace('"plans/', f'"{root}/plans/')
+    namespace: dict = {"__name__": "readme_mmdit"}
+    exec(compile(code.replace("with planner.apply_plan(pipe, plan):", "with planner.apply_plan(pipe, plan) as handle:"),
+                 "README.md", "exec", dont_inherit=True), namespace)
+    assert len(namespace["images"]) == 2
+    assert namespace["handle"].stats()["computed_fraction"] < 0.6  # a 2x plan skips most module calls
