@@ -177,7 +177,7 @@ class _GreedyPass:
                 from planner.search._cost import active_cost
                 from planner.search._incremental import StepReplay
 
-                self.replay = StepReplay(ctx.runner.transformer, self.modules, active_cost(ctx))
+                self.replay = StepReplay(ctx.runner.transformer, self.modules, self.handle, active_cost(ctx))
             out = ctx.runner.run(ctx.conditions, ctx.seeds, ctx.sampler, output="latent")
         finally:
             registry.remove_hook(GREEDY_HOOK, recurse=False)
@@ -271,7 +271,7 @@ class _GreedyPass:
                 self.replay.adopt() if index is not None else self.replay.discard()
             self.records.append((step, m.name, candidates[0], errors[0] / weight if weight > 0 else math.inf))
             self._set(m.name, step, candidates[index] if index is not None else {b: "C" for b in active})
-        return at_step()
+        return self.replay.finish(at_step) if self.replay is not None else at_step()
 
 
 def decisions_from_records(records, modules: Iterable[str], branches: Sequence[str], steps: int, delta: float) -> dict:
