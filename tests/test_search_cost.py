@@ -6,8 +6,6 @@ Counts are exact integers from hooks on the blocks; no assertion is made on wall
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -120,22 +118,18 @@ def test_the_meter_counts_calls_of_a_bare_transformer(tiny):
     assert d["runs"] == 1.0 and d["runs_by_calls"] == 1.0
 
 
-def test_planner_search_prints_the_search_cost(tmp_path):
+def test_planner_search_prints_the_search_cost(tmp_path, monkeypatch, capsys):
+    from planner.cli import main
+
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "plan.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "planner", "search", "--strategy", "uniform", "--param", "level=block", "--budget",
-         "1.5x", "--profile", str(DIGITS_PROFILE), "--calib-samples", "1", "--out", str(out), "--json"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    payload = json.loads(proc.stdout)
-    cost = payload["search_cost"]
+    args = ["search", "--strategy", "uniform", "--param", "level=block", "--budget", "1.5x", "--profile",
+            str(DIGITS_PROFILE), "--calib-samples", "1"]
+    assert main([*args, "--out", str(out), "--json"]) == 0
+    cost = json.loads(capsys.readouterr().out)["search_cost"]
     assert set(cost) == COST_KEYS and cost["transformer_calls"] == 50 * cost["runs_by_calls"]
     plan = json.loads(out.read_text())
     assert plan["provenance"]["params"]["search_cost"] == cost
-    text = subprocess.run(
-        [sys.executable, "-m", "planner", "search", "--strategy", "uniform", "--param", "level=block", "--budget",
-         "1.5x", "--profile", str(DIGITS_PROFILE), "--calib-samples", "1", "--out", str(tmp_path / "p2.json"),
-         "--quiet"], capture_output=True, text=True, cwd=tmp_path)
-    assert text.returncode == 0, text.stderr
-    assert "search cost:" in text.stdout and "transformer calls" in text.stdout
+    assert main([*args, "--out", str(tmp_path / "p2.json"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "search cost:" in text and "transformer calls" in text
