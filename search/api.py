@@ -31,6 +31,7 @@ class SearchOutcome:
     profile_s: float
     search_s: float
     out: Path | None = None
+    cost: dict | None = None  # model calls and wall time of the strategy's search (planner.search._cost)
 
 
 def as_budget(budget: str | float | Budget | None, max_error: float | None = None) -> Budget:
@@ -76,6 +77,8 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
     profile_s = time.perf_counter() - start
 
     def search(artifacts: Path | None, checkpoints: Path | None) -> tuple[Plan, SearchContext, float]:
+        from planner.search._cost import cost_meter
+
         start = time.perf_counter()
         ctx = context
         if ctx is None:
@@ -86,8 +89,15 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
         if budget.speedup is not None and not budget.speed_met(ctx.max_speedup()):
             raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
                                f"the first gives {ctx.max_speedup():.2f}x")
-        plan = chosen.search(ctx, budget)
+        ctx.cost = cost_meter(ctx)
+        try:
+            with ctx.cost:
+                plan = chosen.search(ctx, budget)
+        finally:
+            cost, ctx.cost = ctx.cost, None
         search_s = time.perf_counter() - start
+        # every strategy's record says what its search cost (the calibration reference run not included)
+        plan.provenance.params["search_cost"] = cost.to_dict()
         pred = plan.prediction
         if not budget.met(pred.speedup, pred.calib_error):
             raise PlannerError(f"strategy {chosen.name} returned a plan that misses the budget "
@@ -96,7 +106,7 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
 
     if out is None:
         plan, context, search_s = search(None, None)
-        return SearchOutcome(plan, context, chosen, profile_s, search_s, None)
+        return SearchOutcome(plan, context, chosen, profile_s, search_s, None, plan.provenance.params["search_cost"])
     # The plan and its by-products (a front, a router) are one artifact: staged, then published together;
     # checkpoints go straight to the plan's folder, where --resume finds them after a kill.
     out = Path(out)
@@ -104,7 +114,7 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
         plan, context, search_s = search(staged.folder, artifacts_dir(out))
         staged.plan = plan
     context.artifacts = artifacts_dir(out)
-    return SearchOutcome(plan, context, chosen, profile_s, search_s, out)
+    return SearchOutcome(plan, context, chosen, profile_s, search_s, out, plan.provenance.params["search_cost"])
 
 
 def search_plan(model: Any, budget: str | float | Budget | None = None, *, strategy: str | Strategy = "greedy",

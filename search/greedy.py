@@ -64,6 +64,8 @@ class GreedySettings(StrategySettings):
         None, ge=1, description="passes at most (default: 6 for a speed budget, 10 for an error target)")
     delta0: float = Field(0.1, gt=0, description="threshold scale of the first pass")
     step_up: float = Field(0.1, gt=0, description="least relative raise of delta after a pass that misses the budget")
+    incremental: bool = Field(
+        True, description="trials re-run only the blocks from the tried module's block onward (same errors, fewer calls)")
 
     @field_validator("actions")
     @classmethod
@@ -164,6 +166,8 @@ class _GreedyPass:
         self.guided = guided and self.layout.batched
         self.max_run = max_run
         self.position = True  # DiTFastAttn's (block + 1) / blocks threshold scaling
+        self.incremental = True  # trials replay the blocks before the tried one (planner.search._incremental)
+        self.replay = None
         self.calls = 0
         self.bar = bar
         self.trials = 0
@@ -176,9 +180,17 @@ class _GreedyPass:
         registry = HookRegistry.check_if_exists_or_initialize(ctx.runner.transformer)
         registry.register_hook(_StepSearchHook(self), GREEDY_HOOK)
         try:
+            if self.incremental:
+                from planner.search._cost import active_cost
+                from planner.search._incremental import StepReplay
+
+                self.replay = StepReplay(ctx.runner.transformer, self.modules, self.handle, active_cost(ctx))
             out = ctx.runner.run(ctx.conditions, ctx.seeds, ctx.sampler, output="latent")
         finally:
             registry.remove_hook(GREEDY_HOOK, recurse=False)
+            if self.replay is not None:
+                self.replay.remove()  # before the session's hooks, so that theirs leave the modules as they were
+                self.replay = None
             self.handle.remove()
         return self.decisions(), out
 
@@ -238,14 +250,15 @@ class _GreedyPass:
         error against ``reference`` and rewind the caches."""
         self._set(module, step, choice)
         try:
-            return rel_l1(self._view(at_step()), reference)
+            out = self.replay.trial(module, at_step) if self.replay is not None else at_step()
+            return rel_l1(self._view(out), reference)
         finally:
             self.handle.restore(saved)
             self.trials += 1
 
     def _select(self, step: int, active: tuple[str, ...], at_step):
         saved = self.handle.snapshot()
-        reference = self._view(at_step())
+        reference = self._view(self.replay.reference(at_step) if self.replay is not None else at_step())
         self.handle.restore(saved)
         for m in self.modules:
             parent = self.parent.get(m.name)
@@ -261,10 +274,12 @@ class _GreedyPass:
                 return self.trial_error(step, name, choice, at_step, reference, saved)
 
             index, errors = first_acceptable(candidates, error_of, weight * self.delta)
+            if self.replay is not None:  # an accepted trial was the last one run: its forward is the incumbent
+                self.replay.adopt() if index is not None else self.replay.discard()
             for choice, error in zip(candidates, errors):  # every candidate measured, in the order tried
                 self.records.append((step, m.name, choice, error / weight if weight > 0 else math.inf))
             self._set(m.name, step, candidates[index] if index is not None else {b: "C" for b in active})
-        return at_step()
+        return self.replay.finish(at_step) if self.replay is not None else at_step()
 
 
 def decisions_from_records(records, modules: Iterable[str], branches: Sequence[str], steps: int, delta: float) -> dict:
@@ -336,6 +351,7 @@ class _GreedySearch:
         try:
             p = _GreedyPass(ctx, delta, self.actions, s.share_cfg, bar, self.weights, s.error == "guided", self.max_run)
             p.position = s.position == "linear"
+            p.incremental = s.incremental
             decisions, out = p.run()
         finally:
             bar.close()

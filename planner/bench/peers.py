@@ -237,7 +237,6 @@ def _diffusers_config(d, peer: str, value: float, copy_runner, sampler, layout, 
 
 
 def _install_diffusers(runner, sampler, peer: str, value: float, shared: dict) -> PeerRun:
-    from planner.cfg import CfgLayout
 
     d = _diffusers_hooks()
     layout = runner.cfg_layout(sampler)

@@ -10,7 +10,7 @@ from pathlib import Path
 from planner.cli import add_json_flag, report
 from planner.commands._args import add_condition_args, add_model_args, add_sampling_args
 from planner.errors import PlannerError
-from planner.limits import MAX_STEPS, count_arg, finite_float, int_in, seed_arg, steps_arg
+from planner.limits import MAX_STEPS, count_arg, int_in, seed_arg
 
 lags_arg = int_in(0, MAX_STEPS)
 

@@ -9,7 +9,7 @@ import torch
 
 from planner.cli import add_json_flag, report
 from planner.errors import PlannerError
-from planner.limits import count_arg, finite_float, seed_arg, steps_arg
+from planner.limits import count_arg, seed_arg
 
 
 def add_sampler_args(parser, steps: int | None = 50, guidance: float | None = 3.0, *, prompts_help: str | None = None,

@@ -133,12 +133,17 @@ def cmd_search(args) -> int:
         "profile_s": round(outcome.profile_s, 2),
         "search_s": round(outcome.search_s, 2),
         "evaluations": outcome.context.evaluations,
+        "search_cost": outcome.cost,
         "params": plan.provenance.params,
     }
     text = (
         f"{args.strategy} plan for {budget.label()}: predicted speedup {pred.speedup:.2f}x, "
         f"calibration error (rel. L1 of final latents) {pred.calib_error:.4f}; searched in {outcome.search_s:.1f} s -> {out}"
     )
+    if outcome.cost:
+        c = outcome.cost
+        text += (f"\nsearch cost: {c['transformer_calls']} transformer calls, {c['runs']:.1f} full sampling runs of the "
+                 f"calibration batch by blocks run ({c['runs_by_calls']:.1f} by calls), {c['wall_s']:.1f} s")
     if args.verify:
         from planner.evaluate import verify_plan
 
