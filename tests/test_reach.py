@@ -82,9 +82,9 @@ def test_greedy_settings_take_every_candidate_action_and_refuse_others():
 
 
 def _grid(ctx) -> list[float]:
-    """1.1x, a few budgets between, and 95% of the model's fastest plan."""
+    """1.1x, 2x and 95% of the model's fastest plan (a greedy search each: kept short for CI)."""
     top = 0.95 * ctx.max_speedup()
-    return [b for b in (1.1, 1.5, 2.0, 3.0) if b < top] + [math.floor(top * 100) / 100]
+    return [b for b in (1.1, 2.0) if b < top] + [math.floor(top * 100) / 100]
 
 
 def _assert_greedy_reaches(ctx, actions):
@@ -99,12 +99,11 @@ def _assert_greedy_reaches(ctx, actions):
 
 
 @pytest.mark.slow  # a whole greedy search per budget of the grid
-@pytest.mark.parametrize("actions", [OLD, NEW], ids=["old-actions", "new-actions"])
-def test_greedy_meets_every_budget_up_to_the_fastest_plan_on_digits(digits10, context_of, actions):
-    _assert_greedy_reaches(context_of(digits10), actions)
+def test_greedy_meets_every_budget_up_to_the_fastest_plan_on_digits(digits10, context_of):
+    _assert_greedy_reaches(context_of(digits10), OLD)
 
 
-@pytest.mark.slow  # a whole greedy search per budget of the grid
+@pytest.mark.slow  # a whole greedy search per budget of the grid; sub-layer actions on the smaller model
 @pytest.mark.parametrize("actions", [OLD, NEW], ids=["old-actions", "new-actions"])
 def test_greedy_meets_every_budget_up_to_the_fastest_plan_on_a_tiny_dit(tiny, actions):
     runner = tiny("dit")
