@@ -103,3 +103,16 @@ def context_of():
         return SearchContext.build(bundle.runner, bundle.sampler, bundle.profile, samples=samples, artifacts=artifacts)
 
     return make
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``planner ARGS`` in this process (a subprocess would spend seconds importing torch) inside ``cwd``."""
+    from planner.cli import main
+
+    def run(*args, cwd):
+        monkeypatch.chdir(cwd)
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
+    return run

@@ -9,7 +9,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import torch
 from planner.bench.flops import count_flops, flop_speedup
 from planner.bench.margins import margins, quality_at, worst_case
 from planner.bench.peers import PEERS, clone_runner, peer_runs
-from planner.cli import main
 from planner.executor import apply_plan
 from planner.plan import plan_for_runner
 from planner.runner import Sampler
@@ -25,16 +23,6 @@ from planner.seeds import EVAL_SEED_BASE
 
 TORCH_THREADS = 1  # see conftest.py
 SEEDS = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    def run(*args, cwd):
-        monkeypatch.chdir(cwd)
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-    return run
 
 
 # --------------------------------------------------------------------------- FLOPs

@@ -10,14 +10,12 @@ import json
 import math
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from planner.bench.peers import PEERS, parse_sweeps, peer_runs
 from planner.bench.margins import pareto_front, quality_at
-from planner.cli import main
 from planner.commands.bench import parse_strategy_params
 from planner.errors import PlannerError
 from planner.evaluate import REFERENCE, Contender, eval_markdown, evaluate_plan, interleaved_order, time_against_reference
@@ -37,17 +35,6 @@ TORCH_THREADS = 1  # see conftest.py
 @pytest.fixture(scope="module")
 def digits6(digits):
     return digits, digits.resolve(Sampler("ddim", STEPS, 3.0))
-
-
-@pytest.fixture
-def cli(capsys, monkeypatch):
-    """Run ``planner ARGS`` in this process (a subprocess would spend seconds importing torch) inside ``cwd``."""
-    def run(*args, cwd):
-        monkeypatch.chdir(cwd)
-        code = main(list(args))
-        captured = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=captured.out, stderr=captured.err)
-    return run
 
 
 # --------------------------------------------------------------------------- seeds
