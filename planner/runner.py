@@ -19,7 +19,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -302,6 +302,22 @@ class Runner:
                 return self.pipe(**kwargs)
         finally:
             self.pipe.scheduler = self._base_scheduler
+
+    def prompts_record(self, calib_seeds: Iterable[int] | None) -> dict | None:
+        """``{"digest", "count", "keys"}`` of the prompts a text model was calibrated on with ``calib_seeds``
+        (calibration seed ``s`` gets prompt number ``s``), ``None`` for other models: what a plan records and
+        ``planner eval`` checks held-out prompts against (``keys``: :attr:`Prompt.text_key`)."""
+        from planner.pipelines.prompts import Prompt, PromptSet
+
+        seeds = [int(s) for s in (calib_seeds or [])]
+        if not seeds or not self.family.text:
+            return None
+        prompts = [c for c in self.conditions(len(seeds), seed=min(seeds)) if isinstance(c, Prompt)]
+        if not prompts:
+            return None
+        unique = list(dict.fromkeys(prompts))
+        return {"digest": PromptSet(tuple(prompts), "calibration").digest, "count": len(unique),
+                "keys": sorted({p.text_key for p in unique})}
 
     def timesteps(self, sampler: Sampler | None = None) -> list[float]:
         """The timesteps the pipeline itself sets for ``sampler``, as plain numbers ([] when it cannot

@@ -54,6 +54,6 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "profiles").symlink_to(ROOT / "profiles")
     (tmp_path / "plans").mkdir()
-    code = _code_blocks(ROOT / "README.md", "python")[0]
+    code = next(b for b in _code_blocks(ROOT / "README.md", "python") if "my-plan.json" in b)
     exec(compile(code, "README.md", "exec", dont_inherit=True), {"__name__": "readme_example"})
     assert (tmp_path / "plans" / "my-plan.json").is_file()

@@ -86,6 +86,7 @@ class Engine:
         self.plan = plan
         self.strict = strict  # False: mismatches with the run are warned about, not refused
         self._pipe_timesteps: list[float] | None = None  # the pipeline scheduler's, read at the start of a run
+        self._device_timesteps: torch.Tensor | None = None  # ... or held on a GPU: read with the run's last check
         self._cfg_flag: bool | None = None  # the pipeline's do_classifier_free_guidance, where it has one
         self.steps = plan.steps
         self.layout = plan.layout
@@ -263,9 +264,16 @@ class Engine:
     def _check_deferred(self, r: _Run) -> None:
         """The per-call timestep rules, checked on a finished deferred run (its one device read)."""
         pending, r.pending = r.pending, []
-        if not pending:
+        scheduler_ts, self._device_timesteps = self._device_timesteps, None
+        if not pending and scheduler_ts is None:
             return
-        values = torch.stack([v.float() for _, v in pending]).tolist()
+        parts = [torch.stack([v.float() for _, v in pending])] if pending else []
+        if scheduler_ts is not None:
+            parts.append(scheduler_ts.float().to(parts[0].device) if parts else scheduler_ts.float())
+        values = torch.cat(parts).tolist()  # the run's one read
+        if scheduler_ts is not None:
+            values, ts = values[:len(pending)], values[len(pending):]
+            self._compare_pipe_timesteps(ts)
         for i in range(1, len(pending)):
             (s0, _), (s1, _) = pending[i - 1], pending[i]
             v0, v1 = values[i - 1], values[i]
@@ -329,16 +337,16 @@ class Engine:
                 self._mismatch(f"plan was made for a {cls} with another config (config hash {s.scheduler_config}, "
                                f"the pipeline's {theirs})")
         timesteps = getattr(sched, "timesteps", None)
-        if timesteps is not None:
-            # one read for the whole list (a device tensor on a GPU), not one per step
-            ts = [float(x) for x in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
-            self._pipe_timesteps = ts
-            if len(ts) != self.steps:
-                self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs {len(ts)}")
-            elif s.timesteps and not all(_close(a, b) for a, b in zip(ts, s.timesteps)):
-                k = next(i for i, (a, b) in enumerate(zip(ts, s.timesteps)) if not _close(a, b))
-                self._mismatch(f"the pipeline's timesteps differ from the plan's (step {k}: {ts[k]:g}, "
-                               f"the plan's {float(s.timesteps[k]):g}): another scheduler setting")
+        self._device_timesteps = None
+        if isinstance(timesteps, torch.Tensor) and timesteps.device.type != "cpu":
+            # not read now (a sync): counted here, compared with the plan's in the run's one read at its end
+            if timesteps.numel() != self.steps:
+                self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs {timesteps.numel()}")
+            self._device_timesteps = timesteps.detach().reshape(-1)
+        elif timesteps is not None:
+            self._pipe_timesteps = [float(x) for x in (timesteps.tolist() if isinstance(timesteps, torch.Tensor)
+                                                       else timesteps)]
+            self._compare_pipe_timesteps(self._pipe_timesteps)
         try:
             cfg_on = getattr(pipe, "do_classifier_free_guidance")
         except Exception:  # property reading a field this pipeline never set
@@ -347,6 +355,16 @@ class Engine:
         if isinstance(cfg_on, bool) and cfg_on != (self.layout is not CfgLayout.NONE):
             state = "on" if cfg_on else "off"
             self._mismatch(f"plan was made for CFG layout {self.layout.value!r}, but the pipeline runs with CFG {state}")
+
+    def _compare_pipe_timesteps(self, ts: list[float]) -> None:
+        """The pipeline scheduler's timesteps against the plan's: their number, and their values when known."""
+        s = self.plan.sampler
+        if len(ts) != self.steps:
+            self._mismatch(f"plan was made for {self.steps} steps, the pipeline runs {len(ts)}")
+        elif s.timesteps and not all(_close(a, b) for a, b in zip(ts, s.timesteps)):
+            k = next(i for i, (a, b) in enumerate(zip(ts, s.timesteps)) if not _close(a, b))
+            self._mismatch(f"the pipeline's timesteps differ from the plan's (step {k}: {ts[k]:g}, "
+                           f"the plan's {float(s.timesteps[k]):g}): another scheduler setting")
 
     def _check_first_call(self, args: tuple, kwargs: dict) -> None:
         """Batched CFG through a pipeline that does not say whether CFG is on (DiT, PixArt): its first call

@@ -94,7 +94,7 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         kwargs.setdefault("frames", size["num_frames"])
     kwargs.setdefault("model_revision", getattr(runner, "revision", None))
     kwargs.setdefault("dtype", str(runner.dtype).removeprefix("torch."))
-    kwargs.setdefault("prompts", calibration_prompts_record(runner, kwargs.get("calib_seeds")))
+    kwargs.setdefault("prompts", runner.prompts_record(kwargs.get("calib_seeds")))
     sched = runner.scheduler_for(sampler)
     scheduler_class, scheduler_config = type(sched).__name__, config_hash(sched.config)
     timesteps = runner.timesteps(sampler)
@@ -112,23 +112,6 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         device=kwargs.pop("device", str(runner.device)),
         **kwargs,
     )
-
-
-def calibration_prompts_record(runner: Any, calib_seeds: Iterable[int] | None) -> dict | None:
-    """``{"digest", "count", "keys"}`` of the prompts a text model was calibrated on with ``calib_seeds``
-    (the runner gives calibration seed ``s`` its prompt number ``s``), ``None`` for other models. ``keys``
-    are the prompts' :attr:`~planner.pipelines.prompts.Prompt.text_key`, what ``planner eval`` checks."""
-    from planner.pipelines.prompts import Prompt, PromptSet
-
-    seeds = [int(s) for s in (calib_seeds or [])]
-    if not seeds or not getattr(getattr(runner, "family", None), "text", False):
-        return None
-    prompts = [c for c in runner.conditions(len(seeds), seed=min(seeds)) if isinstance(c, Prompt)]
-    if not prompts:
-        return None
-    unique = list(dict.fromkeys(prompts))
-    return {"digest": PromptSet(tuple(prompts), "calibration").digest, "count": len(unique),
-            "keys": sorted({p.text_key for p in unique})}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:
