@@ -139,7 +139,7 @@ class Runner:
         self._embedding_cache = embedding_cache
         self._encoder = None
         self._base_scheduler = pipe.scheduler
-        self._timesteps: dict[Sampler, list[float]] = {}
+        self._probes: dict[Sampler, _Probe] = {}
         self.transformer.eval()
         pipe.set_progress_bar_config(disable=True)
 
@@ -322,41 +322,72 @@ class Runner:
     def timesteps(self, sampler: Sampler | None = None) -> list[float]:
         """The timesteps the pipeline itself sets for ``sampler``, as plain numbers ([] when it cannot
         say). Pipelines pass their own sigmas and shifts to the scheduler (Flux: a linear sigma ramp
-        shifted by the image size), so they are probed: the pipeline is called and stopped as soon as
-        its scheduler's ``set_timesteps`` has run, before any transformer call."""
-        sampler = self.resolve(sampler)
-        if sampler not in self._timesteps:
-            self._timesteps[sampler] = self._probe_timesteps(sampler)
-        return list(self._timesteps[sampler])
+        shifted by the image size), so they are read from a probe run (:meth:`_probe`)."""
+        return list(self._probe(sampler).timesteps)
 
-    def _probe_timesteps(self, sampler: Sampler) -> list[float]:
+    def input_shape(self, sampler: Sampler | None = None) -> list[int] | None:
+        """The shape of one sample of the transformer's ``hidden_states`` in a run of ``sampler`` (batch
+        dimension left out; ``None`` when the probe run cannot say): how the run's resolution and frames
+        look from inside the pipeline, where :func:`planner.apply_plan` checks them."""
+        shape = self._probe(sampler).input_shape
+        return list(shape) if shape is not None else None
+
+    def _probe(self, sampler: Sampler | None) -> "_Probe":
+        """What the pipeline sets up for ``sampler`` before its first transformer call: it is called and
+        stopped there, so the transformer never runs (cached per sampler)."""
+        sampler = self.resolve(sampler)
+        if sampler not in self._probes:
+            self._probes[sampler] = self._run_probe(sampler)
+        return self._probes[sampler]
+
+    def _run_probe(self, sampler: Sampler) -> "_Probe":
         scheduler = self.scheduler_for(sampler)
         set_timesteps = scheduler.set_timesteps
+        seen: list[Any] = []
 
         @functools.wraps(set_timesteps)  # pipelines read its signature (does it take sigmas?)
-        def stop_after(*args, **kwargs):
+        def record(*args, **kwargs):
             set_timesteps(*args, **kwargs)
-            raise _TimestepsSet(scheduler.timesteps)
+            seen[:] = [scheduler.timesteps]
 
-        scheduler.set_timesteps = stop_after
+        def stop(module, args, kwargs):
+            from planner.executor.tree import get_arg
+
+            hidden = get_arg(type(module), "hidden_states", args, kwargs)
+            raise _ProbeDone(list(hidden.shape[1:]) if isinstance(hidden, torch.Tensor) and hidden.dim() > 1 else None)
+
+        scheduler.set_timesteps = record
         conditions = self.conditions(1, 0)
         kwargs = {**self.call_args, **_prompt_args(conditions)}
         kwargs.update({k: v for k, v in sampler.size.items() if k in self.call_names})
         kwargs.update(self.family.call_kwargs(self, conditions, sampler))
         kwargs.update(num_inference_steps=sampler.steps, generator=[torch.Generator("cpu").manual_seed(0)],
                       output_type="latent")
+        # prepended: runs before any hook of an applied plan, which then never sees the stopped call
+        handle = self.transformer.register_forward_pre_hook(stop, with_kwargs=True, prepend=True)
+        shape = None
         try:
             self._call(kwargs, sampler, scheduler)
-        except _TimestepsSet as done:
-            values = done.args[0]
-            return [float(x) for x in (values.tolist() if isinstance(values, torch.Tensor) else values)]
-        except Exception:  # a pipeline that cannot run this way: the timesteps stay unknown
-            return []
-        return []  # the pipeline never set timesteps
+        except _ProbeDone as done:
+            shape = done.args[0]
+        except Exception:  # a pipeline that cannot run this way: what it set up before failing is kept
+            pass
+        finally:
+            handle.remove()
+        timesteps = [float(x) for x in (seen[0].tolist() if isinstance(seen[0], torch.Tensor) else seen[0])] if seen else []
+        return _Probe(timesteps=tuple(timesteps), input_shape=tuple(shape) if shape is not None else None)
 
 
-class _TimestepsSet(Exception):
-    """Stops a timestep probe once the pipeline has set its scheduler's timesteps."""
+@dataclass(frozen=True)
+class _Probe:
+    """What a probe run saw: the scheduler's timesteps and one sample's transformer input shape."""
+
+    timesteps: tuple[float, ...]
+    input_shape: tuple[int, ...] | None
+
+
+class _ProbeDone(Exception):
+    """Stops a probe run at its first transformer call."""
 
 
 def _prompt_args(conditions: list[Any]) -> dict[str, Any]:

@@ -180,3 +180,34 @@ def test_bad_specs_and_samplers_raise_planner_error(runners, tmp_path):
         dit.run(dit.conditions(2), [0], Sampler("default", 2, 4.0))
     with pytest.raises(PlannerError):
         dit.run(dit.conditions(1), [0], Sampler("default", 2, 4.0), output="bogus")
+
+
+@pytest.mark.parametrize("spec, planned, other", [
+    ("tiny:pixart-sigma", dict(height=16, width=16), dict(height=32, width=16)),
+    ("tiny:flux", dict(height=16, width=16), dict(height=16, width=32)),
+    ("tiny:wan", dict(num_frames=5), dict(num_frames=9)),
+])
+def test_apply_plan_refuses_a_run_at_another_size_at_the_first_call(runners, spec, planned, other):
+    """The plan records the transformer's per-sample input shape; a pipeline called at another resolution or
+    frame count is refused before its first transformer call computes anything."""
+    from dataclasses import replace
+
+    from planner.executor import apply_plan
+    from planner.plan import plan_for_runner
+
+    runner = runners(spec)
+    sampler = replace(_quick(runner), **planned)
+    plan = plan_for_runner(runner, sampler)
+    assert plan.sampler.input_shape and len(plan.sampler.input_shape) >= 2
+    calls = []
+    handle = runner.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with apply_plan(runner.pipe, plan):
+            runner.run(runner.conditions(1), [0], sampler, output="latent")  # the planned size passes
+            assert len(calls) == STEPS * plan.layout.calls_per_step
+            calls.clear()
+            with pytest.raises(PlannerError, match="another resolution or frame count") as info:
+                runner.run(runner.conditions(1), [0], replace(sampler, **other), output="latent")
+            assert "\n" not in str(info.value) and len(calls) == 1  # refused at the first call
+    finally:
+        handle.remove()

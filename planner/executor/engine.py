@@ -11,7 +11,8 @@ Step tracking (robust without help from the pipeline):
 * ``handle.at_step(i)`` overrides all of this for callers that drive steps themselves.
 
 Checks against the run (:meth:`Engine._check_pipe`, :meth:`Engine._check_first_call`), at the first transformer call of every run, before
-anything is computed: with a pipeline, its scheduler's class, config hash and timesteps (their number,
+anything is computed: the per-sample shape of ``hidden_states`` (another resolution or frame count), when
+the plan records it; with a pipeline, its scheduler's class, config hash and timesteps (their number,
 and their values when the plan knows them) and its CFG switch where the pipeline exposes one, else,
 for batched CFG layouts, that the two halves of the first call's input are the same latents (a run
 without CFG has distinct samples there). A bare transformer has no scheduler to ask: its calls'
@@ -179,10 +180,12 @@ class Engine:
             r.last_t = t
         if not 0 <= r.step < self.steps:
             raise PlannerError(f"step {r.step} is outside the plan's {self.steps} steps")
-        if self.forced_step is None:
-            if not r.checked:
-                r.checked = True
+        if not r.checked:
+            r.checked = True
+            self._check_input_shape(args, kwargs)
+            if self.forced_step is None:
                 self._check_first_call(args, kwargs)
+        if self.forced_step is None:
             if self.pipe is None or self._pipe_timesteps is None:
                 self._check_timestep(r.step, t)
         r.calls += 1
@@ -379,6 +382,20 @@ class Engine:
         if not torch.equal(hs[:half], hs[half:]):
             self._mismatch(f"plan was made for batched CFG (layout {self.layout.value!r}), but the first call's two "
                            "halves hold different latents: the run has CFG off (or another layout)")
+
+    def _check_input_shape(self, args: tuple, kwargs: dict) -> None:
+        """The first call's ``hidden_states`` must have the per-sample shape the plan was made with (when the
+        plan records it): another shape is another resolution or frame count, whose activations and
+        step-to-step changes the plan never saw. The shape is metadata: nothing is read from the device."""
+        want = self.plan.sampler.input_shape
+        hs = tree.get_arg(self.transformer_cls, "hidden_states", args, kwargs)
+        if want is None or not isinstance(hs, torch.Tensor) or list(hs.shape[1:]) == list(want):
+            return
+        s = self.plan.sampler
+        size = ([f"{s.resolution[0]}x{s.resolution[1]}"] if s.resolution else []) + ([f"{s.frames} frames"] if s.frames else [])
+        made = f" ({', '.join(size)})" if size else ""
+        self._mismatch(f"plan was made for transformer inputs of shape {list(want)} per sample{made}, this run's are "
+                       f"{list(hs.shape[1:])}: another resolution or frame count")
 
     def _check_timestep(self, step: int, t: float | None) -> None:
         """A run without a pipeline to ask: its timestep at ``step`` must be the plan's (when the plan knows it)."""

@@ -20,6 +20,7 @@ def plan_for_model(
     scheduler_config: str | None = None,
     resolution: Iterable[int] | None = None,
     frames: int | None = None,
+    input_shape: Iterable[int] | None = None,
     guidance: float = 1.0,
     timesteps: Iterable[float] | None = None,
     spec: str | None = None,
@@ -57,6 +58,7 @@ def plan_for_model(
             scheduler_config=scheduler_config,
             resolution=[int(x) for x in resolution] if resolution is not None else None,
             frames=int(frames) if frames is not None else None,
+            input_shape=[int(x) for x in input_shape] if input_shape is not None else None,
         ),
         decisions={},
         prediction=prediction or Prediction(),
@@ -83,7 +85,8 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
     ``None`` or ``{}`` gives the all-compute (identity) plan.
 
     Other keyword arguments go to :func:`plan_for_model` (``prediction``, ``strategy``, ``params``,
-    ``profile_id``, ``calib_seeds``). The resolution and frames of the run, the model's revision, the
+    ``profile_id``, ``calib_seeds``). The resolution and frames of the run (and the transformer input shape
+    they give), the model's revision, the
     transformer's dtype and (text models) the calibration prompts of ``calib_seeds`` are recorded.
     """
     sampler = runner.resolve(sampler)
@@ -92,6 +95,8 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         kwargs.setdefault("resolution", [size["height"], size["width"]])
     if "num_frames" in size:
         kwargs.setdefault("frames", size["num_frames"])
+    if hasattr(runner, "input_shape"):
+        kwargs.setdefault("input_shape", runner.input_shape(sampler))
     kwargs.setdefault("model_revision", getattr(runner, "revision", None))
     kwargs.setdefault("dtype", str(runner.dtype).removeprefix("torch."))
     kwargs.setdefault("prompts", runner.prompts_record(kwargs.get("calib_seeds")))

@@ -21,7 +21,8 @@ from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRe
 
 # 1.1.0: the sampler also records its scheduler's config hash and, when known, resolution and frames.
 # 1.2.0: the provenance also records the model's revision, the dtype and the calibration prompts.
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.2.0", noun="cache plan", version_key="version",
+# 1.3.0: the sampler also records, when known, the shape of one sample of the transformer's input.
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.3.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric")
 
@@ -45,7 +46,8 @@ def plan_to_dict(plan: Plan) -> dict:
                     "scheduler_config": s.scheduler_config, "steps": s.steps,
                     "guidance": s.guidance, "cfg_layout": CfgLayout(s.cfg_layout).value,
                     "timesteps": [as_number(x) for x in s.timesteps],
-                    "resolution": list(s.resolution) if s.resolution is not None else None, "frames": s.frames},
+                    "resolution": list(s.resolution) if s.resolution is not None else None, "frames": s.frames,
+                    "input_shape": list(s.input_shape) if s.input_shape is not None else None},
         "decisions": decisions,
         "prediction": {k: getattr(p, k) for k in PREDICTION_KEYS},
         "provenance": {"strategy": pv.strategy, "params": pv.params, "profile_id": pv.profile_id,
@@ -75,7 +77,8 @@ def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
                                cfg_layout=layout, timesteps=list(s.get("timesteps", [])),
                                scheduler_class=s.get("scheduler_class"), scheduler_config=s.get("scheduler_config"),
                                resolution=list(s["resolution"]) if s.get("resolution") is not None else None,
-                               frames=s.get("frames")),
+                               frames=s.get("frames"),
+                               input_shape=list(s["input_shape"]) if s.get("input_shape") is not None else None),
             decisions=normalize_decisions(doc["decisions"], layout.branches, s["steps"], strict_branches=True),
             prediction=Prediction(**{k: p.get(k) for k in PREDICTION_KEYS}),
             provenance=Provenance(strategy=pv.get("strategy", "manual"), params=dict(pv.get("params", {})),

@@ -53,7 +53,9 @@ class SamplerRef:
     """The sampler a plan assumes: what :func:`planner.apply_plan` checks a run against.
 
     ``scheduler_config`` is a short hash of the scheduler's config (:func:`planner.plan.build.config_hash`);
-    ``resolution`` (``[height, width]``) and ``frames`` are filled when known (``None`` otherwise)."""
+    ``resolution`` (``[height, width]``) and ``frames`` are filled when known (``None`` otherwise), and so is
+    ``input_shape``: the shape of one sample of the transformer's ``hidden_states`` (batch dimension left
+    out), which is how a run through a bare pipeline call shows its resolution and frames to the executor."""
 
     scheduler: str
     steps: int
@@ -64,6 +66,7 @@ class SamplerRef:
     scheduler_config: str | None = None
     resolution: list[int] | None = None
     frames: int | None = None
+    input_shape: list[int] | None = None
 
 
 @dataclass
