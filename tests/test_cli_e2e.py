@@ -120,7 +120,8 @@ def check_plan_records(plan: dict, kind: str) -> None:
     from planner.zoo.fixtures import spec
 
     call = spec(kind).call
-    assert plan["version"] == "1.2.0"
+    assert plan["version"] == "1.3.0"
+    assert plan["sampler"]["input_shape"] and all(n > 0 for n in plan["sampler"]["input_shape"])
     assert plan["sampler"]["resolution"] == [call["height"], call["width"]]
     assert plan["sampler"]["frames"] == call.get("num_frames")
     pv = plan["provenance"]
