@@ -173,6 +173,7 @@ def test_peers_that_cannot_drive_a_model_say_why(digits):
 # --------------------------------------------------------------------------- the bench over models
 
 
+@pytest.mark.slow  # a bench over two models: CI runs it (pytest --slow)
 def test_bench_over_two_models_writes_per_model_tables_and_a_summary(cli, tmp_path):
     proc = cli("bench", "--models", "digits-dit,tiny:dit", "--steps", "6", "--budgets", "1.2x,2x",
                "--strategies", "greedy,uniform", "--peers", "diffusers-fbcache", "--sweep", "diffusers-fbcache=0.2,0.5",

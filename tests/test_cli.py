@@ -37,7 +37,8 @@ def test_sample_writes_a_grid_and_reports_accuracy(tmp_path, capsys):
     assert Image.open(out).size[0] > 8 * 10
 
 
-def test_bad_input_gives_one_line_and_exit_2(tmp_path):
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, cli):
+    """In process (the exit status of a real process is checked in test_plan.py and test_bad_input.py)."""
     for args in (
         ["sample", "--model", "no-such-model"],
         ["sample", "--scheduler", "no-such-scheduler", "--n", "1"],
@@ -45,7 +46,8 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path):
         ["zoo", "train", "nothing"],
         ["sample", "--steps", "many"],
     ):
-        code, out, err = run_cli(*args, "--out", str(tmp_path / "x.png")) if args[0] == "sample" else run_cli(*args)
-        assert code == 2, (args, err)
-        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+        out = ["--out", str(tmp_path / "x.png")] if args[0] == "sample" else []
+        r = cli(*args, *out, cwd=tmp_path)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (args, r.stderr)
     assert not (tmp_path / "x.png").exists()

@@ -9,8 +9,6 @@ the plan, provenance, budget met, bad parameters refused in one line)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -174,6 +172,7 @@ def test_lambda_grows_when_caching_at_a_step_is_made_more_harmful_on_digits(digi
 # --------------------------------------------------------------------------- resume and end to end
 
 
+@pytest.mark.slow  # two trainings: CI runs it (pytest --slow)
 def test_resume_continues_exactly(digits8, tmp_path, monkeypatch):
     cfg = {"batch": 2, "rounds": 2, "betas": [0.01, 0.1], "proxy_every": 10, "checkpoint_every": 1}
 
@@ -237,12 +236,9 @@ def test_a_run_cap_bounds_consecutive_reuses_and_the_saved_router_reproduces_the
     assert router.max_run == 1 and router.decisions(plan.provenance.params["theta"]) == codes
 
 
-def test_cli_refuses_a_bad_proxy_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "planner", "search", "--strategy", "harmonica", "--budget", "1.5x", "--profile",
-         str(DIGITS_PROFILE), "--calib-samples", "1", "--param", "proxy=bogus", "--out", str(tmp_path / "p.json"),
-         "--quiet"],
-        check=False, capture_output=True, text=True, cwd=tmp_path,
-    )
+def test_cli_refuses_a_bad_proxy_in_one_line(tmp_path, cli):
+    proc = cli("search", "--strategy", "harmonica", "--budget", "1.5x", "--profile", str(DIGITS_PROFILE),
+               "--calib-samples", "1", "--param", "proxy=bogus", "--out", str(tmp_path / "p.json"), "--quiet",
+               cwd=tmp_path)
     assert proc.returncode == 2 and "proxy: Input should be 'paper', 'released' or 'uniform'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()

@@ -88,6 +88,7 @@ def test_a_training_step_moves_only_the_window_scores_and_no_weight(digits10, co
     assert all(p.grad is None for p in ctx.runner.transformer.parameters())
 
 
+@pytest.mark.slow  # three trainings: CI runs it (pytest --slow)
 def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, context_of, tmp_path, monkeypatch):
     cfg = settings(**SMALL)
     straight = L2CTrainer(context_of(digits10, tmp_path / "a"), cfg)
@@ -125,7 +126,7 @@ def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, co
         L2CTrainer(context_of(digits10, tmp_path / "c"), settings(**SMALL, resume=True)).train()
 
 
-@pytest.mark.parametrize("level", ["sublayer", "block"])
+@pytest.mark.parametrize("level", ["sublayer", pytest.param("block", marks=pytest.mark.slow)])
 def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, context_of, tmp_path, level):
     ctx = context_of(digits10, tmp_path)
     # ask for 60 % of what the level can reach on this (FLOP-costed) profile
@@ -150,6 +151,7 @@ def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, context_of, t
     assert rows[0].startswith("iteration,stage,lambda,loss,mse,penalty") and len(rows) == 1 + 6
 
 
+@pytest.mark.slow  # a training per bisection point: CI runs it (pytest --slow)
 def test_an_error_target_gives_the_fastest_plan_within_it(digits10, context_of):
     ctx = context_of(digits10)
     params = {**SMALL, "lambdas": [0.01], "max_distance": 1}

@@ -157,6 +157,7 @@ def test_pareto_front_and_dominance():
 # --------------------------------------------------------------------------- in-memory studies
 
 
+@pytest.mark.slow  # two whole studies: CI runs it (pytest --slow)
 def test_same_seed_gives_the_same_study(ctx10):
     context = ctx10[4]
     runs = []

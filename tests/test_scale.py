@@ -186,6 +186,7 @@ def test_merged_shards_equal_the_single_run(spec, steps, guidance, shards, tiny,
     assert len(again.similarity) == len(single.similarity) and "shard" not in again.meta.extra
 
 
+@pytest.mark.slow  # two shard profiles and a single one of digits-dit: CI runs it (pytest --slow)
 def test_merged_digits_shards_equal_the_single_run(digits, tmp_path, capsys):
     sampler = Sampler("ddim", 8, 3.0)
     kw = dict(samples=4, lags=2, batch_size=2, costs="flops")

@@ -4,8 +4,6 @@ and the knob strategies meeting their predicted budgets on the committed digits-
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -67,13 +65,10 @@ def test_strategies_are_registered():
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_impossible_budget_exits_2_with_the_best_figure_and_writes_no_plan(tmp_path):
+def test_impossible_budget_exits_2_with_the_best_figure_and_writes_no_plan(tmp_path, cli):
     out = tmp_path / "plan.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "planner", "search", "--strategy", "uniform", "--budget", "50x", "--profile",
-         str(DIGITS_PROFILE), "--calib-samples", "2", "--out", str(out), "--quiet"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
+    proc = cli("search", "--strategy", "uniform", "--budget", "50x", "--profile", str(DIGITS_PROFILE),
+               "--calib-samples", "2", "--out", str(out), "--quiet", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr

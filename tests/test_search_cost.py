@@ -49,7 +49,8 @@ def _greedy_pass(ctx, incremental: bool, actions: dict, share_cfg: bool, delta: 
 @pytest.mark.parametrize("kind, guidance, actions, share_cfg", [
     ("dit", 4.0, {"block": "FD", "attn": "R", "mlp": "R"}, True),  # batched CFG, sub-layers, forecasts, CFG sharing
     ("sd3", 5.0, {"block": "DF", "attn": "R"}, True),  # MMDiT: blocks return (context, image) pairs
-    ("flux", 3.0, {"block": "D", "attn": "R", "mlp": "R"}, False),  # separate CFG calls, two block lists
+    pytest.param("flux", 3.0, {"block": "D", "attn": "R", "mlp": "R"}, False,  # separate CFG calls, two block lists
+                 marks=pytest.mark.slow),
 ])
 def test_incremental_trials_equal_full_trials(tiny, kind, guidance, actions, share_cfg):
     runner = tiny(kind)
@@ -79,6 +80,7 @@ def test_incremental_trials_equal_full_trials(tiny, kind, guidance, actions, sha
             assert not hasattr(module, "_diffusers_hook"), name
 
 
+@pytest.mark.slow  # runs every strategy: CI runs it (pytest --slow)
 def test_every_strategy_reports_its_calls_and_time(digits10, context_of):
     ctx = context_of(digits10)
     for strategy, params in [("uniform", {"level": "block"}), ("greedy", {})]:
@@ -97,6 +99,7 @@ def test_every_strategy_reports_its_calls_and_time(digits10, context_of):
 
 # Known (issue 19): after the budget loop's bracketing and retries (issue 18) this search takes more
 # passes (35.9 runs measured); kept as a non-strict xfail so that the figure stays visible.
+@pytest.mark.slow  # a whole 2x greedy search: CI runs it (pytest --slow)
 @pytest.mark.xfail(strict=False, reason="2x greedy on digits-dit 10 steps: 35.9 runs since the budget loop retries")
 def test_a_2x_greedy_search_costs_at_most_30_sampling_runs(digits10, context_of):
     """Issue 19's target on digits-dit (8 blocks, 10 DDIM steps): the whole 2x search, all its passes."""
