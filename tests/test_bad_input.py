@@ -847,6 +847,28 @@ def test_bare_transformer_refuses_another_step_count_at_the_first_call(digits, d
         t(x, timestep=torch.full((4,), float(digits_plan10.sampler.timesteps[0])), class_labels=labels)
 
 
+def test_bare_transformer_refuses_another_input_shape_at_the_first_call(digits, digits_plan10):
+    """A plan records one sample's input shape; a bare transformer fed another (a run at another resolution)
+    is refused at its first call, before anything is cached; a plan that does not record it runs."""
+    from dataclasses import replace
+
+    import torch
+
+    from planner.errors import PlannerError
+    from planner.executor import apply_plan
+
+    t, labels = digits.transformer, torch.tensor([1, 2, 10, 10])
+    first = torch.full((4,), float(digits_plan10.sampler.timesteps[0]))
+    assert digits_plan10.sampler.input_shape == [1, 8, 8]
+    with apply_plan(t, digits_plan10) as handle:
+        with pytest.raises(PlannerError, match=r"shape \[1, 8, 8\] per sample, this run's are \[1, 16, 16\]"):
+            t(torch.zeros(4, 1, 16, 16), timestep=first, class_labels=labels)
+        assert handle.stats()["runs"] == 0
+    unknown = replace(digits_plan10, sampler=replace(digits_plan10.sampler, input_shape=None))
+    with apply_plan(t, unknown):  # plans older than format 1.3.0 do not record it: not checked
+        t(torch.zeros(4, 1, 16, 16), timestep=first, class_labels=labels)
+
+
 def test_plan_records_the_scheduler_and_1_0_files_still_load(digits_plan10):
     from planner.plan import PLAN_FORMAT, load_plan, loads_plan, plan_to_json
 
