@@ -102,19 +102,12 @@ def install(handle_cls: type[PlanHandle], target: Any, plan: Plan | str | Path, 
     from planner.executor.engine import Engine
     from planner.executor.hooks import MODULE_HOOK, TRACKER_HOOK, CacheHook, StepTrackerHook
 
+    from planner.executor.pair import pair_of
+
     transformer, pipe = _targets(target)
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     plan.validate()
-    plan.check_model(transformer, strict=strict)
-
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
-        raise PlannerError("a cache plan is already applied to this transformer; remove its handle first")
-
-    modules = dict(transformer.named_modules())
-    gate_cols = _gate_columns(plan, transformer, modules, gates, gate_modules) if gates is not None else {}
-    engine = Engine(plan, transformer, pipe, gates, detach_cache, strict=strict)
     installed: list[tuple[torch.nn.Module, str, dict]] = []
 
     def put(module: torch.nn.Module, hook: Any, name: str) -> None:
@@ -122,6 +115,22 @@ def install(handle_cls: type[PlanHandle], target: Any, plan: Plan | str | Path, 
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         installed.append((module, name, before))
 
+    # several transformers (Wan 2.2): the hooks go on the pair every call of either one goes through
+    pair, made = pair_of(pipe, put) if pipe is not None else (None, False)
+    try:
+        if pair is not None:
+            transformer = pair
+        plan.check_model(transformer, strict=strict)
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
+            raise PlannerError("a cache plan is already applied to this transformer; remove its handle first")
+        modules = dict(transformer.named_modules())
+        gate_cols = _gate_columns(plan, transformer, modules, gates, gate_modules) if gates is not None else {}
+        engine = Engine(plan, transformer, pipe, gates, detach_cache, strict=strict)
+    except BaseException:
+        if made:
+            pair.detach()
+        raise
     handle = handle_cls(plan, transformer, engine, installed)
     try:
         put(transformer, StepTrackerHook(engine), TRACKER_HOOK)

@@ -23,6 +23,7 @@ from planner.cfg import BRANCHES, CfgLayout, other_branch
 from planner.errors import PlannerError
 from planner.limits import MAX_STEPS
 from planner.modules import module_kind
+from planner.plan.components import check_component_models, check_components
 
 # One character per action, in the plan file.
 ACTION_CODES = {
@@ -46,6 +47,8 @@ class ModelRef:
     fingerprint: str
     modules: list[str]
     spec: str | None = None
+    # since 1.4.0: {pipeline component: ComponentRef} for pipelines with several transformers (None: one)
+    components: dict[str, Any] | None = None
 
 
 @dataclass
@@ -248,6 +251,7 @@ class Plan:
                 _check_codes(codes, steps, kind, layout, b, where)
         if layout is not CfgLayout.NONE:
             self._check_shared_sources()
+        check_components(self)
         return self
 
     def _check_numbers(self) -> None:
@@ -285,10 +289,11 @@ class Plan:
         Checks the class, the block count, that every module the plan names exists, and (when
         ``strict``) the fingerprint of config and block structure.
         """
-        from planner.modules import cacheable_modules, model_fingerprint, transformer_of
+        from planner.modules import cacheable_modules, class_name, model_fingerprint, transformer_of
 
         transformer = transformer_of(model)
-        cls = type(transformer).__name__
+        check_component_models(self, transformer, strict)
+        cls = class_name(transformer)
         if cls != self.model.cls:
             raise PlannerError(f"plan was made for a {self.model.cls}, not a {cls}")
         found = cacheable_modules(transformer)
