@@ -43,15 +43,16 @@ def prefixed(component: str, name: str) -> str:
     return name if component == MAIN else f"{component}.{name}"
 
 
-def module_steps(components: Mapping[str, ComponentRef] | None, module: str) -> list[int] | None:
-    """The global steps ``module`` runs at, or ``None`` for every step (single-transformer plans)."""
+def module_steps(components: Mapping[str, Any] | None, module: str) -> list[int] | None:
+    """The global steps ``module`` runs at, or ``None`` for every step (single-transformer plans).
+    ``components`` maps a component to its :class:`ComponentRef` or to its list of steps."""
     if not components:
         return None
     ref = components.get(component_of(module, components))
-    return None if ref is None else list(ref.steps)
+    return None if ref is None else list(getattr(ref, "steps", ref))  # a ComponentRef, or its steps alone
 
 
-def absent_steps(components: Mapping[str, ComponentRef] | None, modules, steps: int) -> dict[str, set[int]]:
+def absent_steps(components: Mapping[str, Any] | None, modules, steps: int) -> dict[str, set[int]]:
     """``{module: steps it does not run at}`` for the modules whose transformer skips some steps."""
     out: dict[str, set[int]] = {}
     for m in modules:
@@ -68,7 +69,7 @@ def component_steps_of(components: Mapping[str, ComponentRef] | None) -> dict[st
     return None if not components else {c: list(ref.steps) for c, ref in components.items()}
 
 
-def compute_absent(decisions: Mapping[str, Mapping[str, str]], components: Mapping[str, ComponentRef] | None,
+def compute_absent(decisions: Mapping[str, Mapping[str, str]], components: Mapping[str, Any] | None,
                    steps: int) -> dict[str, dict[str, str]]:
     """``decisions`` with ``C`` at every step a module's transformer does not run, and its first own step
     computing where it asked for a reuse (nothing is cached before it): what a strategy that proposes codes

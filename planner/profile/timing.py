@@ -201,7 +201,7 @@ def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds
     tracker = StepTracker(layout)
     step = sampler.steps // 2
     seen: dict | None = {} if dedupe else None
-    caps = [_Capture(tracker, step, seen=seen) for _ in modules]
+    caps = [_Capture(tracker, _middle_step(runner, sampler, m.name, step), seen=seen) for m in modules]
     top = _Capture(tracker, step, keep_output=False)
     hooks = [(mod, cap, f"capture.{m.name}") for m, mod, cap in zip(modules, targets, caps)]
     # The tracker must be the outermost hook on the transformer, so it is attached last.
@@ -224,6 +224,18 @@ def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds
             made[id(rep)] = Captured(rep.args, rep.kwargs, rep.output or [])
         out.append(made[id(rep)])
     return out, Captured(top.args, top.kwargs, [])
+
+
+def _middle_step(runner, sampler, module: str, default: int) -> int:
+    """The step a module's call is captured at: the run's middle step, or with several transformers (Wan 2.2)
+    the middle one of the steps the module's transformer runs."""
+    steps = runner.component_steps(sampler)
+    if not steps:
+        return default
+    from planner.plan.components import module_steps
+
+    own = module_steps(steps, module) or [default]
+    return own[len(own) // 2]
 
 
 def half_batch(obj: Any, batch: int) -> Any:
@@ -541,7 +553,25 @@ def _sdpa_flops(inputs, outputs):
 
 def module_flops(transformer: torch.nn.Module, call: Captured, names: Sequence[str]) -> tuple[dict[str, float], float, str | None]:
     """fvcore FLOP counts (one multiply-add = 1, fvcore's convention) of each named module and of the
-    whole transformer for the captured call; ``({}, nan, reason)`` when tracing fails."""
+    whole transformer for the captured call; ``({}, nan, reason)`` when tracing fails. For a TransformerPair
+    each transformer is counted on the captured call (its inputs fit them all) and the total is their mean:
+    one of them runs per call."""
+    comps = getattr(transformer, "component_names", None)
+    if comps:
+        from planner.modules import cacheable_modules
+        from planner.plan.components import prefixed
+
+        flops: dict[str, float] = {}
+        totals = []
+        for c in comps:
+            inner = [m.name for m in cacheable_modules(transformer.component(c))]
+            own = {prefixed(c, n): n for n in inner if prefixed(c, n) in set(names)}
+            counted, total, why = module_flops(transformer.component(c), call, list(own.values()))
+            if why:
+                return {}, float("nan"), why
+            flops.update({full: counted[name] for full, name in own.items()})
+            totals.append(total)
+        return flops, sum(totals) / len(totals), None
     import warnings as _w
 
     try:
