@@ -89,6 +89,13 @@ def apply_gates(target: Any, gates: torch.Tensor, modules: Sequence[str] | None 
     An all-compute plan of ``gates.shape[0]`` steps and the given CFG layout (the one the calls use:
     ``separate`` for two calls per step), opened with those gates.
     """
+    from planner.executor.pair import transformer_components
+
+    pipe = target.pipe if hasattr(target, "pipe") and hasattr(target, "family") else target
+    if len(transformer_components(pipe)) > 1:
+        raise PlannerError(f"soft gates (the learned strategies l2c and harmonica) cover one transformer so far, and "
+                           f"this {type(pipe).__name__} runs {len(transformer_components(pipe))} (Wan 2.2); search it "
+                           "with greedy, uniform, smoothcache or optuna")
     plan = plan_for_model(target, steps=int(gates.shape[0]), cfg_layout=cfg_layout, strategy="gates")
     return open_session(target, plan, gates=gates, gate_modules=modules, detach_cache=detach_cache)
 
