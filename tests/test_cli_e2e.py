@@ -117,10 +117,11 @@ def profile_search_eval(capsys, model: str, kind: str, extra: list[str] = ()) ->
 
 def check_plan_records(plan: dict, kind: str) -> None:
     from planner.pipelines.prompts import Prompt
+    from planner.plan import PLAN_FORMAT
     from planner.zoo.fixtures import spec
 
     call = spec(kind).call
-    assert plan["version"] == "1.2.0"
+    assert plan["version"] == PLAN_FORMAT.version
     assert plan["sampler"]["resolution"] == [call["height"], call["width"]]
     assert plan["sampler"]["frames"] == call.get("num_frames")
     pv = plan["provenance"]
