@@ -502,16 +502,20 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
         return out, []
     try:
         base = plan_for_runner(runner, sampler)
-        codes = COMPUTE * (sampler.steps - 1) + "R"
+        own = _own_steps(runner, sampler, modules)  # with two transformers (Wan 2.2) each module's own steps
+
+        def codes(i: int) -> str:  # reuse at the module's last step only
+            return "".join("R" if k == own[i][-1] else COMPUTE for k in range(sampler.steps))
+
         for group, kinds in LEVEL_KINDS.items():
-            idx = [i for i, m in enumerate(modules) if m.kind in kinds]
+            idx = [i for i, m in enumerate(modules) if m.kind in kinds and len(own[i]) >= 2]
             if not idx:
                 continue
             hooked_s = {i: [] for i in idx}
             plain_s = {i: [] for i in idx}
             for _ in range(rounds):
                 for half in (idx[0::2], idx[1::2]):  # the second is empty for a lone module: a plain run
-                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes for i in half}))
+                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes(i) for i in half}))
                     try:
                         watches = {i: _Stopwatch(clock) for i in idx}
                         # attached after the executor's hooks, so each stopwatch sits outside the cache hook
@@ -523,7 +527,7 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
                     finally:
                         handle.remove()
                     for i, w in watches.items():
-                        per_step = len(w.marks) // sampler.steps
+                        per_step = len(w.marks) // len(own[i])
                         times = [clock.seconds(a, b) for a, b in w.marks[: len(w.marks) - per_step]]
                         (hooked_s if i in half else plain_s)[i] += times
             overhead = overhead_from_samples(hooked_s, plain_s)
@@ -533,6 +537,15 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
     return out, []
 
+
+
+def _own_steps(runner, sampler, modules: list[CacheableModule]) -> list[list[int]]:
+    """The steps each module runs at: all of them, or with several transformers its transformer's."""
+    from planner.plan.components import module_steps
+
+    comps = runner.component_steps(sampler)
+    every = list(range(sampler.steps))
+    return [(module_steps(comps, m.name) if comps else None) or every for m in modules]
 
 
 def overhead_from_samples(hooked: dict[int, list[float]], plain: dict[int, list[float]]) -> float | None:
