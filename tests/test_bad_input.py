@@ -561,8 +561,6 @@ CASES = [
     ("model-revision-for-zoo", argv("profile", "--model", "tiny:pixart-sigma", "--revision", "main"), None, None),
     ("model-without-transformer", argv("profile", "--model", unet_pipeline_folder, "--out", "p"), None,
      lambda err: "no transformer" in err),
-    ("model-two-transformers-gates", argv("search", "--model", "tiny:wan2.2", "--steps", "2", "--strategy", "l2c"),
-     None, lambda err: "soft gates" in err and "one transformer" in err),
     ("prompts-missing", argv("profile", "--model", "tiny:pixart-sigma", "--prompts", "nope.txt"), None,
      lambda err: "no such prompt file" in err),
     ("prompts-empty", argv("profile", "--model", "tiny:pixart-sigma", "--prompts",

@@ -130,3 +130,14 @@ def test_plans_for_one_transformer_are_refused_on_two_and_still_run_on_one(made,
         dit.run(dit.conditions(1), [0], None, output="latent")
     stats = handle.stats()
     assert stats["runs"] == 1 and stats["fallbacks"] == 0 and stats["reuse_hits"]["reuse_residual"] >= n - 1
+
+
+def test_soft_gates_refuse_two_transformers_in_one_line(made):
+    """The learned strategies (l2c, harmonica) train through soft gates, which cover one transformer so far."""
+    from planner.executor.session import apply_gates
+
+    runner, sampler, pipe = made
+    with pytest.raises(PlannerError, match=r"soft gates .* cover one transformer so far.*runs 2 \(Wan 2.2\); search it "
+                                           r"with greedy, uniform, smoothcache or optuna") as info:
+        apply_gates(runner, torch.ones(STEPS, 2), ["blocks.0.attn1", "transformer_2.blocks.0.attn1"])
+    assert "\n" not in str(info.value)
