@@ -141,3 +141,19 @@ def test_soft_gates_refuse_two_transformers_in_one_line(made):
                                            r"with greedy, uniform, smoothcache or optuna") as info:
         apply_gates(runner, torch.ones(STEPS, 2), ["blocks.0.attn1", "transformer_2.blocks.0.attn1"])
     assert "\n" not in str(info.value)
+
+
+def test_steps_counted_by_calls_as_on_a_gpu_give_the_same_run(made):
+    """Timesteps held on a GPU are not read per call: steps are counted by calls (forced here on the CPU);
+    both transformers' decisions land on the same global steps and the outputs are the same."""
+    runner, sampler, pipe = made
+    plan = plan_for_runner(runner, sampler, {"blocks.1": "CDCCCC", "transformer_2.blocks.0": "CCCDCD"})
+    with apply_plan(pipe, plan) as handle:
+        read = call(pipe)
+        executed = handle.stats()["executed"]
+    with apply_plan(pipe, plan) as handle:
+        handle._engine.deferred_timesteps = True
+        counted = call(pipe)
+        stats = handle.stats()
+    assert stats["executed"] == executed and executed["transformer_2.blocks.0"] == "..CDCD"
+    assert torch.equal(read, counted)
