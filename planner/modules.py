@@ -58,17 +58,29 @@ def module_kind(name: str) -> tuple[str, str | None]:
 
 
 def cacheable_modules(transformer) -> list[CacheableModule]:
-    """All cacheable modules of ``transformer`` in forward order: each block followed by its sub-layers."""
+    """All cacheable modules of ``transformer`` in forward order: each block followed by its sub-layers.
+
+    A :class:`planner.executor.pair.TransformerPair` (a pipeline's several transformers seen as one) lists
+    the first transformer's modules as they are, then each further one's with its component name as a
+    prefix (``transformer_2.blocks.0``)."""
+    found: list[CacheableModule] = []
+    parts = [("", transformer)] + [(f"{c}.", t) for c, t in getattr(transformer, "planner_components", {}).items()]
+    for prefix, model in parts:
+        found += _blocks_of(model, prefix, 1 + max((m.block for m in found), default=-1))
+    return found
+
+
+def _blocks_of(transformer, prefix: str, first_block: int) -> list[CacheableModule]:
     import torch  # here, so that plan files can be read without importing torch
 
     found: list[CacheableModule] = []
-    block_index = 0
+    block_index = first_block
     for list_name in BLOCK_LISTS:
         blocks = getattr(transformer, list_name, None)
         if not isinstance(blocks, torch.nn.ModuleList):
             continue
         for i, block in enumerate(blocks):
-            name = f"{list_name}.{i}"
+            name = f"{prefix}{list_name}.{i}"
             found.append(CacheableModule(name, "block", block_index, type(block).__name__))
             for child_name, child in block.named_children():
                 kind = SUBMODULE_KINDS.get(child_name)
@@ -87,12 +99,18 @@ def modules_at_level(modules, level: str) -> list[str]:
 
 def transformer_of(obj):
     """The transformer inside a Runner or pipeline, or ``obj`` itself (a transformer)."""
-    if hasattr(obj, "pipe") and hasattr(obj, "family"):  # Runner
-        obj = obj.pipe
+    if hasattr(obj, "pipe") and hasattr(obj, "family"):  # Runner (for Wan 2.2 its transformer is a TransformerPair)
+        inner = obj.transformer
+        return getattr(inner, "_orig_mod", inner)
     inner = getattr(obj, "transformer", None)
     if inner is not None and not isinstance(obj, type) and hasattr(inner, "named_modules"):
         return getattr(inner, "_orig_mod", inner)  # torch.compile wraps a module: the module inside is the model
     return getattr(obj, "_orig_mod", obj)
+
+
+def class_name(transformer) -> str:
+    """The class a plan records for ``transformer``: its own, or for a TransformerPair its first transformer's."""
+    return getattr(transformer, "planner_class", None) or type(transformer).__name__
 
 
 def model_fingerprint(transformer) -> str:
@@ -103,9 +121,12 @@ def model_fingerprint(transformer) -> str:
     """
     config = dict(getattr(transformer, "config", {}) or {})
     payload = {
-        "class": type(transformer).__name__,
+        "class": class_name(transformer),
         "config": {k: v for k, v in sorted(config.items()) if not k.startswith("_")},
         "modules": [(m.name, m.kind, m.cls) for m in cacheable_modules(transformer)],
     }
+    others = getattr(transformer, "planner_components", {})
+    if others:  # a TransformerPair: the other transformers' configs too (single models hash as before)
+        payload["components"] = {c: model_fingerprint(t) for c, t in others.items()}
     blob = json.dumps(payload, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]

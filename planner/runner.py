@@ -160,7 +160,20 @@ class Runner:
 
     @property
     def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
+        """The pipeline's transformer; for a pipeline with several (Wan 2.2) the TransformerPair that every call
+        of them goes through (:mod:`planner.executor.pair`), so that profiles, searches and plans see one
+        module over the run's global steps."""
+        from planner.executor.pair import pair_of
+
+        pair, _ = pair_of(self.pipe)
+        return pair if pair is not None else self.pipe.transformer
+
+    def component_steps(self, sampler: Sampler | None = None) -> dict[str, list[int]] | None:
+        """``{component: global steps it runs}`` for a pipeline with several transformers, else ``None``."""
+        t = self.transformer
+        if not hasattr(t, "steps_for"):
+            return None
+        return t.steps_for(self.timesteps(sampler))
 
     @property
     def device(self) -> torch.device:

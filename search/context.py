@@ -149,6 +149,13 @@ class SearchContext:
                 calib_error=evaluation.error,
                 metric="rel_l1_final_latent",
             )
+        components = self.runner.component_steps(self.sampler)
+        if components:  # several transformers (Wan 2.2): a module decides only at its transformer's steps
+            from planner.plan import normalize_decisions
+            from planner.plan.components import compute_absent
+
+            decisions = compute_absent(normalize_decisions(decisions or {}, self.branches, self.steps), components,
+                                       self.steps)
         return plan_for_runner(
             self.runner,
             self.sampler,

@@ -172,6 +172,7 @@ class _GreedyPass:
         self.bar = bar
         self.trials = 0
         self.records: list[tuple[int, str, dict, float]] = []
+        self.must_compute = _must_compute(context)
 
     def run(self):
         ctx = self.ctx
@@ -264,6 +265,8 @@ class _GreedyPass:
             parent = self.parent.get(m.name)
             if parent is not None and any(self.codes[parent][b][step] != "C" for b in active):
                 continue  # the block does not run, so neither do its sub-layers
+            if step in self.must_compute.get(m.name, ()):
+                continue  # two transformers (Wan 2.2): not its transformer's step, or its first one
             candidates = self._candidates(m, active)
             if not candidates or self._run_length(m.name, step, active) >= (self.max_run or math.inf):
                 self._set(m.name, step, {b: "C" for b in active})
@@ -280,6 +283,23 @@ class _GreedyPass:
                 self.records.append((step, m.name, choice, error / weight if weight > 0 else math.inf))
             self._set(m.name, step, candidates[index] if index is not None else {b: "C" for b in active})
         return self.replay.finish(at_step) if self.replay is not None else at_step()
+
+
+def _must_compute(context) -> dict[str, set[int]]:
+    """``{module: steps it cannot reuse at}`` for a pipeline with several transformers (Wan 2.2): the steps its
+    transformer does not run, and that transformer's first step (nothing cached before it); ``{}`` for one."""
+    from planner.plan.components import absent_steps, module_steps
+
+    components = context.runner.component_steps(context.sampler)
+    if not components:
+        return {}
+    names = [m.name for m in context.modules]
+    out = absent_steps(components, names, context.steps)
+    for name in names:
+        own = module_steps(components, name)
+        if own:
+            out.setdefault(name, set()).add(own[0])
+    return out
 
 
 def decisions_from_records(records, modules: Iterable[str], branches: Sequence[str], steps: int, delta: float) -> dict:

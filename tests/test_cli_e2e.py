@@ -26,7 +26,7 @@ CALIB = ["a red fox asleep in fresh snow", "a lighthouse on a cliff at dusk, oil
 EVAL = ["a blue rowing boat on a still lake", "close-up of a bee on a sunflower"]
 
 # Kinds whose whole path runs by default, and the others (with --slow). Left out: z-image (the zoo cannot
-# drive it yet: planner.zoo.UNSUPPORTED) and wan2.2 (two transformers: refused, see the test below).
+# drive it yet: planner.zoo.UNSUPPORTED); wan2.2 (two transformers) has its own test below.
 # Known failures of the profiler, marked strict so that a fix shows up as XPASS (then drop the mark):
 _KNOWN = {
     "qwen-image": "profile/similarity.py compares the cond and uncond outputs of a block whole, and Qwen-Image's "
@@ -117,10 +117,11 @@ def profile_search_eval(capsys, model: str, kind: str, extra: list[str] = ()) ->
 
 def check_plan_records(plan: dict, kind: str) -> None:
     from planner.pipelines.prompts import Prompt
+    from planner.plan import PLAN_FORMAT
     from planner.zoo.fixtures import spec
 
     call = spec(kind).call
-    assert plan["version"] == "1.3.0"
+    assert plan["version"] == PLAN_FORMAT.version
     assert plan["sampler"]["input_shape"] and all(n > 0 for n in plan["sampler"]["input_shape"])
     assert plan["sampler"]["resolution"] == [call["height"], call["width"]]
     assert plan["sampler"]["frames"] == call.get("num_frames")
@@ -129,16 +130,16 @@ def check_plan_records(plan: dict, kind: str) -> None:
     assert pv["prompts"]["count"] == 2 and sorted(pv["prompts"]["keys"]) == sorted(Prompt(t).text_key for t in CALIB)
 
 
-def apply_in_python(folder: Path, kind: str) -> None:
-    """The plan file on the pipeline loaded by plain from_pretrained, called with a prompt string."""
+def apply_in_python(folder: Path, kind: str, plan_file: str = "plan.json", steps: int = STEPS) -> dict:
+    """The plan file on the pipeline loaded by plain from_pretrained, called with a prompt string; its stats."""
     from planner.executor import apply_plan
     from planner.pipelines.text import PIPELINES
     from planner.plan import load_plan
     from planner.zoo.fixtures import call_kwargs, load_fixture
 
-    plan = load_plan("plan.json")
+    plan = load_plan(plan_file)
     pipe = load_fixture(folder)
-    kwargs = call_kwargs(kind, prompt=EVAL[0], steps=STEPS, output_type="latent")
+    kwargs = call_kwargs(kind, prompt=EVAL[0], steps=steps, output_type="latent")
     if PIPELINES[type(pipe).__name__].guidance == "cfg":
         kwargs["guidance_scale"] = plan.sampler.guidance
     full = pipe(**{**kwargs, "generator": torch.Generator().manual_seed(7)})
@@ -150,9 +151,10 @@ def apply_in_python(folder: Path, kind: str) -> None:
     # the plan ran and reused. (Fallbacks are allowed: on these tiny models the costs outside the blocks weigh
     # so much that a 2x plan computes the blocks at step 0 alone, and a forecast with one computed output
     # falls back to plain reuse, as the executor is meant to.)
-    assert stats["runs"] == 1 and stats["steps_run"] == list(range(STEPS)), stats
+    assert stats["runs"] == 1 and stats["steps_run"] == list(range(steps)), stats
     assert stats["computed_fraction"] < 1.0, stats
     assert a.shape == b.shape and torch.isfinite(b).all() and not torch.equal(a, b)
+    return stats
 
 
 def run_kind(kind: str, folders, tmp_path, monkeypatch, capsys) -> None:
@@ -269,11 +271,40 @@ def test_dtype_class_labels_and_call_args_reach_the_run(folders, tmp_path, monke
     assert "takes no argument" in err and not Path("x").exists()
 
 
-def test_two_transformers_are_refused_for_caching_and_sample_fine(tmp_path, monkeypatch, capsys):
+WAN22_STEPS = 10  # with boundary_ratio 0.875 the high-noise transformer runs steps 0-3, transformer_2 steps 4-9
+
+
+@pytest.mark.slow
+def test_wan22_two_transformers_profile_search_eval_apply(folders, tmp_path, monkeypatch, capsys):
+    """Wan 2.2 (two transformers split at boundary_ratio): the profile measures both (transformer_2's modules
+    prefixed), greedy and uniform find 2x plans over both, eval runs them, and a plan file applies to the pipeline
+    loaded by plain from_pretrained and called with a prompt string; sampling works too."""
+    kind = "wan2.2"
+    folder = folders(kind)
     monkeypatch.chdir(tmp_path)
-    err = cli_error(capsys, "profile", "--model", "tiny:wan2.2", "--steps", "2", "--samples", "1", "--out", "p")
-    assert "two transformers" in err and not Path("p").exists()
-    out = cli_json(capsys, "sample", "--model", "tiny:wan2.2", "--n", "1", "--steps", "2", "--out", "v.png")
+    write_prompts(tmp_path)
+    common = ["--model", str(folder), "--prompts", "calib.txt", *size_flags(kind), "--steps", str(WAN22_STEPS)]
+    cli_json(capsys, "profile", *common, "--samples", "2", "--costs", "flops", "--quiet", "--out", "prof")
+    meta = json.loads(Path("prof/meta.json").read_text())
+    assert meta["components"] == {"transformer": [0, 1, 2, 3], "transformer_2": [4, 5, 6, 7, 8, 9]}
+    names = [m["name"] for m in meta["model"]["modules"]]
+    assert "blocks.0.attn1" in names and "transformer_2.blocks.1.ffn" in names and len(names) == 16
+    for strategy in ("greedy", "uniform"):
+        found = cli_json(capsys, "search", *common, "--calib-samples", "2", "--profile", "prof", "--budget", "2x",
+                         "--strategy", strategy, "--out", f"{strategy}.json", "--quiet")
+        assert found["predicted_speedup"] >= 2.0
+        plan = json.loads(Path(f"{strategy}.json").read_text())
+        check_plan_records(plan, kind)
+        assert plan["model"]["components"]["transformer_2"]["steps"] == list(range(4, 10))
+        codes = "".join(c for m, d in plan["decisions"].items() for c in (d if isinstance(d, str) else "".join(d.values()))
+                        if m.startswith("transformer_2."))
+        assert set(codes) - {"C"}, f"{strategy} reuses nothing in transformer_2"
+        report = cli_json(capsys, "eval", "--plan", f"{strategy}.json", "--prompts", "eval.txt", "--seeds",
+                          "1000000..1000001", "--repeats", "1", "--warmup", "0", "--out", f"{strategy}-eval.json")
+        assert report["n"] == 2 and report["speedup"] > 0 and report["psnr"] == report["psnr"]
+        stats = apply_in_python(folder, kind, f"{strategy}.json", steps=WAN22_STEPS)
+        assert any(v.startswith("....") for m, v in stats["executed"].items() if m.startswith("transformer_2.")), stats
+    out = cli_json(capsys, "sample", "--model", str(folder), *size_flags(kind), "--n", "1", "--steps", "2", "--out", "v.png")
     assert Path(out["out"]).is_file()
 
 

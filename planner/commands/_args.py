@@ -145,8 +145,8 @@ def load_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def runner_from_args(args: argparse.Namespace, model: str | None = None, *, prompts_as: str = "calibration",
                      caching: bool = True):
-    """The Runner the model and condition flags describe (``model`` overrides ``--model``); with ``caching``
-    (profiles, plans) refused for a pipeline the planner cannot cache yet."""
+    """The Runner the model and condition flags describe (``model`` overrides ``--model``). (``caching`` is
+    kept for callers: every pipeline a Runner drives can be profiled and planned, Wan 2.2 included.)"""
     from planner.runner import load_runner, resolve_device
 
     options = condition_options(args, prompts_as=prompts_as)
@@ -157,10 +157,6 @@ def runner_from_args(args: argparse.Namespace, model: str | None = None, *, prom
                   "call_args": options["call_args"] or None}
     runner = load_runner(model or args.model, device=device, **load_options(args), **conditions)
     check_conditions_fit(runner, options)
-    if caching:
-        from planner.pipelines import check_one_transformer
-
-        check_one_transformer(runner.pipe)
     return runner
 
 

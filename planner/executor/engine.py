@@ -49,6 +49,7 @@ from planner.errors import PlannerError
 from planner.executor import tree
 from planner.modules import module_kind
 from planner.plan import ACTION_CODES, COMPUTE, REUSE_CODES, Plan
+from planner.plan.components import absent_steps
 
 _MAX_EXAMPLES = 5
 
@@ -93,7 +94,11 @@ class Engine:
         self.layout = plan.layout
         self.branches = plan.branches
         self.calls_per_step = self.layout.calls_per_step
-        self.transformer_cls = type(transformer)
+        # a TransformerPair (Wan 2.2) forwards its calls to transformers of this class
+        self.transformer_cls = type(getattr(transformer, "first", transformer))
+        comps = plan.model.components or {}
+        self._owner = {k: c for c, ref in comps.items() for k in ref.steps}  # global step -> its transformer
+        self._absent = absent_steps(comps, plan.model.modules, plan.steps)  # module -> steps its transformer skips
         self.pipe = pipe
         self.gates = gates
         self.detach_cache = detach_cache
@@ -180,6 +185,8 @@ class Engine:
             r.last_t = t
         if not 0 <= r.step < self.steps:
             raise PlannerError(f"step {r.step} is outside the plan's {self.steps} steps")
+        if self._owner:
+            self._check_component(getattr(module, "current", None), r.step)
         if not r.checked:
             r.checked = True
             self._check_input_shape(args, kwargs)
@@ -409,6 +416,14 @@ class Engine:
                        f"(plan made for {self.plan.sampler.scheduler_class or self.plan.sampler.scheduler}, "
                        f"{self.steps} steps): another scheduler or step count")
 
+    def _check_component(self, component: str | None, step: int) -> None:
+        """A pipeline with several transformers must run each step on the one the plan says (Wan 2.2: the
+        boundary_ratio the plan was made with)."""
+        want = self._owner.get(step)
+        if component is not None and want is not None and component != want:
+            self._mismatch(f"step {step} of the run is on {component}, the plan has it on {want} (another "
+                           "boundary_ratio or scheduler than the plan was made with)")
+
     def _branches_of_call(self, args: tuple, kwargs: dict, context_name: str | None) -> tuple[str, ...]:
         r = self.run
         if self.layout is CfgLayout.SEPARATE:
@@ -468,12 +483,20 @@ class Engine:
                     done = "".join(COMPUTE if c == COMPUTE else "-" for c in pick(self._logs.get((parent, b))))
                 else:
                     done = COMPUTE * reached
-                per[b] = done
                 codes = self.plan.codes(module, b)
                 planned = COMPUTE * reached if gated else (codes[:reached] if contiguous else "".join(codes[k] for k in ks))
-                totals["decisions"] += reached
+                absent = self._absent.get(module)
+                if absent:  # steps its transformer does not run are no decisions of it ("." in executed)
+                    per[b] = "".join("." if k in absent else c for k, c in zip(ks, done))
+                    done = "".join(c for k, c in zip(ks, done) if k not in absent)
+                    planned = "".join(c for k, c in zip(ks, planned) if k not in absent)
+                    kept = [k for k in ks if k not in absent]
+                else:
+                    per[b], kept = done, ks
+                n = len(done)
+                totals["decisions"] += n
                 if done == planned:
-                    totals["as_planned"] += reached
+                    totals["as_planned"] += n
                     for c in REUSE_CODES:
                         hits[ACTION_CODES[c]] += done.count(c)
                     continue
@@ -491,7 +514,7 @@ class Engine:
                             hits[ACTION_CODES[e]] += 1
                         if len(self._fallback_examples) < _MAX_EXAMPLES:
                             self._fallback_examples.append(
-                                f"{module} {b} step {ks[k]}: planned {ACTION_CODES[p]}, did {ACTION_CODES[e]}"
+                                f"{module} {b} step {kept[k]}: planned {ACTION_CODES[p]}, did {ACTION_CODES[e]}"
                             )
             executed[module] = per
         totals["runs"] += 1
@@ -516,9 +539,10 @@ class Engine:
         executed = self._last_executed
         leaves = self.plan.leaf_modules()
         reached = len(self._last_steps)
-        denom = max(1, len(leaves) * len(self.branches))
         per_step = [
-            sum(executed[m][b][k] == COMPUTE for m in leaves for b in self.branches) / denom for k in range(reached)
+            sum(executed[m][b][k] == COMPUTE for m in leaves for b in self.branches)
+            / max(1, sum(executed[m][b][k] != "." for m in leaves for b in self.branches))  # "." : transformer not run
+            for k in range(reached)
         ]
         return {
             "mode": "gates" if self.gates is not None else "plan",
@@ -540,6 +564,6 @@ class Engine:
             "executed": {
                 m: (v[self.branches[0]] if len(set(v.values())) == 1 else dict(v))
                 for m, v in executed.items()
-                if m in self.hooks or any(c != COMPUTE for c in "".join(v.values()))
+                if m in self.hooks or any(c not in (COMPUTE, ".") for c in "".join(v.values()))
             },
         }

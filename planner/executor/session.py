@@ -89,6 +89,13 @@ def apply_gates(target: Any, gates: torch.Tensor, modules: Sequence[str] | None 
     An all-compute plan of ``gates.shape[0]`` steps and the given CFG layout (the one the calls use:
     ``separate`` for two calls per step), opened with those gates.
     """
+    from planner.executor.pair import transformer_components
+
+    pipe = target.pipe if hasattr(target, "pipe") and hasattr(target, "family") else target
+    if len(transformer_components(pipe)) > 1:
+        raise PlannerError(f"soft gates (the learned strategies l2c and harmonica) cover one transformer so far, and "
+                           f"this {type(pipe).__name__} runs {len(transformer_components(pipe))} (Wan 2.2); search it "
+                           "with greedy, uniform, smoothcache or optuna")
     plan = plan_for_model(target, steps=int(gates.shape[0]), cfg_layout=cfg_layout, strategy="gates")
     return open_session(target, plan, gates=gates, gate_modules=modules, detach_cache=detach_cache)
 
@@ -102,19 +109,12 @@ def install(handle_cls: type[PlanHandle], target: Any, plan: Plan | str | Path, 
     from planner.executor.engine import Engine
     from planner.executor.hooks import MODULE_HOOK, TRACKER_HOOK, CacheHook, StepTrackerHook
 
+    from planner.executor.pair import pair_of
+
     transformer, pipe = _targets(target)
     if not isinstance(plan, Plan):
         plan = load_plan(plan)
     plan.validate()
-    plan.check_model(transformer, strict=strict)
-
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
-        raise PlannerError("a cache plan is already applied to this transformer; remove its handle first")
-
-    modules = dict(transformer.named_modules())
-    gate_cols = _gate_columns(plan, transformer, modules, gates, gate_modules) if gates is not None else {}
-    engine = Engine(plan, transformer, pipe, gates, detach_cache, strict=strict)
     installed: list[tuple[torch.nn.Module, str, dict]] = []
 
     def put(module: torch.nn.Module, hook: Any, name: str) -> None:
@@ -122,6 +122,22 @@ def install(handle_cls: type[PlanHandle], target: Any, plan: Plan | str | Path, 
         HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, name)
         installed.append((module, name, before))
 
+    # several transformers (Wan 2.2): the hooks go on the pair every call of either one goes through
+    pair, made = pair_of(pipe, put) if pipe is not None else (None, False)
+    try:
+        if pair is not None:
+            transformer = pair
+        plan.check_model(transformer, strict=strict)
+        registry = getattr(transformer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(TRACKER_HOOK) is not None:
+            raise PlannerError("a cache plan is already applied to this transformer; remove its handle first")
+        modules = dict(transformer.named_modules())
+        gate_cols = _gate_columns(plan, transformer, modules, gates, gate_modules) if gates is not None else {}
+        engine = Engine(plan, transformer, pipe, gates, detach_cache, strict=strict)
+    except BaseException:
+        if made:
+            pair.detach()
+        raise
     handle = handle_cls(plan, transformer, engine, installed)
     try:
         put(transformer, StepTrackerHook(engine), TRACKER_HOOK)

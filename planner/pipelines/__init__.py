@@ -31,11 +31,3 @@ def family_for(pipe):
 
     return text_family(pipe)
 
-
-def check_one_transformer(pipe) -> None:
-    """PlannerError when ``pipe`` runs a second transformer (Wan 2.2's ``transformer_2``): profiles and plans
-    cover one transformer, and the second one's steps would be missed."""
-    if getattr(pipe, "transformer_2", None) is not None:
-        raise PlannerError(f"{type(pipe).__name__} runs two transformers (transformer and transformer_2, as Wan 2.2 "
-                           "does): profiles and plans cover one transformer so far (docs/pipelines.md); sampling "
-                           "it works, profiling, searching and evaluating plans do not yet")

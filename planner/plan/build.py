@@ -40,14 +40,16 @@ def plan_for_model(
     modules left out compute at every step, and every module of the model gets an entry.
     Provenance gets the planner/torch/diffusers versions and the current UTC date.
     """
-    from planner.modules import cacheable_modules, model_fingerprint, transformer_of
+    from planner.modules import cacheable_modules, class_name, model_fingerprint, transformer_of
 
     t = transformer_of(model)
     names = [m.name for m in cacheable_modules(t)]
+    components = _components(t, timesteps)
     if device is None:
         device = str(next(t.parameters()).device) if any(True for _ in t.parameters()) else None
     plan = Plan(
-        model=ModelRef(cls=type(t).__name__, fingerprint=model_fingerprint(t), modules=names, spec=spec),
+        model=ModelRef(cls=class_name(t), fingerprint=model_fingerprint(t), modules=names, spec=spec,
+                       components=components),
         sampler=SamplerRef(
             scheduler=scheduler,
             steps=int(steps),
@@ -117,6 +119,25 @@ def plan_for_runner(runner: Any, sampler: Any = None, decisions: Mapping[str, An
         device=kwargs.pop("device", str(runner.device)),
         **kwargs,
     )
+
+
+def _components(transformer: Any, timesteps: Iterable[float] | None) -> dict | None:
+    """``model.components`` of a TransformerPair (several transformers: which runs which step, from the run's
+    timesteps); ``None`` for one transformer."""
+    from planner.errors import PlannerError
+    from planner.modules import model_fingerprint
+    from planner.plan.components import ComponentRef
+
+    names = getattr(transformer, "component_names", None)
+    if not names:
+        return None
+    timesteps = list(timesteps or [])
+    if not timesteps:
+        raise PlannerError(f"a plan for a pipeline with {len(names)} transformers needs the run's timesteps, to know "
+                           "which transformer runs which step")
+    steps = transformer.steps_for(timesteps)
+    return {c: ComponentRef(type(transformer.component(c)).__name__, model_fingerprint(transformer.component(c)),
+                            steps[c]) for c in names}
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

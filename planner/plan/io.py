@@ -17,12 +17,14 @@ from planner.artifact import DocumentFormat, loads_json
 from planner.cfg import CfgLayout
 from planner.errors import PlannerError
 from planner.plan.build import as_number
+from planner.plan.components import ComponentRef
 from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRef, normalize_decisions
 
 # 1.1.0: the sampler also records its scheduler's config hash and, when known, resolution and frames.
 # 1.2.0: the provenance also records the model's revision, the dtype and the calibration prompts.
 # 1.3.0: the sampler also records, when known, the shape of one sample of the transformer's input.
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.3.0", noun="cache plan", version_key="version",
+# 1.4.0: model.components, for pipelines that run several transformers (Wan 2.2); see planner.plan.components.
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.4.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric")
 
@@ -41,7 +43,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "schema": PLAN_FORMAT.name,
         "version": PLAN_FORMAT.version,
         "model": {"class": plan.model.cls, "fingerprint": plan.model.fingerprint, "spec": plan.model.spec,
-                  "modules": list(plan.model.modules)},
+                  "modules": list(plan.model.modules), **_components_to_dict(plan.model.components)},
         "sampler": {"scheduler": s.scheduler, "scheduler_class": s.scheduler_class,
                     "scheduler_config": s.scheduler_config, "steps": s.steps,
                     "guidance": s.guidance, "cfg_layout": CfgLayout(s.cfg_layout).value,
@@ -55,6 +57,21 @@ def plan_to_dict(plan: Plan) -> dict:
                        "created": pv.created, "model_revision": pv.model_revision, "dtype": pv.dtype,
                        "prompts": pv.prompts},
     }
+
+
+def _components_to_dict(components: dict | None) -> dict:
+    """``{"components": ...}`` for a multi-transformer plan; nothing for a single-transformer one (its file
+    reads as before)."""
+    if not components:
+        return {}
+    return {"components": {c: {"class": r.cls, "fingerprint": r.fingerprint, "steps": list(r.steps)}
+                           for c, r in components.items()}}
+
+
+def _components_from_dict(doc: dict | None) -> dict | None:
+    if not doc:
+        return None
+    return {c: ComponentRef(cls=r["class"], fingerprint=r["fingerprint"], steps=list(r["steps"])) for c, r in doc.items()}
 
 
 def plan_to_json(plan: Plan) -> str:
@@ -72,7 +89,8 @@ def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
     try:
         plan = Plan(
             model=ModelRef(cls=doc["model"]["class"], fingerprint=doc["model"]["fingerprint"],
-                           modules=list(doc["model"]["modules"]), spec=doc["model"].get("spec")),
+                           modules=list(doc["model"]["modules"]), spec=doc["model"].get("spec"),
+                           components=_components_from_dict(doc["model"].get("components"))),
             sampler=SamplerRef(scheduler=s["scheduler"], steps=s["steps"], guidance=float(s["guidance"]),
                                cfg_layout=layout, timesteps=list(s.get("timesteps", [])),
                                scheduler_class=s.get("scheduler_class"), scheduler_config=s.get("scheduler_config"),

@@ -23,6 +23,7 @@ from planner.cfg import BRANCHES, CfgLayout, other_branch
 from planner.errors import PlannerError
 from planner.limits import MAX_STEPS
 from planner.modules import module_kind
+from planner.plan.components import absent_steps, check_component_models, check_components
 
 # One character per action, in the plan file.
 ACTION_CODES = {
@@ -46,6 +47,8 @@ class ModelRef:
     fingerprint: str
     modules: list[str]
     spec: str | None = None
+    # since 1.4.0: {pipeline component: ComponentRef} for pipelines with several transformers (None: one)
+    components: dict[str, Any] | None = None
 
 
 @dataclass
@@ -184,18 +187,22 @@ class Plan:
         """Per step, the fraction of (leaf module, branch) pairs that really compute (see :meth:`leaf_modules`)."""
         eff = self.effective_compute(modules)
         leaves = self.leaf_modules(modules)
-        denom = max(1, len(leaves) * len(self.branches))
-        return [
-            sum(eff[m][b][k] for m in leaves for b in self.branches) / denom for k in range(self.steps)
-        ]
+        gone = absent_steps(self.model.components, leaves, self.steps)  # two transformers: not its steps
+        out = []
+        for k in range(self.steps):
+            here = [m for m in leaves if k not in gone.get(m, ())]
+            out.append(sum(eff[m][b][k] for m in here for b in self.branches) / max(1, len(here) * len(self.branches)))
+        return out
 
     def action_counts(self) -> dict[str, int]:
         """How many (module, branch, step) decisions use each action, by full action name."""
         counts = {name: 0 for name in ACTION_CODES.values()}
+        gone = absent_steps(self.model.components, self._all_modules(), self.steps)
         for m in self._all_modules():
             for b in self.branches:
-                for c in self.codes(m, b):
-                    counts[ACTION_CODES[c]] += 1
+                for k, c in enumerate(self.codes(m, b)):
+                    if k not in gone.get(m, ()):
+                        counts[ACTION_CODES[c]] += 1
         return counts
 
     def _all_modules(self) -> list[str]:
@@ -251,6 +258,7 @@ class Plan:
                 _check_codes(codes, steps, kind, layout, b, where)
         if layout is not CfgLayout.NONE:
             self._check_shared_sources()
+        check_components(self)
         return self
 
     def _check_numbers(self) -> None:
@@ -288,10 +296,11 @@ class Plan:
         Checks the class, the block count, that every module the plan names exists, and (when
         ``strict``) the fingerprint of config and block structure.
         """
-        from planner.modules import cacheable_modules, model_fingerprint, transformer_of
+        from planner.modules import cacheable_modules, class_name, model_fingerprint, transformer_of
 
         transformer = transformer_of(model)
-        cls = type(transformer).__name__
+        check_component_models(self, transformer, strict)
+        cls = class_name(transformer)
         if cls != self.model.cls:
             raise PlannerError(f"plan was made for a {self.model.cls}, not a {cls}")
         found = cacheable_modules(transformer)

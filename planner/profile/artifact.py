@@ -235,7 +235,8 @@ class Profile:
         """The :class:`~planner.profile.latency.LatencyModel` this profile's costs define."""
         from planner.profile.latency import LatencyModel
 
-        return LatencyModel.from_cost_table(self.cost, self.meta.cfg_layout, self.steps, self.meta.latency.get("hook_ms", 0.0))
+        return LatencyModel.from_cost_table(self.cost, self.meta.cfg_layout, self.steps, self.meta.latency.get("hook_ms", 0.0),
+                                            components=self.meta.extra.get("components"))
 
     def curve(self, lag: int = 1, branch: str | None = None, metric: str = "rel_l1_mean", residual: bool = False) -> pd.DataFrame:
         """``metric`` as a ``[steps x modules]`` frame (modules in forward order) for one lag; ``branch``
@@ -391,7 +392,7 @@ def load_profile(path: str | Path) -> Profile:
     names = [m.name for m in meta.modules]
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
-    _check_values(sim, cost, folder, meta.steps)
+    _check_values(sim, cost, folder, meta.steps, meta.extra.get("components"))
     return Profile(meta, sim, cost, folder, raw=raw)
 
 
@@ -401,7 +402,7 @@ REQUIRED_COSTS = ["latency_ms", "latency_half_ms", "self_ms", "self_half_ms"]
 MAX_TABLE_BYTES = 1 << 30
 
 
-def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int) -> None:
+def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int, components: dict | None = None) -> None:
     """ProfileError for values no profile holds: costs non-finite or negative, similarities infinite or
     negative (cosines outside [-1, 1]), NaN output similarities where the comparison exists (lag 0, or
     step >= lag), steps or lags out of range."""
@@ -427,6 +428,13 @@ def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: in
     if (step < 0).any() or (step >= steps).any() or (lag < 0).any() or (lag > steps).any():
         raise ProfileError(f"{where}: step or lag outside the profile's {steps} steps")
     exists = (lag == 0) | (step >= lag)
+    if components:  # several transformers (Wan 2.2): a module has no output at the steps its transformer skips
+        from planner.plan.components import absent_steps
+
+        gone = absent_steps(components, sim["module"].unique(), steps)
+        for module, missing in gone.items():
+            rows = (sim["module"] == module).to_numpy()
+            exists &= ~(rows & (np.isin(step, list(missing)) | np.isin(step - lag, list(missing))))
     for col in sim.columns:
         if col in SIMILARITY_KEYS or not pd.api.types.is_numeric_dtype(sim[col]):
             continue

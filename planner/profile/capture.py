@@ -20,6 +20,7 @@ from planner.errors import PlannerError
 from planner.modules import CacheableModule
 
 HOOK_PREFIX = "dit-cache-planner.profile"
+ROUTE_HOOK = "dit-cache-planner.route"  # planner.executor.pair's routing hook
 
 
 def split_branches(t: torch.Tensor, layout: CfgLayout, call_branch: str | None) -> dict[str, torch.Tensor]:
@@ -214,7 +215,8 @@ def foreign_hooks(transformer: torch.nn.Module) -> list[str]:
     for name, module in transformer.named_modules():
         registry = getattr(module, "_diffusers_hook", None)
         if registry is not None:
-            found += [f"{name or '<transformer>'}:{h}" for h in registry.hooks if not h.startswith(HOOK_PREFIX)]
+            found += [f"{name or '<transformer>'}:{h}" for h in registry.hooks
+                      if not h.startswith((HOOK_PREFIX, ROUTE_HOOK))]  # the pair's routing (Wan 2.2) is ours
     return found
 
 

@@ -17,7 +17,7 @@ import torch
 
 import planner
 from planner.errors import PlannerError
-from planner.modules import LEVEL_KINDS
+from planner.modules import LEVEL_KINDS, class_name
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
 from planner.profile.capture import foreign_hooks, resolve_modules
 from planner.profile.latency import LatencyModel
@@ -169,10 +169,8 @@ def profile_model(
         from planner.runner import load_runner
 
         runner = load_runner(model, device=resolve_device(device))
-    from planner.pipelines import check_one_transformer
-
-    check_one_transformer(runner.pipe)
     sampler = runner.resolve(sampler)
+    components = runner.component_steps(sampler)  # several transformers (Wan 2.2): which runs which step
     layout = runner.cfg_layout(sampler)
     batch = min(len(sample_ids), batch_size or len(sample_ids))
     cfg = timing or TimingConfig()
@@ -233,8 +231,9 @@ def profile_model(
         # a shard records the whole calibration set's prompts: the set its merged profile is of
         extra={"source": {"revision": runner.revision, "dtype": str(runner.dtype).removeprefix("torch."),
                           "prompt_set": prompt_set_digest(all_conditions)}, "probe": measured,
-               **_scale_meta(sampling, shard, sample_ids, samples, collector)},
-        model_class=type(runner.transformer).__name__,
+               **_scale_meta(sampling, shard, sample_ids, samples, collector),
+               **({"components": components} if components else {})},
+        model_class=class_name(runner.transformer),
         fingerprint=runner.fingerprint(),
         modules=tuple(
             ModuleInfo(m.name, m.kind, m.block, m.cls, m.name.rsplit(".", 1)[0] if m.kind != "block" else None) for m in modules
@@ -288,6 +287,11 @@ def profile_model(
     return profile
 
 
+def _transformers(runner) -> int:
+    """How many transformers the runner's pipeline runs (Wan 2.2: 2, of one architecture); each call runs one."""
+    return len(getattr(runner.transformer, "component_names", ())) or 1
+
+
 def _scheduler_identity(runner, sampler) -> dict:
     """The scheduler class and config hash a profile records (what a search checks it against)."""
     from planner.plan.build import config_hash
@@ -314,6 +318,7 @@ def _flop_costs(runner, modules, sampler, conds, seeds):
     t0 = time.perf_counter()
     caps, top = capture_inputs(runner, modules, sampler, conds, seeds)
     flops, total, why = module_flops(runner.transformer, top, [m.name for m in modules])
+    per_call = _transformers(runner)  # blocks of one transformer run per call
     if why or not all(np.isfinite(flops.get(m.name, np.nan)) for m in modules):
         raise PlannerError(f"{runner.spec}: cannot count FLOPs for a FLOP-based profile ({why or 'a module has none'})")
     t_flops = time.perf_counter() - t0
@@ -325,7 +330,7 @@ def _flop_costs(runner, modules, sampler, conds, seeds):
         op_ms = numel / NOMINAL_FLOPS_PER_MS
         reuse.append({col: op_ms for col in REUSE_COLUMNS.values()} | {"out_numel": numel})
     cost = cost_table(modules, lat, reuse, flops, layout, len(conds))
-    blocks = float(cost.loc[cost.kind == "block", "flops"].sum())
+    blocks = float(cost.loc[cost.kind == "block", "flops"].sum()) / per_call
     call_fixed_ms = max(0.0, total - blocks) / NOMINAL_FLOPS_PER_MS
     batch = int(cost.batch.iloc[0]) if len(cost) else len(conds)
     fixed = pd.DataFrame([
@@ -335,7 +340,7 @@ def _flop_costs(runner, modules, sampler, conds, seeds):
                                 ("<outside loop>", "run", 0.0), ("<vae decode>", "run", 0.0))])
     cost = pd.concat([cost, fixed], ignore_index=True)
     cost["hook_ms"] = np.where(cost.kind == "fixed", np.nan, 0.0)
-    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, 0.0)
+    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, 0.0, components=runner.component_steps(sampler))
     latency = {"source": "flops", "nominal_flops_per_ms": NOMINAL_FLOPS_PER_MS, "call_fixed_ms": call_fixed_ms,
                "step_fixed_ms": 0.0, "run_fixed_ms": 0.0, "decode_ms": 0.0, "hook_ms": 0.0,
                "blocks_ms": blocks / NOMINAL_FLOPS_PER_MS, "predicted_run_s": model.predict_run(None)}
@@ -429,7 +434,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
 
     cost = cost_table(modules, lat, reuse, flops, layout, len(conds))
     clean_s = median(quiet(runs.clean, cfg.quiet_tolerance))
-    blocks_ms = float(cost.loc[cost.kind == "block", "latency_ms"].sum())
+    blocks_ms = float(cost.loc[cost.kind == "block", "latency_ms"].sum()) / _transformers(runner)  # per call
     call_ms = median(ctx.call) * 1e3
     # Paired differences (call minus its blocks, ...) keep load bursts from skewing a fixed cost.
     call_fixed_ms = median(ctx.call_fixed) * 1e3 if ctx.call_fixed else call_ms - blocks_ms
@@ -471,7 +476,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
         if per_group:
             hook_method = "planner.executor: fastest hooked call minus fastest plain call, median over modules, per group: " + ", ".join(
                 f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
-    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms)
+    model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms, components=runner.component_steps(sampler))
     predicted = model.predict_run(None)
     relative_error = (predicted - clean_s) / clean_s if clean_s > 0 else float("nan")
     if abs(relative_error) > LATENCY_CHECK_TOLERANCE:
@@ -502,7 +507,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
         "unit": "fvcore counts (one multiply-add = 1), per transformer call at the profile's batch",
         "transformer": total_flops if np.isfinite(total_flops) else None,
         "cached_modules_share": (
-            float(cost.loc[cost.kind == "block", "flops"].sum() / total_flops) if np.isfinite(total_flops) and total_flops else None
+            float(cost.loc[cost.kind == "block", "flops"].sum() / _transformers(runner) / total_flops) if np.isfinite(total_flops) and total_flops else None
         ),
     }
     return cost, latency, flops_meta, warnings, t_flops

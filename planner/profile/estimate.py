@@ -150,7 +150,8 @@ class _ShapeSink:
         self.tracker: StepTracker | None = None
 
     def __call__(self, index: int, args: tuple, kwargs: dict, output: Any) -> None:
-        if index in self.seen or self.tracker.step != 0 or self.tracker.branch not in (None, COND):
+        # the first call of each module (step 0; with two transformers, Wan 2.2, the second's first step)
+        if index in self.seen or self.tracker.branch not in (None, COND):
             return
         m = self.modules[index]
         outs = output_tensors(output)
@@ -198,6 +199,7 @@ def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: l
     finally:
         detach_hooks(transformer, hs)
     run_s = time.perf_counter() - t0
+    _fill_from_first_transformer(modules, sink.seen)
     missing = [m.name for i, m in enumerate(modules) if i not in sink.seen]
     if missing:
         from planner.profile.artifact import ProfileError
@@ -232,6 +234,17 @@ def probe(runner, modules: list[CacheableModule], sampler, conds: list, seeds: l
         modules=[sink.seen[i] for i in range(len(modules))], probe_run_s=run_s, call_s=call_s,
         peak=peak, device=str(device), timed=timed,
     )
+
+
+def _fill_from_first_transformer(modules: list[CacheableModule], seen: dict) -> None:
+    """With two transformers (Wan 2.2) a short probe may not reach the second one's steps: its modules take
+    the shapes of the first one's module of the same name (the two share one architecture)."""
+    index = {m.name: i for i, m in enumerate(modules)}
+    for i, m in enumerate(modules):
+        head, _, rest = m.name.partition(".")
+        j = index.get(rest)
+        if i not in seen and head.startswith("transformer_") and j is not None and j in seen:
+            seen[i] = replace(seen[j], name=m.name)
 
 
 class _FakeTracker:

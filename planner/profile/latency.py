@@ -54,6 +54,9 @@ class LatencyModel:
     call_fixed_s: float
     step_fixed_s: float
     run_fixed_s: float
+    # pipelines with several transformers (Wan 2.2): {component: global steps it runs}; a module costs nothing
+    # at the steps its transformer skips (module names of components other than the first are prefixed)
+    components: dict | None = None
 
     @property
     def branches(self) -> tuple[str, ...]:
@@ -74,7 +77,8 @@ class LatencyModel:
         return inside
 
     @classmethod
-    def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0) -> "LatencyModel":
+    def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0,
+                        components: dict | None = None) -> "LatencyModel":
         """Build the model from a profile's cost table (module rows plus the ``fixed`` rows); modules
         without a ``hook_ms`` value get ``hook_ms``. A reuse column the table lacks (``forecast2_ms`` in
         profiles made before it) is estimated from the one :data:`REUSE_FALLBACKS` names."""
@@ -99,6 +103,7 @@ class LatencyModel:
             call_fixed_s=float(fixed.get("call", 0.0)) / 1e3,
             step_fixed_s=float(fixed.get("step", 0.0)) / 1e3,
             run_fixed_s=float(fixed.get("run", 0.0)) / 1e3,
+            components=components or None,
         )
 
     # -- plan handling -------------------------------------------------------------------------
@@ -154,18 +159,36 @@ class LatencyModel:
         (``R``). A module inside a block that does not run costs nothing.
         """
         codes, hooked = self.code_array(plan)
-        return float(self._step_costs(codes[step:step + 1], hooked)[0])
+        return float(self._step_costs(codes[step:step + 1], hooked, step)[0])
 
-    def _step_costs(self, codes: np.ndarray, hooked: set[str]) -> np.ndarray:
+    def _present(self, n_steps: int, nb: int, step0: int) -> dict[str, np.ndarray]:
+        """``{module: [steps, branches] mask of the steps its transformer runs}`` for the modules whose
+        transformer skips some (none for one transformer)."""
+        if not self.components:
+            return {}
+        from planner.plan.components import absent_steps
+
+        out = {}
+        for name, missing in absent_steps(self.components, self.module_names, self.steps).items():
+            mask = np.ones((n_steps, nb), dtype=bool)
+            for k in missing:
+                if step0 <= k < step0 + n_steps:
+                    mask[k - step0] = False
+            out[name] = mask
+        return out
+
+    def _step_costs(self, codes: np.ndarray, hooked: set[str], step0: int = 0) -> np.ndarray:
         """Seconds of each step of ``codes`` (``[steps, modules, branches]``), vectorised over steps."""
         n_steps, _, nb = codes.shape
         layout = CfgLayout(self.layout)
         batched = layout.batched
         total = np.full(n_steps, self.step_fixed_s + layout.calls_per_step * self.call_fixed_s)
         everywhere = np.ones((n_steps, nb), dtype=bool)
+        present = self._present(n_steps, nb, step0)
         running: dict[str, np.ndarray] = {}  # block name -> [steps, branches] where it runs
         for i, m in enumerate(self.modules):
-            parent_runs = running.get(m.parent, everywhere) if m.parent else everywhere
+            own = present.get(m.name, everywhere)  # the steps its transformer runs
+            parent_runs = running.get(m.parent, own) if m.parent else own
             c = codes[:, i, :]
             computes = (c == COMPUTE) & parent_runs
             if m.kind == "block":
@@ -203,14 +226,16 @@ class LatencyModel:
         layout = CfgLayout(self.layout)
         calls = layout.calls_per_step
         per_kind: dict[str, float] = {}
+        runs = self._present(self.steps, 1, 0)  # several transformers: a module runs at its transformer's steps
         for m in self.modules:
-            per_kind[m.kind] = per_kind.get(m.kind, 0.0) + m.self_s * (1 if layout.batched else calls)
+            n = int(runs[m.name].sum()) if m.name in runs else self.steps
+            per_kind[m.kind] = per_kind.get(m.kind, 0.0) + m.self_s * (1 if layout.batched else calls) * n
         out = {
             "outside_loop": self.run_fixed_s,
             "outside_transformer": self.step_fixed_s * self.steps,
             "outside_blocks": self.call_fixed_s * calls * self.steps,
         }
-        out.update({f"{k}_self": v * self.steps for k, v in per_kind.items()})
+        out.update({f"{k}_self": v for k, v in per_kind.items()})
         return out
 
     def to_dict(self) -> dict:
@@ -221,6 +246,7 @@ class LatencyModel:
             "call_fixed_s": self.call_fixed_s,
             "step_fixed_s": self.step_fixed_s,
             "run_fixed_s": self.run_fixed_s,
+            **({"components": self.components} if self.components else {}),
             "modules": [
                 {"name": m.name, "kind": m.kind, "parent": m.parent, "self_s": m.self_s, "self_half_s": m.self_half_s,
                  "reuse_s": m.reuse_s, "hook_s": m.hook_s}
@@ -235,7 +261,8 @@ class LatencyModel:
             ModuleCost(m["name"], m["kind"], m["parent"], m["self_s"], m["self_half_s"], dict(m["reuse_s"]), m.get("hook_s", 0.0))
             for m in d["modules"]
         )
-        return cls(d["layout"], d["steps"], mods, d["call_fixed_s"], d["step_fixed_s"], d["run_fixed_s"])
+        return cls(d["layout"], d["steps"], mods, d["call_fixed_s"], d["step_fixed_s"], d["run_fixed_s"],
+                   d.get("components"))
 
 
 def _reuse_ms(row, col: str) -> float:

@@ -201,7 +201,7 @@ def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds
     tracker = StepTracker(layout)
     step = sampler.steps // 2
     seen: dict | None = {} if dedupe else None
-    caps = [_Capture(tracker, step, seen=seen) for _ in modules]
+    caps = [_Capture(tracker, _middle_step(runner, sampler, m.name, step), seen=seen) for m in modules]
     top = _Capture(tracker, step, keep_output=False)
     hooks = [(mod, cap, f"capture.{m.name}") for m, mod, cap in zip(modules, targets, caps)]
     # The tracker must be the outermost hook on the transformer, so it is attached last.
@@ -224,6 +224,18 @@ def capture_inputs(runner, modules: list[CacheableModule], sampler, conds, seeds
             made[id(rep)] = Captured(rep.args, rep.kwargs, rep.output or [])
         out.append(made[id(rep)])
     return out, Captured(top.args, top.kwargs, [])
+
+
+def _middle_step(runner, sampler, module: str, default: int) -> int:
+    """The step a module's call is captured at: the run's middle step, or with several transformers (Wan 2.2)
+    the middle one of the steps the module's transformer runs."""
+    steps = runner.component_steps(sampler)
+    if not steps:
+        return default
+    from planner.plan.components import module_steps
+
+    own = module_steps(steps, module) or [default]
+    return own[len(own) // 2]
 
 
 def half_batch(obj: Any, batch: int) -> Any:
@@ -490,16 +502,20 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
         return out, []
     try:
         base = plan_for_runner(runner, sampler)
-        codes = COMPUTE * (sampler.steps - 1) + "R"
+        own = _own_steps(runner, sampler, modules)  # with two transformers (Wan 2.2) each module's own steps
+
+        def codes(i: int) -> str:  # reuse at the module's last step only
+            return "".join("R" if k == own[i][-1] else COMPUTE for k in range(sampler.steps))
+
         for group, kinds in LEVEL_KINDS.items():
-            idx = [i for i, m in enumerate(modules) if m.kind in kinds]
+            idx = [i for i, m in enumerate(modules) if m.kind in kinds and len(own[i]) >= 2]
             if not idx:
                 continue
             hooked_s = {i: [] for i in idx}
             plain_s = {i: [] for i in idx}
             for _ in range(rounds):
                 for half in (idx[0::2], idx[1::2]):  # the second is empty for a lone module: a plain run
-                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes for i in half}))
+                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes(i) for i in half}))
                     try:
                         watches = {i: _Stopwatch(clock) for i in idx}
                         # attached after the executor's hooks, so each stopwatch sits outside the cache hook
@@ -511,7 +527,7 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
                     finally:
                         handle.remove()
                     for i, w in watches.items():
-                        per_step = len(w.marks) // sampler.steps
+                        per_step = len(w.marks) // len(own[i])
                         times = [clock.seconds(a, b) for a, b in w.marks[: len(w.marks) - per_step]]
                         (hooked_s if i in half else plain_s)[i] += times
             overhead = overhead_from_samples(hooked_s, plain_s)
@@ -521,6 +537,15 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
     return out, []
 
+
+
+def _own_steps(runner, sampler, modules: list[CacheableModule]) -> list[list[int]]:
+    """The steps each module runs at: all of them, or with several transformers its transformer's."""
+    from planner.plan.components import module_steps
+
+    comps = runner.component_steps(sampler)
+    every = list(range(sampler.steps))
+    return [(module_steps(comps, m.name) if comps else None) or every for m in modules]
 
 
 def overhead_from_samples(hooked: dict[int, list[float]], plain: dict[int, list[float]]) -> float | None:
@@ -541,7 +566,25 @@ def _sdpa_flops(inputs, outputs):
 
 def module_flops(transformer: torch.nn.Module, call: Captured, names: Sequence[str]) -> tuple[dict[str, float], float, str | None]:
     """fvcore FLOP counts (one multiply-add = 1, fvcore's convention) of each named module and of the
-    whole transformer for the captured call; ``({}, nan, reason)`` when tracing fails."""
+    whole transformer for the captured call; ``({}, nan, reason)`` when tracing fails. For a TransformerPair
+    each transformer is counted on the captured call (its inputs fit them all) and the total is their mean:
+    one of them runs per call."""
+    comps = getattr(transformer, "component_names", None)
+    if comps:
+        from planner.modules import cacheable_modules
+        from planner.plan.components import prefixed
+
+        flops: dict[str, float] = {}
+        totals = []
+        for c in comps:
+            inner = [m.name for m in cacheable_modules(transformer.component(c))]
+            own = {prefixed(c, n): n for n in inner if prefixed(c, n) in set(names)}
+            counted, total, why = module_flops(transformer.component(c), call, list(own.values()))
+            if why:
+                return {}, float("nan"), why
+            flops.update({full: counted[name] for full, name in own.items()})
+            totals.append(total)
+        return flops, sum(totals) / len(totals), None
     import warnings as _w
 
     try:
