@@ -189,6 +189,15 @@ def test_schema_file_is_valid_json_schema_and_matches_saved_plans():
     jsonschema.validate(json.loads(plan_to_json(toy_plan())), PLAN_FORMAT.schema)
 
 
+def test_the_schema_takes_every_action_code_and_no_other():
+    """The schema's code pattern is written by hand: a code the executor knows must load, any other not."""
+    from planner.plan import ACTION_CODES
+
+    pattern = PLAN_FORMAT.schema["$defs"]["codes"]["pattern"]
+    assert all(re.fullmatch(pattern, "C" + code) for code in ACTION_CODES)
+    assert sorted(re.fullmatch(r"\^\[(\w+)\]\+\$", pattern).group(1)) == sorted(ACTION_CODES)
+
+
 def test_check_model_and_steps(digits):
     plan = plan_for_runner(digits, SAMPLER, {})
     plan.check_model(digits)
