@@ -169,6 +169,7 @@ class _GreedyPass:
         self.incremental = True  # trials replay the blocks before the tried one (planner.search._incremental)
         self.replay = None
         self.calls = 0
+        self.later_call = False  # whether the current call belongs to a second or later pipeline call of the run
         self.bar = bar
         self.trials = 0
         self.records: list[tuple[int, str, dict, float]] = []
@@ -229,7 +230,11 @@ class _GreedyPass:
 
     def on_call(self, forward):
         separate = self.layout is CfgLayout.SEPARATE
-        step = self.calls // (2 if separate else 1)
+        per_step = 2 if separate else 1
+        # A runner that takes fewer samples per pipeline call than there are calibration inputs (HunyuanVideo
+        # 1.5: one) runs them as several pipeline calls, each from step 0.
+        step = (self.calls // per_step) % self.ctx.steps
+        self.later_call = self.calls >= per_step * self.ctx.steps
         active = (BRANCHES[self.calls % 2],) if separate else self.branches
         self.calls += 1
 
@@ -265,6 +270,9 @@ class _GreedyPass:
             if parent is not None and any(self.codes[parent][b][step] != "C" for b in active):
                 continue  # the block does not run, so neither do its sub-layers
             candidates = self._candidates(m, active)
+            if self.later_call:  # a later pipeline call of this pass: a choice stays only if it holds here too
+                now = {b: self.codes[m.name][b][step] for b in active}
+                candidates = [c for c in candidates if c == now]
             if not candidates or self._run_length(m.name, step, active) >= (self.max_run or math.inf):
                 self._set(m.name, step, {b: "C" for b in active})
                 continue

@@ -18,6 +18,7 @@ import torch
 import planner
 from planner.errors import PlannerError
 from planner.modules import LEVEL_KINDS
+from planner.profile.batching import micro_batch
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
 from planner.profile.capture import foreign_hooks, resolve_modules
 from planner.profile.latency import LatencyModel
@@ -174,7 +175,7 @@ def profile_model(
     check_one_transformer(runner.pipe)
     sampler = runner.resolve(sampler)
     layout = runner.cfg_layout(sampler)
-    batch = min(len(sample_ids), batch_size or len(sample_ids))
+    batch = micro_batch(runner, len(sample_ids), batch_size)
     cfg = timing or TimingConfig()
     warnings: list[str] = []
     foreign = foreign_hooks(runner.transformer)

@@ -25,6 +25,7 @@ import torch
 
 from planner.cfg import COND, UNCOND, CfgLayout
 from planner.modules import CacheableModule
+from planner.profile.batching import micro_batch
 from planner.profile.capture import (
     ModuleWatch,
     StepTracker,
@@ -327,9 +328,11 @@ def watch_runs(runner, modules: list[CacheableModule], sampler, conditions: list
     cacheable module, feeding every collector; returns ``(timesteps, warnings)``.
 
     Each micro-batch starts the collectors' ring buffers afresh, so what is held at any time is one
-    micro-batch's ``k`` lags; the statistics accumulate over all of them. The hooks are removed
-    afterwards, also on error.
+    micro-batch's ``k`` lags; the statistics accumulate over all of them. ``batch_size`` is capped at
+    what one pipeline call takes (:func:`~planner.profile.batching.micro_batch`). The hooks are
+    removed afterwards, also on error.
     """
+    batch_size = micro_batch(runner, batch_size, batch_size)
     transformer = runner.transformer
     targets = resolve_modules(transformer, modules)
     layout = runner.cfg_layout(sampler)
