@@ -36,6 +36,7 @@ from planner.errors import PlannerError
 from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
 from planner.metrics import rel_l1
+from planner.profile.branch_parts import shares_cfg
 from planner.search import Strategy, StrategySettings, register
 from planner.search.budget import first_true, unreachable
 
@@ -160,6 +161,10 @@ class _GreedyPass:
         self.parent = {m.name: m.name.rsplit(".", 1)[0] for m in self.modules if m.kind != "block"}
         self.actions = actions
         self.share_cfg = share_cfg and len(self.branches) == 2
+        # modules whose branches the profile saw return outputs of different shapes cannot share them
+        profile = getattr(context, "profile", None)
+        extra = profile.meta.extra if profile is not None else {}
+        self.shares_cfg = {m.name for m in self.modules if shares_cfg(extra, m.name)}
         self.codes = {m.name: {b: ["C"] * context.steps for b in self.branches} for m in self.modules}
         self.weights = np.ones(context.steps) if weights is None else weights
         self.guidance = float(context.sampler.guidance)
@@ -210,7 +215,7 @@ class _GreedyPass:
         if module.name in self.costs:
             codes = by_saving(codes, *self.costs[module.name])
         out = [{b: code for b in active} for code in codes]
-        if self.share_cfg and "uncond" in active:
+        if self.share_cfg and "uncond" in active and module.name in self.shares_cfg:
             out.append({b: ("S" if b == "uncond" else "C") for b in active})
         return out
 

@@ -299,7 +299,7 @@ def _scheduler_identity(runner, sampler) -> dict:
 
 def _scale_meta(sampling, shard, sample_ids: list[int], samples: int, collector) -> dict:
     """meta.json keys of a token-sampled or sharded profile (absent otherwise, so older profiles read the same)."""
-    extra: dict = {"memory": {"ring_buffer_peak_bytes": int(collector.peak_ring_bytes)}}
+    extra: dict = {"memory": {"ring_buffer_peak_bytes": int(collector.peak_ring_bytes)}, **collector.partial.to_meta()}
     if sampling is not None:
         extra["token_sample"] = sampling.to_dict()
     if shard is not None:
