@@ -36,6 +36,7 @@ from planner.errors import PlannerError
 from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
 from planner.metrics import rel_l1
+from planner.profile.branch_parts import shares_cfg
 from planner.search import Strategy, StrategySettings, register
 from planner.search.budget import first_true, unreachable
 
@@ -160,6 +161,10 @@ class _GreedyPass:
         self.parent = {m.name: m.name.rsplit(".", 1)[0] for m in self.modules if m.kind != "block"}
         self.actions = actions
         self.share_cfg = share_cfg and len(self.branches) == 2
+        # modules whose branches the profile saw return outputs of different shapes cannot share them
+        profile = getattr(context, "profile", None)
+        extra = profile.meta.extra if profile is not None else {}
+        self.shares_cfg = {m.name for m in self.modules if shares_cfg(extra, m.name)}
         self.codes = {m.name: {b: ["C"] * context.steps for b in self.branches} for m in self.modules}
         self.weights = np.ones(context.steps) if weights is None else weights
         self.guidance = float(context.sampler.guidance)
@@ -169,6 +174,7 @@ class _GreedyPass:
         self.incremental = True  # trials replay the blocks before the tried one (planner.search._incremental)
         self.replay = None
         self.calls = 0
+        self.later_call = False  # whether the current call belongs to a second or later pipeline call of the run
         self.bar = bar
         self.trials = 0
         self.records: list[tuple[int, str, dict, float]] = []
@@ -210,7 +216,7 @@ class _GreedyPass:
         if module.name in self.costs:
             codes = by_saving(codes, *self.costs[module.name])
         out = [{b: code for b in active} for code in codes]
-        if self.share_cfg and "uncond" in active:
+        if self.share_cfg and "uncond" in active and module.name in self.shares_cfg:
             out.append({b: ("S" if b == "uncond" else "C") for b in active})
         return out
 
@@ -230,7 +236,11 @@ class _GreedyPass:
 
     def on_call(self, forward):
         separate = self.layout is CfgLayout.SEPARATE
-        step = self.calls // (2 if separate else 1)
+        per_step = 2 if separate else 1
+        # A runner that takes fewer samples per pipeline call than there are calibration inputs (HunyuanVideo
+        # 1.5: one) runs them as several pipeline calls, each from step 0.
+        step = (self.calls // per_step) % self.ctx.steps
+        self.later_call = self.calls >= per_step * self.ctx.steps
         active = (BRANCHES[self.calls % 2],) if separate else self.branches
         self.calls += 1
 
@@ -268,6 +278,9 @@ class _GreedyPass:
             if step in self.must_compute.get(m.name, ()):
                 continue  # two transformers (Wan 2.2): not its transformer's step, or its first one
             candidates = self._candidates(m, active)
+            if self.later_call:  # a later pipeline call of this pass: a choice stays only if it holds here too
+                now = {b: self.codes[m.name][b][step] for b in active}
+                candidates = [c for c in candidates if c == now]
             if not candidates or self._run_length(m.name, step, active) >= (self.max_run or math.inf):
                 self._set(m.name, step, {b: "C" for b in active})
                 continue

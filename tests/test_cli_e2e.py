@@ -28,14 +28,9 @@ EVAL = ["a blue rowing boat on a still lake", "close-up of a bee on a sunflower"
 # Kinds whose whole path runs by default, and the others (with --slow). Left out: z-image (the zoo cannot
 # drive it yet: planner.zoo.UNSUPPORTED); wan2.2 (two transformers) has its own test below.
 # Known failures of the profiler, marked strict so that a fix shows up as XPASS (then drop the mark):
-_KNOWN = {
-    "qwen-image": "profile/similarity.py compares the cond and uncond outputs of a block whole, and Qwen-Image's "
-                  "text stream differs in length between a prompt and its negative prompt (RuntimeError 1568 vs 1056)",
-    "hunyuanvideo-1.5": "the profiler counts 12 steps in a 6-step run of the guider-driven pipeline "
-                        "(24 transformer calls)",
-}
+_KNOWN: dict[str, str] = {}
 FAST = ["pixart-sigma", "sd3", "flux"]
-SLOW = ["pixart-alpha", "ltx", "sd3.5", "sana", "flux2", "flux2-klein", "wan", "cogvideox", "chroma"] + [
+SLOW = ["pixart-alpha", "ltx", "sd3.5", "sana", "flux2", "flux2-klein", "wan", "cogvideox", "chroma", "qwen-image", "hunyuanvideo-1.5"] + [
     pytest.param(kind, marks=pytest.mark.xfail(strict=True, reason=reason)) for kind, reason in _KNOWN.items()]
 
 

@@ -56,7 +56,9 @@ OUTPUT_SHAPES = {
     "wan2.2": (5, 3, 32, 32), "ltx": (9, 3, 32, 32), "cogvideox": (8, 3, 16, 16), "hunyuanvideo-1.5": (5, 3, 16, 16),
 }
 
-SLOW_KINDS = {"hunyuanvideo-1.5"}  # an 18 MB transformer (diffusers fixes its ByT5 projection at 2048 wide)
+# hunyuanvideo-1.5: a 27 MB folder (diffusers fixes its ByT5 projection at 2048 wide, 17 MB alone, and the blocks
+# are made wide enough to outweigh it, so that a 2x plan exists: planner/zoo/fixtures/videos.py)
+SLOW_KINDS = {"hunyuanvideo-1.5"}
 
 
 def _kinds(slow=SLOW_KINDS):
@@ -81,7 +83,7 @@ def test_save_load_and_sample_from_a_prompt(kind, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [kind]  # nothing temporary left beside it
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pkl"))
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    assert size < (20 if kind in SLOW_KINDS else 4) * 2**20
+    assert size < (32 if kind in SLOW_KINDS else 4) * 2**20
 
     loaded = F.load_fixture(folder)
     assert type(loaded) is getattr(diffusers, F.spec(kind).pipeline)

@@ -22,6 +22,7 @@ from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
 
 from planner.cfg import BRANCHES, other_branch
 from planner.executor import tree
+from planner.executor.shapes import call_shapes, check_share, tree_shapes
 from planner.modules import module_kind
 from planner.plan import COMPUTE
 
@@ -101,11 +102,12 @@ class _BranchCache:
     """What one module keeps for one CFG branch: its last computed outputs with their steps (one, or
     as many as its forecasts need), and for ``reuse_residual`` the inputs of the last compute."""
 
-    __slots__ = ("outputs", "inputs")
+    __slots__ = ("outputs", "inputs", "call_shapes")
 
     def __init__(self) -> None:
         self.outputs: list[tuple[int, Any]] = []  # [(step, output tree)], oldest first, at most 2
         self.inputs: dict[int, torch.Tensor | None] | None = None
+        self.call_shapes: Any = None  # shapes of the last computing call's arguments (plans with S only)
 
 
 class CacheHook(ModelHook):
@@ -132,6 +134,7 @@ class CacheHook(ModelHook):
             self.residual = tree.ResidualMap(self.cls)
         self.caches: dict[str, _BranchCache] = {}
         self.codes = None
+        self.checks_share = False  # whether any decision shares CFG (S): then calls record their shapes
         if codes is not None:
             self.set_codes(codes, ready_for_all)
 
@@ -142,6 +145,7 @@ class CacheHook(ModelHook):
             planned = self.codes.get(b, "")
             need = 3 if ready_for_all or "Q" in planned else 2 if "F" in planned else 1
             self.keep[b] = max(self.keep[b], need)
+        self.checks_share = any("S" in c for c in self.codes.values())
         wants_residual = ready_for_all and self.is_block or any("D" in c for c in self.codes.values())
         if wants_residual and self.residual is None:
             self.residual = tree.ResidualMap(self.cls)
@@ -194,6 +198,8 @@ class CacheHook(ModelHook):
                 else:  # separate calls: the other branch's call already ran this step
                     entry = self.caches.get(other)
                     ok = entry is not None and bool(entry.outputs) and entry.outputs[-1][0] == step
+                    if ok:
+                        self._check_share(b, other, step, args, kwargs)
                 resolved[b] = "S" if ok else COMPUTE
         computing = tuple(b for b in active if resolved[b] == COMPUTE)
 
@@ -306,6 +312,21 @@ class CacheHook(ModelHook):
             entry.outputs.append((step, fresh[b]))
             if self.residual is not None:
                 entry.inputs = self._branch_inputs(b, active, args, kwargs)
+            if self.checks_share and len(active) == 1:  # separate calls: this branch's own
+                entry.call_shapes = call_shapes(args, kwargs)
+
+    @_python
+    def _check_share(self, branch: str, other: str, step: int, args: tuple, kwargs: dict) -> None:
+        """PlannerError when the other branch's output of this step cannot stand in for this branch's
+        (separate calls): their outputs differ in shape, or, before this branch computed any, the calls'
+        arguments do (:mod:`planner.executor.shapes`)."""
+        theirs = self.caches[other]
+        own = self.caches.get(branch)
+        if own is not None and own.outputs:
+            check_share(self.name, branch, other, step, tree_shapes(own.outputs[-1][1]),
+                        tree_shapes(theirs.outputs[-1][1]), "outputs")
+        elif theirs.call_shapes is not None:
+            check_share(self.name, branch, other, step, call_shapes(args, kwargs), theirs.call_shapes, "inputs")
 
     @_python
     def _branch_inputs(self, branch: str, active: tuple[str, ...], args: tuple, kwargs: dict) -> dict:

@@ -35,7 +35,8 @@ from planner.io import atomic_folder, json_text, read_text_limited, recover_fold
 from planner.runner import Sampler
 
 # 1.1.0: the sampler also records its scheduler's class and config hash.
-PROFILE_FORMAT = DocumentFormat(name="dit-cache-profile", version="1.1.0", noun="profile",
+# 1.2.0: ``cfg_comparison`` records CFG comparisons that took part of an output (planner.profile.branch_parts).
+PROFILE_FORMAT = DocumentFormat(name="dit-cache-profile", version="1.2.0", noun="profile",
                                 version_key="schema_version", schema_file="profile.schema.json")
 SCHEMA_VERSION = PROFILE_FORMAT.version
 META_FILE = "meta.json"
@@ -392,7 +393,8 @@ def load_profile(path: str | Path) -> Profile:
     names = [m.name for m in meta.modules]
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
-    _check_values(sim, cost, folder, meta.steps, meta.extra.get("components"))
+    _check_values(sim, cost, folder, meta.steps, meta.extra.get("components"),
+                  unmeasured_cfg=_unmeasured_cfg(meta, meta_path))
     return Profile(meta, sim, cost, folder, raw=raw)
 
 
@@ -402,10 +404,23 @@ REQUIRED_COSTS = ["latency_ms", "latency_half_ms", "self_ms", "self_half_ms"]
 MAX_TABLE_BYTES = 1 << 30
 
 
-def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int, components: dict | None = None) -> None:
+def _unmeasured_cfg(meta: ProfileMeta, where: Path) -> set[str]:
+    """The modules whose CFG comparison ``meta.json`` says could not be measured (``cfg_comparison``, see
+    :mod:`planner.profile.branch_parts`); ProfileError for a record of a module the profile does not have."""
+    from planner.profile.branch_parts import META_KEY, unmeasured_modules
+
+    unknown = sorted(set(meta.extra.get(META_KEY) or {}) - {m.name for m in meta.modules})  # shapes: the schema
+    if unknown:
+        raise ProfileError(f"{where}: $.{META_KEY} names a module the profile does not have: {unknown[0]}")
+    return unmeasured_modules(meta.extra)
+
+
+def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int, components: dict | None = None,
+                  unmeasured_cfg: set[str] = frozenset()) -> None:
     """ProfileError for values no profile holds: costs non-finite or negative, similarities infinite or
     negative (cosines outside [-1, 1]), NaN output similarities where the comparison exists (lag 0, or
-    step >= lag), steps or lags out of range."""
+    step >= lag; lag 0 of the modules in ``unmeasured_cfg`` does not exist: their branches' outputs
+    never agreed in shape), steps or lags out of range."""
     import numpy as np
 
     where = folder / COST_FILE
@@ -427,7 +442,7 @@ def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: in
     lag = sim["lag"].to_numpy()
     if (step < 0).any() or (step >= steps).any() or (lag < 0).any() or (lag > steps).any():
         raise ProfileError(f"{where}: step or lag outside the profile's {steps} steps")
-    exists = (lag == 0) | (step >= lag)
+    exists = ((lag == 0) & ~sim["module"].isin(list(unmeasured_cfg)).to_numpy()) | ((lag > 0) & (step >= lag))
     if components:  # several transformers (Wan 2.2): a module has no output at the steps its transformer skips
         from planner.plan.components import absent_steps
 

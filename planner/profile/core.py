@@ -18,6 +18,7 @@ import torch
 import planner
 from planner.errors import PlannerError
 from planner.modules import LEVEL_KINDS, class_name
+from planner.profile.batching import micro_batch
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
 from planner.profile.capture import foreign_hooks, resolve_modules
 from planner.profile.latency import LatencyModel
@@ -172,7 +173,7 @@ def profile_model(
     sampler = runner.resolve(sampler)
     components = runner.component_steps(sampler)  # several transformers (Wan 2.2): which runs which step
     layout = runner.cfg_layout(sampler)
-    batch = min(len(sample_ids), batch_size or len(sample_ids))
+    batch = micro_batch(runner, len(sample_ids), batch_size)
     cfg = timing or TimingConfig()
     warnings: list[str] = []
     foreign = foreign_hooks(runner.transformer)
@@ -302,7 +303,7 @@ def _scheduler_identity(runner, sampler) -> dict:
 
 def _scale_meta(sampling, shard, sample_ids: list[int], samples: int, collector) -> dict:
     """meta.json keys of a token-sampled or sharded profile (absent otherwise, so older profiles read the same)."""
-    extra: dict = {"memory": {"ring_buffer_peak_bytes": int(collector.peak_ring_bytes)}}
+    extra: dict = {"memory": {"ring_buffer_peak_bytes": int(collector.peak_ring_bytes)}, **collector.partial.to_meta()}
     if sampling is not None:
         extra["token_sample"] = sampling.to_dict()
     if shard is not None:

@@ -35,6 +35,7 @@ import torch
 from planner.cfg import COND, CfgLayout
 from planner.errors import PlannerError
 from planner.modules import LEVEL_KINDS, CacheableModule
+from planner.profile.batching import micro_batch
 from planner.profile.capture import (
     ModuleWatch,
     StepTracker,
@@ -403,7 +404,7 @@ def estimate_profile(runner, sampler, *, samples: int, batch_size: int | None = 
     sampler = runner.resolve(sampler)
     layout = runner.cfg_layout(sampler)
     modules = runner.modules()
-    batch = min(samples, batch_size or samples)
+    batch = micro_batch(runner, samples, batch_size)
     chunks = -(-samples // batch)
     if probe_result is None:
         conds = runner.conditions(batch, seed)

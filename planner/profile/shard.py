@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from planner.errors import PlannerError
+from planner.profile.branch_parts import META_KEY as CFG_KEY, merge_records
 from planner.profile.artifact import Profile, load_profile
 from planner.profile.similarity import RAW_KEYS, merge_raw, stats_table
 
@@ -160,7 +161,10 @@ def merge_profiles(paths: list[str | Path], name: str | None = None) -> Profile:
     warnings = list(m0.warnings)
     for p in profiles[1:]:
         warnings += [w for w in p.meta.warnings if w not in warnings]
-    extra = {k: v for k, v in m0.extra.items() if k != "shard"}
+    extra = {k: v for k, v in m0.extra.items() if k not in ("shard", CFG_KEY)}
+    cfg_records = merge_records([p.meta.extra.get(CFG_KEY) for p in profiles])
+    if cfg_records:
+        extra[CFG_KEY] = cfg_records
     extra["merged_from"] = {
         "shards": [{"name": p.meta.name, "index": int(s["index"]), "samples": len(s["indices"]),
                     "created": p.meta.created, "device": p.meta.device} for p, s in zip(profiles, shards)],

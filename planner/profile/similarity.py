@@ -25,6 +25,8 @@ import torch
 
 from planner.cfg import COND, UNCOND, CfgLayout
 from planner.modules import CacheableModule
+from planner.profile.batching import micro_batch
+from planner.profile.branch_parts import PartialComparisons, agreeing_parts
 from planner.profile.capture import (
     ModuleWatch,
     StepTracker,
@@ -139,6 +141,7 @@ class SimilarityCollector:
         self.tracker: StepTracker | None = None
         self.batch: int | None = None
         self.skipped: set[str] = set()
+        self.partial = PartialComparisons()  # modules whose CFG comparison took only some output tensors
         self._new_run()
 
     def ring_bytes(self) -> int:
@@ -151,9 +154,12 @@ class SimilarityCollector:
         self.rings = {
             (m, b, t): _Ring(self.k) for m in range(len(self.modules)) for b in self.branches for t in range(2)
         }
+        self.parts: dict[tuple[int, str], list[tuple]] = {}  # (module, branch) -> its last call's output parts
 
-    def _features(self, index: int, args: tuple, kwargs: dict, output: Any) -> dict[str, list[torch.Tensor | None]]:
-        """Per branch: ``[output features [n, F], residual features [n, F'] or None]``."""
+    def _features(self, index: int, args: tuple, kwargs: dict, output: Any) -> dict[str, list]:
+        """Per branch: ``[output features [n, F], residual features [n, F'] or None, parts]``; ``parts``
+        lists per output tensor ``(per-sample shape before token sampling, width in F, width in F')``,
+        what the CFG comparison needs to take only the tensors whose shapes agree between branches."""
         kind = self.modules[index].kind
         outs = output_tensors(output)
         hidden, enc = input_tensors(args, kwargs)
@@ -165,25 +171,29 @@ class SimilarityCollector:
         if not keep:
             return {}
         branch = self.tracker.branch
-        per_branch: dict[str, list[list[torch.Tensor]]] = {}
+        per_branch: dict[str, list[list]] = {}
+        shapes = [tuple(o.shape[1:]) for o, _ in keep]  # per sample, before token sampling: token counts must agree
         if self.token_sample is not None:
             # the same positions of the output and of the input it updates: the residual's
             keep = [(self.token_sample.sample(o), self.token_sample.sample(p) if p is not None and o.shape == p.shape else p)
                     for o, p in keep]
-        for o, p in keep:
+        for (o, p), shape in zip(keep, shapes):
             o_parts = split_branches(o.detach(), self.layout, branch)
             r_parts = split_branches((o - p).detach(), self.layout, branch) if p is not None else None
             for b, ob in o_parts.items():
-                slot = per_branch.setdefault(b, [[], []])
+                slot = per_branch.setdefault(b, [[], [], []])
                 slot[0].append(ob.reshape(ob.shape[0], -1))
+                width_r = 0
                 if r_parts is not None:
                     rb = r_parts[b]
                     slot[1].append(rb.reshape(rb.shape[0], -1))
+                    width_r = slot[1][-1].shape[1]
+                slot[2].append((shape, slot[0][-1].shape[1], width_r))
         result = {}
-        for b, (os_, rs) in per_branch.items():
+        for b, (os_, rs, parts) in per_branch.items():
             out = torch.cat(os_, 1) if len(os_) > 1 else os_[0]
             res = (torch.cat(rs, 1) if len(rs) > 1 else rs[0]) if rs else None
-            result[b] = [out, res]
+            result[b] = [out, res, parts]
         return result
 
     def _record(self, step: int, m: int, b: str, slot: int | slice, col: int, *values: torch.Tensor) -> None:
@@ -218,7 +228,8 @@ class SimilarityCollector:
         if not 0 <= step < self.steps:
             return
         feats = self._features(index, args, kwargs, output)
-        for b, (out, res) in feats.items():
+        for b, (out, res, parts) in feats.items():
+            self.parts[(index, b)] = parts
             ring_o, ring_r = self.rings[(index, b, 0)], self.rings[(index, b, 1)]
             held_o, n_lags = ring_o.lags()
             if n_lags:
@@ -240,13 +251,23 @@ class SimilarityCollector:
             ring_o, ring_r = self.rings[(index, COND, 0)], self.rings[(index, COND, 1)]
             if ring_o.last_step != step:
                 return
-            cond = [ring_o.newest(), ring_r.newest() if ring_r.last_step == step else None]
+            cond = [ring_o.newest(), ring_r.newest() if ring_r.last_step == step else None, self.parts[(index, COND)]]
             uncond = feats[UNCOND]
         else:
             if COND not in feats or UNCOND not in feats:
                 return
             cond, uncond = feats[COND], feats[UNCOND]
+        c_shapes, u_shapes = [p[0] for p in cond[2]], [p[0] for p in uncond[2]]
+        if c_shapes != u_shapes:
+            # e.g. a text stream of the prompt's length in one branch and the negative prompt's in the other
+            keep = agreeing_parts(c_shapes, u_shapes)
+            self.partial.note(self.modules[index].name, len(u_shapes), keep)
+            if not keep:
+                return  # nothing comparable: the rows stay empty (NaN), and the record says so
+            cond, uncond = _select_parts(cond, keep), _select_parts(uncond, keep)
         c_res, u_res = (cond[1], uncond[1]) if cond[1] is not None and uncond[1] is not None else (None, None)
+        if c_res is not None and c_res.shape != u_res.shape:  # residuals exist for different tensors
+            c_res = u_res = None
         self._compare(step, index, COND, 0, cond[0], c_res, uncond[0], u_res)  # cond replaced by uncond's
         self._compare(step, index, UNCOND, 0, uncond[0], u_res, cond[0], c_res)
 
@@ -262,6 +283,20 @@ class SimilarityCollector:
 
 
 RAW_KEYS = ("sum", "sq", "min", "max", "n")
+
+
+def _select_parts(feat: list, keep: list[int]) -> list:
+    """``[out, res, parts]`` reduced to the output tensors at positions ``keep`` (residuals of those that have one)."""
+    out, res, parts = feat
+    o_cols, r_cols, o_at, r_at = [], [], 0, 0
+    for i, (_, w_o, w_r) in enumerate(parts):
+        if i in keep:
+            o_cols.append(out.narrow(-1, o_at, w_o))
+            if w_r and res is not None:
+                r_cols.append(res.narrow(-1, r_at, w_r))
+        o_at, r_at = o_at + w_o, r_at + w_r
+    kept_res = torch.cat(r_cols, -1) if r_cols and all(parts[i][2] for i in keep) else None
+    return [torch.cat(o_cols, -1), kept_res, [parts[i] for i in keep]]
 
 
 def merge_raw(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -327,9 +362,11 @@ def watch_runs(runner, modules: list[CacheableModule], sampler, conditions: list
     cacheable module, feeding every collector; returns ``(timesteps, warnings)``.
 
     Each micro-batch starts the collectors' ring buffers afresh, so what is held at any time is one
-    micro-batch's ``k`` lags; the statistics accumulate over all of them. The hooks are removed
-    afterwards, also on error.
+    micro-batch's ``k`` lags; the statistics accumulate over all of them. ``batch_size`` is capped at
+    what one pipeline call takes (:func:`~planner.profile.batching.micro_batch`). The hooks are
+    removed afterwards, also on error.
     """
+    batch_size = micro_batch(runner, batch_size, batch_size)
     transformer = runner.transformer
     targets = resolve_modules(transformer, modules)
     layout = runner.cfg_layout(sampler)
@@ -373,6 +410,13 @@ def watch_runs(runner, modules: list[CacheableModule], sampler, conditions: list
     if skipped:
         warnings.append(
             "outputs without the batch dimension were left out of the similarity of: " + ", ".join(sorted(skipped))
+        )
+    partial = sorted({name for c in collectors for name in c.partial.records})
+    if partial:
+        warnings.append(
+            f"the CFG-branch comparison (lag 0) of {len(partial)} module(s) took only the output tensors whose shapes "
+            "agree between the branches, and their outputs cannot be shared across branches (cfg_comparison in "
+            "meta.json): " + ", ".join(partial[:6]) + (", ..." if len(partial) > 6 else "")
         )
     return timesteps, warnings
 
