@@ -31,7 +31,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from pydantic import Field, field_validator
 
-from planner.cfg import BRANCHES, CfgLayout, cfg_halves, guided
+from planner.cfg import BRANCHES, CfgLayout, cfg_halves, guided, other_branch
 from planner.errors import PlannerError
 from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
@@ -209,15 +209,17 @@ class _GreedyPass:
             self.codes[module][b][step] = code
         self.handle.set_codes(module, {b: "".join(c) for b, c in self.codes[module].items()})
 
-    def _candidates(self, module, active: tuple[str, ...]) -> list[dict[str, str]]:
+    def _candidates(self, module, active: tuple[str, ...], step: int) -> list[dict[str, str]]:
         """The module's candidate choices, most saving first (see :func:`by_saving`); CFG sharing (the
-        module runs on one half) saves least, so it comes last."""
+        module runs on one half) saves least, so it comes last, and only where the cond branch computes
+        the module at this step (with separate calls, cond's call has chosen already)."""
         codes = self.actions.get(module.kind, "")
         if module.name in self.costs:
             codes = by_saving(codes, *self.costs[module.name])
         out = [{b: code for b in active} for code in codes]
         if self.share_cfg and "uncond" in active and module.name in self.shares_cfg:
-            out.append({b: ("S" if b == "uncond" else "C") for b in active})
+            if "cond" in active or _computes(self.codes, self.parent, module.name, "cond", step):
+                out.append({b: ("S" if b == "uncond" else "C") for b in active})
         return out
 
     def _run_length(self, module: str, step: int, active) -> int:
@@ -277,7 +279,7 @@ class _GreedyPass:
                 continue  # the block does not run, so neither do its sub-layers
             if step in self.must_compute.get(m.name, ()):
                 continue  # two transformers (Wan 2.2): not its transformer's step, or its first one
-            candidates = self._candidates(m, active)
+            candidates = self._candidates(m, active, step)
             if self.later_call:  # a later pipeline call of this pass: a choice stays only if it holds here too
                 now = {b: self.codes[m.name][b][step] for b in active}
                 candidates = [c for c in candidates if c == now]
@@ -327,7 +329,20 @@ def decisions_from_records(records, modules: Iterable[str], branches: Sequence[s
             decided.add(key)
             for b, code in choice.items():
                 codes[module][b][step] = code
+    parent = {m: m.rsplit(".", 1)[0] for m in codes if m.rsplit(".", 1)[0] in codes}
+    for m, per in codes.items():  # a share recorded where the other branch's choice at another delta is a reuse
+        for b, row in per.items():
+            other = other_branch(b)
+            for k, code in enumerate(row):
+                if code == "S" and not _computes(codes, parent, m, other, k):
+                    row[k] = "C"
     return {m: {b: "".join(c) for b, c in per.items()} for m, per in codes.items()}
+
+
+def _computes(codes: dict, parent: dict[str, str], module: str, branch: str, step: int) -> bool:
+    """Whether ``module`` runs on ``branch`` at ``step`` under ``codes`` (its code and its block's are C)."""
+    up = parent.get(module)
+    return codes[module][branch][step] == "C" and (up is None or codes[up][branch][step] == "C")
 
 
 @register

@@ -219,7 +219,7 @@ def test_greedy_offers_share_cfg_only_where_the_branches_agree(qwen):
     ctx = SearchContext.build(runner, sampler, profile, samples=1)
     trial = _GreedyPass(ctx, 0.1, DEFAULT_ACTIONS, share_cfg=True)
     rec = profile.meta.extra["cfg_comparison"]
-    offered = {m.name for m in ctx.modules if any("S" in c.values() for c in trial._candidates(m, (UNCOND,)))}
+    offered = {m.name for m in ctx.modules if any("S" in c.values() for c in trial._candidates(m, (UNCOND,), 1))}
     assert offered and not offered & set(rec)
     assert {m for m in offered if m.endswith("img_mlp")} == {m.name for m in ctx.modules if m.name.endswith("img_mlp")}
 

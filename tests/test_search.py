@@ -112,6 +112,33 @@ def test_records_predict_the_plan_of_another_delta():
     assert decisions_from_records(records, ["b0", "b1"], ["cond"], 3, 0.01)["b0"]["cond"] == "CCC"
 
 
+def test_records_never_predict_a_share_whose_source_does_not_compute():
+    """With separate CFG calls, uncond's share (S) of a sub-layer was measured while cond computed its block;
+    at a looser delta cond's block may be reused instead: the share becomes a computation, and the plan
+    stays valid."""
+    b, mlp = "blocks.0", "blocks.0.mlp"
+    records = [(1, b, {"cond": "R"}, 0.2), (1, mlp, {"uncond": "S"}, 0.01), (2, mlp, {"uncond": "S"}, 0.01)]
+    d = decisions_from_records(records, [b, mlp], ["cond", "uncond"], 3, 0.1)
+    assert d[mlp]["uncond"] == "CSS"  # cond's block computes at both steps
+    d = decisions_from_records(records, [b, mlp], ["cond", "uncond"], 3, 0.3)
+    assert d[b]["cond"] == "CRC" and d[mlp]["uncond"] == "CCS"
+
+
+def test_greedy_offers_a_share_only_where_cond_computes(digits10, context_of):
+    from planner.search.greedy import DEFAULT_ACTIONS
+
+    ctx = context_of(digits10)
+    trial = _GreedyPass(ctx, 0.1, DEFAULT_ACTIONS, share_cfg=True)
+    block = next(m for m in ctx.modules if m.kind == "block")
+    sub = next(m for m in ctx.modules if m.name.startswith(block.name + "."))
+    shares = lambda m: [c for c in trial._candidates(m, ("uncond",), 2) if "S" in c.values()]  # noqa: E731
+    assert shares(block) and shares(sub)
+    trial.codes[block.name]["cond"][2] = "R"  # cond's call reused the block at step 2: nothing to share below it
+    assert not shares(block) and not shares(sub)
+    trial.codes[block.name]["cond"][2], trial.codes[sub.name]["cond"][2] = "C", "R"
+    assert not shares(sub)
+
+
 def test_step_weights_tighten_steps_that_change_more():
     class P:
         def curve(self, lag, residual):
