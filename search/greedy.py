@@ -19,6 +19,14 @@ most ``max_run`` steps in a row; candidates are ordered by the profile's costs; 
 met by predicting, from every trial's error, the delta whose plan just meets it (then correcting
 upwards), so a search takes a handful of passes. Each pass's final latents are the plan's
 calibration error: no extra evaluation.
+
+Under a speed budget the search is also seeded with TaylorSeer-class periodic forecast schedules
+(``seeds="periodic"``, :mod:`planner.search._periodic`): warm-up, cool-down, forecast order and level
+swept, each fitted to the budget on the latency model and run on the calibration inputs, the best
+refined by moving single computed steps. The plan with the lower calibration error is kept, so the
+search never ends below the best schedule it was seeded with. A step-local threshold cannot see that
+forecasting every block on the same steps, between evenly spaced computes, keeps the trajectory on
+course; the seeds bring that in.
 """
 
 from __future__ import annotations
@@ -67,6 +75,11 @@ class GreedySettings(StrategySettings):
     step_up: float = Field(0.1, gt=0, description="least relative raise of delta after a pass that misses the budget")
     incremental: bool = Field(
         True, description="trials re-run only the blocks from the tried module's block onward (same errors, fewer calls)")
+    seeds: Literal["periodic", "none"] = Field(
+        "periodic", description="speed budgets: also fit TaylorSeer-class periodic forecast schedules to the budget, "
+                                "refine the best on the calibration inputs, and keep it when its calibration error "
+                                "is lower than the greedy plan's")
+    seed_refine: int = Field(12, ge=0, description="calibration runs at most for refining the best periodic schedule")
 
     @field_validator("actions")
     @classmethod
@@ -375,15 +388,45 @@ class _GreedySearch:
         from planner.search.context import Evaluation
 
         s = self.settings
+        seed = None
         if s.delta is not None:
             best = self.at(s.delta)
         elif budget.speedup is not None:
-            best = self._search_speed_runs(budget)
+            best, seed = self._best_at_speed(budget)
         else:
             best = self.at(self._delta_for_error(budget))
+        params = {**s.record(), "passes": self.passes}
+        if seed is not None:  # the periodic schedule beat every greedy pass on the calibration inputs
+            params.update(chosen="periodic", periodic=seed.shape.params(),
+                          greedy_error=None if best is None else best["error"])
+            return self.ctx.plan(seed.shape.decisions(self.ctx), strategy=Greedy.name, params=params,
+                                 evaluation=seed.evaluation)
         evaluation = Evaluation(best["error"], best["speedup"], best["fraction"], {"trials": best["trials"]})
-        params = {**s.record(), "delta": best["delta"], "max_run": self.max_run, "passes": self.passes}
+        params.update(delta=best["delta"], max_run=self.max_run)
+        if s.seeds != "none" and budget.speedup is not None and s.delta is None:
+            params["chosen"] = "greedy"
         return self.ctx.plan(best["decisions"], strategy=Greedy.name, params=params, evaluation=evaluation)
+
+    def _best_at_speed(self, budget):
+        """``(best greedy pass or None, periodic candidate or None)``, exactly one of them the winner: the
+        greedy search, then (``seeds="periodic"``) the best periodic forecast schedule fitted to the budget
+        and refined on the calibration inputs (:mod:`planner.search._periodic`); the seed wins when its
+        calibration error is lower, so the search never ends below its best seeded schedule."""
+        from planner.search._periodic import best_periodic
+
+        s = self.settings
+        if s.seeds == "none":
+            return self._search_speed_runs(budget), None
+        try:
+            best, failure = self._search_speed_runs(budget), None
+        except PlannerError as exc:  # the seeds may still meet it
+            best, failure = None, exc
+        seed = best_periodic(self.ctx, budget, refine_evaluations=s.seed_refine)
+        if seed is None or (best is not None and best["error"] <= seed.error):
+            if best is None:
+                raise failure
+            return best, None
+        return best, seed
 
     def at(self, delta: float) -> dict:
         """The pass at ``delta`` (run once; later asks return the same figures)."""

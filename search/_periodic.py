@@ -1,0 +1,183 @@
+"""Periodic forecast schedules: the TaylorSeer-class plans a search starts from and must not end below.
+
+TaylorSeer computes every module of a level on a few warm-up steps, then on one step in N, and
+forecasts the outputs in between from the last computed ones. As a plan that is: per module the same
+code string, ``C`` on the warm-up (and, optionally, the last few "cool-down") steps and on evenly
+spread steps in between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. Here the
+number of computed steps in the middle is any whole number, not only ``steps / N``, so a schedule
+meets a speed budget as tightly as one step allows.
+
+:func:`best_periodic` sweeps warm-up, cool-down and forecast order (blocks; sub-layers on request), fits the computed steps to
+the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
+through the executor, then moves single computed steps by one while that lowers the calibration
+error (same count, same predicted cost). It returns the best schedule found with its evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from planner.modules import modules_at_level
+from planner.search.budget import first_true
+
+FORECAST_CODES = ("F", "Q")
+
+
+@dataclass(frozen=True)
+class PeriodicShape:
+    """One periodic schedule: ``warmup`` leading and ``cooldown`` trailing computed steps, ``computes``
+    computed steps spread evenly over the steps between, ``code`` on the others, at ``level``; ``moves``
+    shifts single computed middle steps (index into them, +1 or -1) after the even spread."""
+
+    level: str
+    code: str
+    warmup: int
+    cooldown: int
+    computes: int
+    lean: str = "even"  # where the runs one forecast longer than the others go: spread, first or last
+    moves: tuple[tuple[int, int], ...] = ()
+
+    def middle(self, steps: int) -> list[int]:
+        """The computed steps between warm-up and cool-down, in order."""
+        lo, hi = self.warmup, steps - self.cooldown
+        span, k = hi - lo, max(0, min(self.computes, hi - lo))
+        if k == 0:
+            return []
+        # k computes and span - k forecasts: the forecasts fill k + 1 runs as evenly as whole steps allow
+        # (the last run may end the schedule), so the computed steps sit at even intervals; the runs one
+        # longer than the rest are spread out, or all come first or last (``lean``).
+        gaps = span - k
+        base, extra = divmod(gaps, k + 1)
+        out, at = [], lo
+        for j in range(k):
+            if self.lean == "early":
+                run = base + (j < extra)
+            elif self.lean == "late":
+                run = base + (j >= k + 1 - extra)
+            else:
+                run = (j + 1) * gaps // (k + 1) - j * gaps // (k + 1)
+            at += run
+            out.append(at)
+            at += 1
+        for index, shift in self.moves:
+            moved = out[index] + shift
+            lo_ok = out[index - 1] + 1 if index > 0 else lo
+            hi_ok = out[index + 1] - 1 if index + 1 < len(out) else hi - 1
+            if lo_ok <= moved <= hi_ok:
+                out[index] = moved
+        return out
+
+    def codes(self, steps: int) -> str:
+        """The code string of every module of the schedule."""
+        computed = set(range(min(self.warmup, steps))) | set(range(max(0, steps - self.cooldown), steps))
+        computed |= set(self.middle(steps))
+        return "".join("C" if i in computed else self.code for i in range(steps))
+
+    def decisions(self, context) -> dict[str, str]:
+        codes = self.codes(context.steps)
+        return {name: codes for name in modules_at_level(context.modules, self.level)}
+
+    def params(self) -> dict:
+        """The schedule's description, as a plan's provenance records it."""
+        return {"level": self.level, "code": self.code, "warmup": self.warmup, "cooldown": self.cooldown,
+                "computes": self.computes, "lean": self.lean, "moves": [list(m) for m in self.moves]}
+
+
+@dataclass
+class Candidate:
+    shape: PeriodicShape
+    evaluation: object  # planner.search.context.Evaluation
+
+    @property
+    def error(self) -> float:
+        return self.evaluation.error
+
+
+def fit_computes(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
+    """``shape`` with the most computed middle steps whose predicted speedup still meets ``budget`` (the
+    least forecasting, so the least error), or ``None`` when even no computed middle step does."""
+    span = context.steps - shape.warmup - shape.cooldown
+    if span <= 0:
+        return None
+
+    def meets(i: int) -> bool:  # i = 0 computes the most; meeting stays true as i grows
+        return budget.speed_met(context.predict(context.plan(replace(shape, computes=span - i).decisions(context)))[0])
+
+    i = first_true(span + 1, meets)
+    return None if i is None else replace(shape, computes=span - i)
+
+
+def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
+    key = shape.codes(context.steps), shape.level
+    if key not in seen:
+        seen[key] = Candidate(shape, context.evaluate(context.plan(shape.decisions(context))))
+    return seen[key]
+
+
+def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES,
+                        warmups=(2, 3, 4), cooldowns=(0, 1), seen: dict | None = None) -> list[Candidate]:
+    """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
+    calibration inputs, best (lowest calibration error) first; schedules that come out identical are
+    evaluated once."""
+    seen = {} if seen is None else seen
+    out = {}
+    for level in levels:
+        if not modules_at_level(context.modules, level):
+            continue
+        for code in codes:
+            for warmup in warmups:
+                for cooldown in cooldowns:
+                    shape = fit_computes(context, budget, PeriodicShape(level, code, warmup, cooldown, 0))
+                    if shape is None:
+                        continue
+                    c = _evaluate(context, shape, seen)
+                    out[shape.codes(context.steps), level] = c
+    return sorted(out.values(), key=lambda c: c.error)
+
+
+def refine(context, start: Candidate, max_evaluations: int, seen: dict | None = None) -> Candidate:
+    """Hill-climb from ``start``: move one computed middle step one step earlier or later (the count, and
+    so the predicted cost, stays) and keep the move when it lowers the calibration error; at most
+    ``max_evaluations`` calibration runs. Never returns a schedule worse than ``start``."""
+    seen = {} if seen is None else seen
+    best, used = start, 0
+    improved = True
+    while improved and used < max_evaluations:
+        improved = False
+        n = len(best.shape.middle(context.steps))
+        for index in range(n):
+            for shift in (-1, 1):
+                if used >= max_evaluations:
+                    return best
+                trial = replace(best.shape, moves=best.shape.moves + ((index, shift),))
+                if trial.codes(context.steps) == best.shape.codes(context.steps):
+                    continue  # the move is blocked by a neighbour
+                if (trial.codes(context.steps), trial.level) not in seen:
+                    used += 1
+                c = _evaluate(context, trial, seen)
+                if c.error < best.error:
+                    best, improved = c, True
+    return best
+
+
+def lean_variants(context, best: Candidate, seen: dict) -> Candidate:
+    """``best`` or the variant of it whose longer forecast runs all come first or all come last, whichever
+    has the lowest calibration error (two calibration runs at most; none when the runs are all equal)."""
+    out = best
+    for lean in ("early", "late"):
+        c = _evaluate(context, replace(best.shape, lean=lean), seen)
+        if c.error < out.error:
+            out = c
+    return out
+
+
+def best_periodic(context, budget, refine_evaluations: int = 12, **sweep) -> Candidate | None:
+    """The periodic forecast schedule with the lowest calibration error that meets the speed ``budget``
+    (the sweep's best, its longer runs moved first or last when that helps, then refined by
+    :func:`refine`), or ``None`` when no schedule meets it."""
+    seen: dict = {}
+    candidates = periodic_candidates(context, budget, seen=seen, **sweep)
+    if not candidates:
+        return None
+    best = lean_variants(context, candidates[0], seen)
+    return refine(context, best, refine_evaluations, seen) if refine_evaluations > 0 else best

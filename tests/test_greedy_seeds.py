@@ -1,0 +1,99 @@
+"""Greedy seeded with periodic forecast schedules (issue 18): the schedules' shape, their fit to a speed
+budget on the latency model, the refinement never ending worse than it starts, and the greedy search never
+ending below its best seeded schedule on the calibration error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from planner.executor import apply_plan
+from planner.profile import profile_model
+from planner.runner import Sampler
+from planner.search import get_strategy
+from planner.search._periodic import PeriodicShape, fit_computes, periodic_candidates, refine
+from planner.search.budget import Budget
+from planner.search.context import SearchContext
+
+TORCH_THREADS = 2  # see conftest.py
+
+
+# --------------------------------------------------------------------------- the schedules
+
+
+def test_a_periodic_schedule_computes_warmup_cooldown_and_evenly_spread_steps():
+    codes = PeriodicShape("block", "F", warmup=3, cooldown=1, computes=8).codes(28)
+    assert len(codes) == 28 and codes[:3] == "CCC" and codes[-1] == "C"
+    assert codes.count("C") == 3 + 1 + 8 and set(codes) == {"C", "F"}
+    middle = [i for i, c in enumerate(codes[3:27], start=3) if c == "C"]
+    gaps = np.diff([2, *middle, 27])  # runs of forecasts between computes differ by one step at most
+    assert gaps.max() - gaps.min() <= 1
+    # TaylorSeer's interval 2 after three warm-up steps: compute, forecast, compute, ...
+    assert PeriodicShape("block", "Q", 3, 0, 12).codes(28).startswith("CCCQCQCQ")
+
+
+def test_moves_shift_one_computed_step_and_never_cross_a_neighbour():
+    base = PeriodicShape("block", "F", 2, 0, 3)
+    steps = 14
+    middle = base.middle(steps)
+    moved = PeriodicShape("block", "F", 2, 0, 3, moves=((1, 1),)).middle(steps)
+    assert moved == [middle[0], middle[1] + 1, middle[2]]
+    crowded = PeriodicShape("block", "F", 2, 0, 12)  # every middle step computes: no move fits
+    assert PeriodicShape("block", "F", 2, 0, 12, moves=((3, 1), (0, -1))).codes(steps) == crowded.codes(steps)
+
+
+# --------------------------------------------------------------------------- on a model
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny):
+    runner = tiny("dit")
+    sampler = runner.resolve(Sampler("default", 10, 4.0))
+    profile = profile_model(runner, sampler, samples=2, lags=2, costs="flops")
+    return SearchContext.build(runner, sampler, profile, samples=2)
+
+
+def test_fit_computes_keeps_the_most_computed_steps_that_meet_the_budget(tiny_ctx):
+    budget = Budget.parse("1.5x")
+    shape = fit_computes(tiny_ctx, budget, PeriodicShape("block", "F", 2, 0, 0))
+    assert shape is not None and shape.computes >= 1
+
+    def speedup(s):
+        return tiny_ctx.predict(tiny_ctx.plan(s.decisions(tiny_ctx)))[0]
+
+    assert budget.speed_met(speedup(shape))
+    one_more = PeriodicShape("block", "F", 2, 0, shape.computes + 1)
+    assert not budget.speed_met(speedup(one_more))
+    assert fit_computes(tiny_ctx, Budget.parse("50x"), PeriodicShape("block", "F", 2, 0, 0)) is None
+
+
+def test_refine_never_ends_worse_than_it_starts(tiny_ctx):
+    budget = Budget.parse("1.5x")
+    candidates = periodic_candidates(tiny_ctx, budget, levels=("block",), warmups=(2,), cooldowns=(0,))
+    assert candidates and [c.error for c in candidates] == sorted(c.error for c in candidates)
+    start = candidates[-1]
+    best = refine(tiny_ctx, start, max_evaluations=4)
+    assert best.error <= start.error
+    assert best.shape.computes == start.shape.computes
+    assert best.evaluation.predicted_speedup == pytest.approx(tiny_ctx.predict(tiny_ctx.plan(best.shape.decisions(tiny_ctx)))[0])
+
+
+@pytest.mark.parametrize("budget", ["1.5x", "2x"])
+def test_greedy_never_ends_below_its_best_seeded_schedule(tiny_ctx, budget):
+    b = Budget.parse(budget)
+    plan = get_strategy("greedy")(seed_refine=2).search(tiny_ctx, b)
+    seeds = periodic_candidates(tiny_ctx, b)
+    assert seeds, "some periodic schedule meets the budget"
+    assert plan.prediction.calib_error <= seeds[0].error + 1e-9
+    assert b.speed_met(plan.prediction.speedup)
+    assert plan.provenance.params["chosen"] in {"greedy", "periodic"}
+    # the recorded calibration error is the plan's own on the calibration inputs
+    assert tiny_ctx.evaluate(plan).error == pytest.approx(plan.prediction.calib_error, rel=1e-4, abs=1e-6)
+    with apply_plan(tiny_ctx.runner, plan) as h:
+        tiny_ctx.runner.run(tiny_ctx.conditions, tiny_ctx.seeds, tiny_ctx.sampler, output="latent")
+        assert h.stats()["computed_fraction"] < 1.0
+
+
+def test_greedy_without_seeds_is_the_plain_greedy_search(tiny_ctx):
+    plan = get_strategy("greedy")(seeds="none").search(tiny_ctx, Budget.parse("1.5x"))
+    assert "chosen" not in plan.provenance.params and plan.provenance.params["delta"] > 0
