@@ -140,7 +140,9 @@ def test_every_peer_has_a_default_sweep():
     assert set(NEW_PEERS) <= set(PEERS) and set(DEFAULT_SWEEPS) == set(PEERS)
 
 
-@pytest.mark.parametrize("peer", sorted(NEW_PEERS))
+# two peers (one per library) in the default run, every one in CI (pytest --slow)
+@pytest.mark.parametrize("peer", [p if p in ("diffusers-magcache", "cache-dit-dbcache-F2B1") else
+                                  pytest.param(p, marks=pytest.mark.slow) for p in sorted(NEW_PEERS)])
 def test_each_new_peer_runs_on_digits_dit_and_saves_flops(digits, peer):
     if peer.startswith("cache-dit"):
         pytest.importorskip("cache_dit")

@@ -209,6 +209,7 @@ def test_resume_continues_exactly(digits8, tmp_path, monkeypatch):
         train(tmp_path / "c", resume=True)
 
 
+@pytest.mark.slow  # a training: CI runs it (pytest --slow)
 def test_strategy_writes_plan_router_curve_and_proxy(digits8, tmp_path):
     ctx = _context(digits8, artifacts=tmp_path / "plan")
     strategy = get_strategy("harmonica")(batch=2, rounds=2, betas=[0.02], proxy_every=7, level="block", proxy="released")

@@ -126,7 +126,8 @@ def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, co
         L2CTrainer(context_of(digits10, tmp_path / "c"), settings(**SMALL, resume=True)).train()
 
 
-@pytest.mark.parametrize("level", ["sublayer", pytest.param("block", marks=pytest.mark.slow)])
+@pytest.mark.slow  # a training per level: CI runs it (pytest --slow)
+@pytest.mark.parametrize("level", ["sublayer", "block"])
 def test_plans_meet_the_budget_and_keep_router_and_curve(digits10, context_of, tmp_path, level):
     ctx = context_of(digits10, tmp_path)
     # ask for 60 % of what the level can reach on this (FLOP-costed) profile

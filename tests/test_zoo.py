@@ -91,6 +91,7 @@ def test_save_and_load_roundtrip(pipe, tmp_path):
     assert torch.equal(pipe(**kw, generator=_gens([5])).images, again(**kw, generator=_gens([5])).images)
 
 
+@pytest.mark.slow  # a training: CI runs it (pytest --slow)
 def test_training_lowers_the_loss_writes_a_model_and_is_deterministic(tmp_path):
     cfg = TrainConfig(steps=40, batch_size=32, warmup_steps=5)
     pipe, record = train_digits_dit(cfg, out_dir=tmp_path / "m", progress=False)
