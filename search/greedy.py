@@ -44,6 +44,7 @@ from planner.errors import PlannerError
 from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
 from planner.metrics import rel_l1
+from planner.modules import module_kind
 from planner.profile.branch_parts import shares_cfg
 from planner.search import Strategy, StrategySettings, register
 from planner.search.budget import first_true, unreachable
@@ -342,7 +343,7 @@ def decisions_from_records(records, modules: Iterable[str], branches: Sequence[s
             decided.add(key)
             for b, code in choice.items():
                 codes[module][b][step] = code
-    parent = {m: m.rsplit(".", 1)[0] for m in codes if m.rsplit(".", 1)[0] in codes}
+    parent = {m: module_kind(m)[1] for m in codes}
     for m, per in codes.items():  # a share recorded where the other branch's choice at another delta is a reuse
         for b, row in per.items():
             other = other_branch(b)

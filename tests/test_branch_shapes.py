@@ -116,24 +116,16 @@ def test_cfg_comparison_of_outputs_of_equal_shapes_stays_whole():
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """The Qwen-Image fixture as a runner on two prompts (negative prompt ""), a 3-step sampler, and its profile."""
-    import os
-
     from planner.runner import as_runner, make_sampler
     from planner.zoo.fixtures import build_fixture
 
-    old = os.environ.get("PLANNER_EMBEDDING_CACHE")
-    os.environ["PLANNER_EMBEDDING_CACHE"] = str(tmp_path_factory.mktemp("embeddings"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLANNER_EMBEDDING_CACHE", str(tmp_path_factory.mktemp("embeddings")))
         runner = as_runner(build_fixture("qwen-image"), prompts=CALIB)
         sampler = make_sampler(runner, steps=3, height=16, width=16, guidance=4.0)
         folder = tmp_path_factory.mktemp("qwen") / "prof"
         profile_model(runner, sampler, samples=2, costs="flops", out=folder)
         yield runner, sampler, folder
-    finally:
-        if old is None:
-            os.environ.pop("PLANNER_EMBEDDING_CACHE", None)
-        else:
-            os.environ["PLANNER_EMBEDDING_CACHE"] = old
 
 
 def test_qwen_image_profile_compares_the_image_stream_across_branches(qwen):
@@ -229,25 +221,17 @@ def test_greedy_offers_share_cfg_only_where_the_branches_agree(qwen):
 def one_per_call(tmp_path_factory):
     """The PixArt-Sigma fixture as a runner whose family takes one sample per pipeline call (as HunyuanVideo
     1.5's does), a 3-step sampler, and its FLOP-costed profile on two samples."""
-    import os
-
     from planner.pipelines.text import TextFamily
     from planner.runner import as_runner, make_sampler
     from planner.zoo.fixtures import build_fixture
 
-    old = os.environ.get("PLANNER_EMBEDDING_CACHE")
-    os.environ["PLANNER_EMBEDDING_CACHE"] = str(tmp_path_factory.mktemp("embeddings"))
-    try:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLANNER_EMBEDDING_CACHE", str(tmp_path_factory.mktemp("embeddings")))
         runner = as_runner(build_fixture("pixart-sigma"), prompts=CALIB)
         assert micro_batch(runner, 4) == 4 and micro_batch(runner, 4, 3) == 3 and micro_batch(runner, 2, 8) == 2
         runner.family = TextFamily(runner.family.name, replace(runner.family.facts, max_batch=1))
         sampler = make_sampler(runner, steps=3, height=16, width=16)
         yield runner, sampler, profile_model(runner, sampler, samples=2, costs="flops")
-    finally:
-        if old is None:
-            os.environ.pop("PLANNER_EMBEDDING_CACHE", None)
-        else:
-            os.environ["PLANNER_EMBEDDING_CACHE"] = old
 
 
 def test_profile_runs_one_pipeline_call_per_micro_batch(one_per_call):

@@ -116,7 +116,7 @@ def test_records_never_predict_a_share_whose_source_does_not_compute():
     """With separate CFG calls, uncond's share (S) of a sub-layer was measured while cond computed its block;
     at a looser delta cond's block may be reused instead: the share becomes a computation, and the plan
     stays valid."""
-    b, mlp = "blocks.0", "blocks.0.mlp"
+    b, mlp = "blocks.0", "blocks.0.ff"
     records = [(1, b, {"cond": "R"}, 0.2), (1, mlp, {"uncond": "S"}, 0.01), (2, mlp, {"uncond": "S"}, 0.01)]
     d = decisions_from_records(records, [b, mlp], ["cond", "uncond"], 3, 0.1)
     assert d[mlp]["uncond"] == "CSS"  # cond's block computes at both steps

@@ -102,12 +102,13 @@ class _BranchCache:
     """What one module keeps for one CFG branch: its last computed outputs with their steps (one, or
     as many as its forecasts need), and for ``reuse_residual`` the inputs of the last compute."""
 
-    __slots__ = ("outputs", "inputs", "call_shapes")
+    __slots__ = ("outputs", "inputs", "call_shapes", "share_checked")
 
     def __init__(self) -> None:
         self.outputs: list[tuple[int, Any]] = []  # [(step, output tree)], oldest first, at most 2
         self.inputs: dict[int, torch.Tensor | None] | None = None
-        self.call_shapes: Any = None  # shapes of the last computing call's arguments (plans with S only)
+        self.call_shapes: Any = None  # shapes of the first computing call's arguments (plans with S only)
+        self.share_checked = False  # this branch's outputs were found to fit the other's (once per run)
 
 
 class CacheHook(ModelHook):
@@ -312,19 +313,22 @@ class CacheHook(ModelHook):
             entry.outputs.append((step, fresh[b]))
             if self.residual is not None:
                 entry.inputs = self._branch_inputs(b, active, args, kwargs)
-            if self.checks_share and len(active) == 1:  # separate calls: this branch's own
-                entry.call_shapes = call_shapes(args, kwargs)
+            if self.checks_share and len(active) == 1 and entry.call_shapes is None:  # separate calls: own
+                entry.call_shapes = call_shapes(args, kwargs)  # shapes stay within a run: read once
 
     @_python
     def _check_share(self, branch: str, other: str, step: int, args: tuple, kwargs: dict) -> None:
         """PlannerError when the other branch's output of this step cannot stand in for this branch's
         (separate calls): their outputs differ in shape, or, before this branch computed any, the calls'
-        arguments do (:mod:`planner.executor.shapes`)."""
+        arguments do (:mod:`planner.executor.shapes`). Shapes do not change within a run (the caches are
+        new at every run), so once the outputs agree they are not compared again."""
         theirs = self.caches[other]
         own = self.caches.get(branch)
         if own is not None and own.outputs:
-            check_share(self.name, branch, other, step, tree_shapes(own.outputs[-1][1]),
-                        tree_shapes(theirs.outputs[-1][1]), "outputs")
+            if not own.share_checked:
+                check_share(self.name, branch, other, step, tree_shapes(own.outputs[-1][1]),
+                            tree_shapes(theirs.outputs[-1][1]), "outputs")
+                own.share_checked = True
         elif theirs.call_shapes is not None:
             check_share(self.name, branch, other, step, call_shapes(args, kwargs), theirs.call_shapes, "inputs")
 
