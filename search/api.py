@@ -16,6 +16,7 @@ from typing import Any
 
 from planner.errors import PlannerError
 from planner.plan import Plan, artifacts_dir, staged_plan
+from planner.profile.flop_costs import check_cost_source
 from planner.search import Strategy, make_strategy
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
@@ -51,13 +52,15 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
                context: SearchContext | None = None, prompts: Any = None, negative_prompt: str | None = None,
                call_args: dict | None = None, steps: int | None = None, guidance: float | None = None,
                height: int | None = None, width: int | None = None, num_frames: int | None = None,
-               **settings: Any) -> SearchOutcome:
+               costs: str | None = None, **settings: Any) -> SearchOutcome:
     """:func:`search_plan`, returning the context and timings with the plan."""
     from planner.profile import Profile
     from planner.profile.store import profile_for
     from planner.runner import as_runner, make_sampler
 
     budget = as_budget(budget, max_error)
+    if costs is not None:
+        check_cost_source(costs)
     if isinstance(strategy, Strategy):
         if settings:
             raise PlannerError("give settings to the strategy object or as keywords, not both")
@@ -83,12 +86,13 @@ def run_search(model: Any, budget: str | float | Budget | None = None, *, strate
         ctx = context
         if ctx is None:
             ctx = SearchContext.build(runner, sampler, profile, samples=calib_samples, progress=progress,
-                                      artifacts=artifacts, checkpoints=checkpoints)
+                                      artifacts=artifacts, checkpoints=checkpoints, costs=costs or "measured")
         else:  # a shared context: this search's by-products go to this plan's folders
+            ctx = ctx.with_costs(costs or ctx.costs)
             ctx.artifacts, ctx.checkpoints = artifacts, checkpoints
         if budget.speedup is not None and not budget.speed_met(ctx.max_speedup()):
             raise PlannerError(f"budget {budget.label()} cannot be met: even reusing every block at every step but "
-                               f"the first gives {ctx.max_speedup():.2f}x")
+                               f"the first gives {ctx.max_speedup():.2f}x{' in FLOPs' if ctx.costs == 'flops' else ''}")
         ctx.cost = cost_meter(ctx)
         try:
             with ctx.cost:
@@ -123,7 +127,7 @@ def search_plan(model: Any, budget: str | float | Budget | None = None, *, strat
                 context: SearchContext | None = None, prompts: Any = None, negative_prompt: str | None = None,
                 call_args: dict | None = None, steps: int | None = None, guidance: float | None = None,
                 height: int | None = None, width: int | None = None, num_frames: int | None = None,
-                **settings: Any) -> Plan:
+                costs: str | None = None, **settings: Any) -> Plan:
     """A cache plan for ``model`` that meets ``budget``, found by ``strategy``.
 
     ``model``: a :class:`~planner.runner.Runner`, a diffusers pipeline the zoo knows, or a model spec
@@ -138,9 +142,12 @@ def search_plan(model: Any, budget: str | float | Budget | None = None, *, strat
     unused). ``prompts`` (a list, a ``.txt``/``.jsonl`` file), ``negative_prompt``, ``call_args`` and
     ``steps``, ``guidance``, ``height``, ``width``, ``num_frames``: the calibration inputs and the
     sampler, as for :func:`planner.runner.as_runner` and :func:`planner.runner.make_sampler`.
+    ``costs``: what the budget is in, ``measured`` (the profile's costs, the default; a shared context's own)
+    or ``flops`` (the FLOPs the profile counted: the speedup a large model on an accelerator approaches).
     Raises PlannerError (one line) when the settings are wrong or no plan meets the budget.
     """
     return run_search(model, budget, strategy=strategy, max_error=max_error, sampler=sampler, profile=profile,
                       calib_samples=calib_samples, out=out, device=device, progress=progress, context=context,
                       prompts=prompts, negative_prompt=negative_prompt, call_args=call_args, steps=steps,
-                      guidance=guidance, height=height, width=width, num_frames=num_frames, **settings).plan
+                      guidance=guidance, height=height, width=width, num_frames=num_frames, costs=costs,
+                      **settings).plan

@@ -8,6 +8,7 @@ predicted cost. Calibration and evaluation seeds come from disjoint ranges by co
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,13 +36,15 @@ class SearchContext:
     """Calibration inputs, references and costs for one (model, sampler) pair."""
 
     def __init__(self, runner, sampler, profile, conditions: list[Any], seeds: list[int], *, progress: bool = False,
-                 artifacts: Path | None = None, checkpoints: Path | None = None):
+                 artifacts: Path | None = None, checkpoints: Path | None = None, costs: str = "measured"):
         if any(s >= EVAL_SEED_BASE for s in seeds):
             raise PlannerError(f"calibration seeds must lie below {EVAL_SEED_BASE}")
         self.runner = runner
         self.sampler = runner.resolve(sampler)
         self.profile = profile
-        self.latency = profile.latency_model()
+        # What the budget and every predicted speedup are in: the profile's measured costs, or its FLOPs.
+        self.costs = costs
+        self.latency = profile.latency_model(costs)
         self.conditions = conditions
         self.seeds = list(seeds)
         self.progress = progress
@@ -57,10 +60,19 @@ class SearchContext:
 
     @classmethod
     def build(cls, runner, sampler, profile, samples: int = 8, progress: bool = False,
-              artifacts: Path | None = None, checkpoints: Path | None = None) -> "SearchContext":
+              artifacts: Path | None = None, checkpoints: Path | None = None, costs: str = "measured") -> "SearchContext":
         """A context with ``samples`` calibration inputs (conditions from seed 0, calibration seeds)."""
         return cls(runner, sampler, profile, runner.conditions(samples, seed=0), calibration_seeds(samples),
-                   progress=progress, artifacts=artifacts, checkpoints=checkpoints)
+                   progress=progress, artifacts=artifacts, checkpoints=checkpoints, costs=costs)
+
+    def with_costs(self, costs: str) -> "SearchContext":
+        """This context (same calibration inputs and reference, no new run) pricing plans by ``costs``
+        (``measured`` or ``flops``, see :meth:`planner.profile.artifact.Profile.latency_model`)."""
+        if costs == self.costs:
+            return self
+        other = copy.copy(self)
+        other.costs, other.latency = costs, self.profile.latency_model(costs)
+        return other
 
     def _check_profile(self) -> None:
         meta = self.profile.meta
@@ -148,6 +160,7 @@ class SearchContext:
                 latency_fraction=evaluation.predicted_fraction,
                 calib_error=evaluation.error,
                 metric="rel_l1_final_latent",
+                costs=self.costs,
             )
         components = self.runner.component_steps(self.sampler)
         if components:  # several transformers (Wan 2.2): a module decides only at its transformer's steps

@@ -37,6 +37,9 @@ class BenchConfig:
     search parameters; ``peers``/``sweeps`` select peer tools and their knob values."""
 
     budgets: list[str] = field(default_factory=lambda: ["1.5x", "2x", "3x"])
+    # What our strategies' budgets are in (planner.profile.flop_costs): the profile's measured times, its
+    # FLOPs, or both (one plan each), so that each speed axis has plans searched for it.
+    costs: list[str] = field(default_factory=lambda: ["measured"])
     strategies: list[str] | None = None
     params: dict[str, dict] = field(default_factory=dict)
     peers: list[str] | None = None
@@ -128,12 +131,10 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
 
 
 def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> list[Point]:
-    """One point per (budget, strategy): the plan searched on the calibration inputs (failures become
+    """One point per (budget, costs, strategy): the plan searched on the calibration inputs (failures become
     points carrying their message), saved under ``config.out/plans`` when ``out`` is set."""
-    from planner.executor import apply_plan
     from planner.profile.store import profile_for
     from planner.search import get_strategy, strategy_names
-    from planner.search.api import search_plan
     from planner.search.budget import Budget
     from planner.search.context import SearchContext
 
@@ -149,37 +150,45 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
     profile = profile_for(runner, sampler, config.profile, samples=config.calib_samples, progress=config.progress)
     # The searches run quietly: one summary line each (their own progress bars would bury the bench log).
     context = SearchContext.build(runner, sampler, profile, samples=config.calib_samples, progress=False)
-    points = []
-    for budget in budgets:
-        for name in names:
-            kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
-            point = Point(name, kind, budget.label(), budget=budget.label())
-            out = (Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}.json"
-                   if config.out is not None else None)
-            t0 = time.perf_counter()
-            try:
-                point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
-                plan = search_plan(None, budget, strategy=name, context=context, out=out, **point.params)
-            except Exception as exc:  # noqa: BLE001 - one failing strategy must not end a 30-minute bench
-                point.status = str(exc) if isinstance(exc, PlannerError) else f"failed: {type(exc).__name__}: {exc}"
-                point.search_s = time.perf_counter() - t0
-                _say(config, f"{name} {budget.label()}: {point.status}")
-                points.append(point)
-                continue
-            point.search_s = time.perf_counter() - t0
-            point.params = plan.provenance.params
-            pred = plan.prediction
-            point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
-            if out is not None:
-                point.plan = str(Path(config.out) / "plans" / out.name)
-            point.contender = Contender(
-                lambda: runner.run(conditions, seeds, sampler),
-                context=lambda plan=plan: apply_plan(runner.pipe, plan),
-            )
-            _say(config, f"{name} {budget.label()}: searched in {point.search_s:.1f} s, predicted {pred.speedup:.2f}x, "
-                         f"calibration error {pred.calib_error:.4f}")
-            points.append(point)
-    return points
+    contexts = {costs: context.with_costs(costs) for costs in config.costs}
+    return [_strategy_point(name, budget, ctx, runner, conditions, seeds, sampler, config)
+            for budget in budgets for ctx in contexts.values() for name in names]
+
+
+def _strategy_point(name: str, budget, context, runner, conditions, seeds, sampler, config: BenchConfig) -> Point:
+    """The point of strategy ``name`` searched for ``budget`` in ``context``'s costs (a failure is a point
+    carrying its message)."""
+    from planner.executor import apply_plan
+    from planner.search.api import search_plan
+
+    kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
+    flops = context.costs == "flops"
+    label = budget.label() + (" FLOPs" if flops else "")
+    point = Point(name, kind, label, budget=label)
+    out = (Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}{'-flops' if flops else ''}.json"
+           if config.out is not None else None)
+    t0 = time.perf_counter()
+    try:
+        point.params = {**DEFAULT_PARAMS.get(name, {}), **config.params.get(name, {})}
+        plan = search_plan(None, budget, strategy=name, context=context, out=out, **point.params)
+    except Exception as exc:  # noqa: BLE001 - one failing strategy must not end a 30-minute bench
+        point.status = str(exc) if isinstance(exc, PlannerError) else f"failed: {type(exc).__name__}: {exc}"
+        point.search_s = time.perf_counter() - t0
+        _say(config, f"{name} {label}: {point.status}")
+        return point
+    point.search_s = time.perf_counter() - t0
+    point.params = plan.provenance.params
+    pred = plan.prediction
+    point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
+    if out is not None:
+        point.plan = str(Path(config.out) / "plans" / out.name)
+    point.contender = Contender(
+        lambda: runner.run(conditions, seeds, sampler),
+        context=lambda plan=plan: apply_plan(runner.pipe, plan),
+    )
+    _say(config, f"{name} {label}: searched in {point.search_s:.1f} s, predicted {pred.speedup:.2f}x, "
+                 f"calibration error {pred.calib_error:.4f}")
+    return point
 
 
 def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -> list[Point]:

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--models", default=None, help="comma list of models to bench one after the other (instead of "
                    "--model): one folder per model under --out, and summary.json/summary.md of the margins across them")
     p.add_argument("--budgets", default="1.5x,2x,3x", help="speed budgets of the searches and the fewer-steps baseline")
+    p.add_argument("--costs", default="measured",
+                   help="what our strategies' budgets are in: measured (the profile's times, default), flops, or "
+                        "measured,flops (one plan each, for the realized and the FLOP axis)")
     p.add_argument("--strategies", default="all", help="comma list of registered strategies, 'all' or 'none'")
     p.add_argument("--param", action="append", default=[], metavar="STRATEGY:KEY=VALUE",
                    help="a strategy's search parameter (VALUE read as JSON when it parses), repeatable")
@@ -87,6 +90,16 @@ def _models(args) -> list[str] | None:
     return models
 
 
+def _costs(text: str) -> list[str]:
+    """The ``--costs`` list; PlannerError when it is empty, repeats one or names an unknown one."""
+    from planner.profile.flop_costs import check_cost_source
+
+    costs = [check_cost_source(c.strip()) for c in text.split(",") if c.strip()]
+    if not costs or len(set(costs)) != len(costs):
+        raise PlannerError(f"--costs takes measured, flops or measured,flops, got {text!r}")
+    return costs
+
+
 def _model_slug(model: str) -> str:
     from planner.profile.artifact import slug
 
@@ -114,11 +127,12 @@ def cmd_bench(args) -> int:
     if not budgets:
         raise PlannerError(f"--budgets names no budget: {args.budgets!r} (write e.g. 1.5x,2x,3x)")
     models = _models(args)
+    costs = _costs(args.costs)
     if args.out:
         check_output_path(args.out, "folder")
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
     config = BenchConfig(
-        budgets=budgets, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
+        budgets=budgets, costs=costs, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
         peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
         seeds=parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES),
         calib_samples=args.calib_samples, repeats=args.repeats, warmup=args.warmup,

@@ -19,6 +19,9 @@ def register(sub) -> None:
     p.add_argument("--strategy", default="greedy", help="a registered strategy (`planner strategies` lists them)")
     p.add_argument("--budget", default=None, help="predicted speedup (2x) or run-time fraction (60%%); default 2x")
     p.add_argument("--max-error", type=finite_float, default=None, help="instead of a budget: relative L1 of the final output")
+    p.add_argument("--costs", choices=("measured", "flops"), default="measured",
+                   help="what the budget is in: the profile's measured times on its device (default), or its FLOP "
+                        "counts (the speedup a large model on an accelerator approaches)")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
     p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs (seeds 0..N-1)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -82,12 +85,14 @@ def strategy_params(args) -> dict:
     return params
 
 
-def default_plan_path(spec: str, sampler, strategy: str, budget) -> Path:
-    """``plans/digits-dit-ddim50-g3-greedy-2x.json`` and the like."""
+def default_plan_path(spec: str, sampler, strategy: str, budget, costs: str = "measured") -> Path:
+    """``plans/digits-dit-ddim50-g3-greedy-2x.json`` (``...-2x-flops.json`` for a budget in FLOPs) and the like."""
     from planner.profile.artifact import slug
 
     model = slug(Path(spec).name if Path(spec).is_dir() else spec)
-    return PLANS_DIR / f"{model}-{slug(sampler.scheduler)}{sampler.steps}-g{sampler.guidance:g}-{strategy}-{budget.label()}.json"
+    suffix = "-flops" if costs == "flops" else ""
+    return PLANS_DIR / (f"{model}-{slug(sampler.scheduler)}{sampler.steps}-g{sampler.guidance:g}-{strategy}-"
+                        f"{budget.label()}{suffix}.json")
 
 
 def check_plan_output(out: Path) -> None:
@@ -118,16 +123,17 @@ def cmd_search(args) -> int:
     runner, sampler = runner_and_sampler(args)
     if args.dry_run:
         return _dry_run(args, runner, sampler)
-    out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget)
+    out = Path(args.out) if args.out else default_plan_path(runner.spec, sampler, args.strategy, budget, args.costs)
     check_plan_output(out)
     outcome = run_search(runner, budget, strategy=strategy, sampler=sampler, profile=args.profile,
-                         calib_samples=args.calib_samples, out=out, progress=progress)
+                         calib_samples=args.calib_samples, out=out, progress=progress, costs=args.costs)
     plan, pred = outcome.plan, outcome.plan.prediction
     payload = {
         "plan": str(out),
         "strategy": args.strategy,
         "budget": budget.to_dict(),
         "predicted_speedup": pred.speedup,
+        "costs": pred.costs,
         "calib_error": pred.calib_error,
         "profile": outcome.context.profile.meta.name,
         "profile_s": round(outcome.profile_s, 2),
@@ -137,7 +143,8 @@ def cmd_search(args) -> int:
         "params": plan.provenance.params,
     }
     text = (
-        f"{args.strategy} plan for {budget.label()}: predicted speedup {pred.speedup:.2f}x, "
+        f"{args.strategy} plan for {budget.label()}{' in FLOPs' if pred.costs == 'flops' else ''}: predicted speedup "
+        f"{pred.speedup:.2f}x, "
         f"calibration error (rel. L1 of final latents) {pred.calib_error:.4f}; searched in {outcome.search_s:.1f} s -> {out}"
     )
     if outcome.cost:

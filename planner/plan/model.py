@@ -74,12 +74,14 @@ class SamplerRef:
 
 @dataclass
 class Prediction:
-    """What the search predicted for the plan (``None`` where it did not say); ``metric`` names ``calib_error``."""
+    """What the search predicted for the plan (``None`` where it did not say); ``metric`` names ``calib_error``,
+    ``costs`` what ``speedup`` is in (since 1.5.0): ``measured`` time on the profiling device, or ``flops``."""
 
     speedup: float | None = None
     latency_fraction: float | None = None
     calib_error: float | None = None
     metric: str | None = None
+    costs: str | None = None
 
 
 @dataclass

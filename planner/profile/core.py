@@ -21,6 +21,7 @@ from planner.modules import LEVEL_KINDS, class_name
 from planner.profile.batching import micro_batch
 from planner.profile.artifact import ModuleInfo, Profile, ProfileMeta, SCHEMA_VERSION, default_profile_name
 from planner.profile.capture import foreign_hooks, resolve_modules
+from planner.profile.flop_costs import NOMINAL_FLOPS_PER_MS, check_cost_source, flop_cost_table
 from planner.profile.latency import LatencyModel
 from planner.profile.similarity import similarity_stats
 from planner.profile.tokens import token_sampler
@@ -48,10 +49,6 @@ from planner.runner import Runner, Sampler, resolve_device
 
 # How far the latency model's full run may miss the measured plain runs before the profile warns.
 LATENCY_CHECK_TOLERANCE = 0.25
-COST_SOURCES = ("measured", "flops")
-# The nominal rate of a FLOP-based profile: one "millisecond" per this many fvcore FLOPs. Only ratios
-# of costs matter to a plan's predicted speedup; the rate just keeps the numbers readable.
-NOMINAL_FLOPS_PER_MS = 1e6
 
 
 def device_info(device: torch.device) -> dict:
@@ -155,8 +152,7 @@ def profile_model(
         raise PlannerError(f"samples must be at least 1, got {samples}")
     if lags < 1:
         raise PlannerError(f"lags must be at least 1, got {lags}")
-    if costs not in COST_SOURCES:
-        raise PlannerError(f"costs must be one of {', '.join(COST_SOURCES)}, got {costs!r}")
+    check_cost_source(costs)
     if batch_size is not None and batch_size < 1:
         raise PlannerError(f"batch_size must be at least 1, got {batch_size}")
     from planner.profile.shard import as_shard
@@ -323,24 +319,13 @@ def _flop_costs(runner, modules, sampler, conds, seeds):
     if why or not all(np.isfinite(flops.get(m.name, np.nan)) for m in modules):
         raise PlannerError(f"{runner.spec}: cannot count FLOPs for a FLOP-based profile ({why or 'a module has none'})")
     t_flops = time.perf_counter() - t0
-    lat = [{"latency_ms": flops[m.name] / NOMINAL_FLOPS_PER_MS, "latency_iqr_ms": 0.0,
-            "latency_half_ms": flops[m.name] / NOMINAL_FLOPS_PER_MS / (2 if layout.batched else 1)} for m in modules]
-    reuse = []
-    for cap in caps:
-        numel = int(sum(t.numel() for t in cap.outputs))
-        op_ms = numel / NOMINAL_FLOPS_PER_MS
-        reuse.append({col: op_ms for col in REUSE_COLUMNS.values()} | {"out_numel": numel})
-    cost = cost_table(modules, lat, reuse, flops, layout, len(conds))
+    lat = [{"latency_ms": 0.0, "latency_iqr_ms": 0.0, "latency_half_ms": 0.0} for _ in modules]
+    reuse = [{col: 0.0 for col in REUSE_COLUMNS.values()} | {"out_numel": int(sum(t.numel() for t in cap.outputs))}
+             for cap in caps]
+    cost = flop_cost_table(cost_table(modules, lat, reuse, flops, layout, len(conds)), total, layout, per_call,
+                           where=runner.spec)
     blocks = float(cost.loc[cost.kind == "block", "flops"].sum()) / per_call
     call_fixed_ms = max(0.0, total - blocks) / NOMINAL_FLOPS_PER_MS
-    batch = int(cost.batch.iloc[0]) if len(cost) else len(conds)
-    fixed = pd.DataFrame([
-        {"module": name, "kind": "fixed", "block": -1, "parent": "", "scope": scope, "batch": batch,
-         "latency_ms": ms, "latency_iqr_ms": 0.0, "latency_half_ms": ms, "self_ms": ms, "self_half_ms": ms}
-        for name, scope, ms in (("<outside blocks>", "call", call_fixed_ms), ("<outside transformer>", "step", 0.0),
-                                ("<outside loop>", "run", 0.0), ("<vae decode>", "run", 0.0))])
-    cost = pd.concat([cost, fixed], ignore_index=True)
-    cost["hook_ms"] = np.where(cost.kind == "fixed", np.nan, 0.0)
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, 0.0, components=runner.component_steps(sampler))
     latency = {"source": "flops", "nominal_flops_per_ms": NOMINAL_FLOPS_PER_MS, "call_fixed_ms": call_fixed_ms,
                "step_fixed_ms": 0.0, "run_fixed_ms": 0.0, "decode_ms": 0.0, "hook_ms": 0.0,
