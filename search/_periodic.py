@@ -2,13 +2,13 @@
 
 TaylorSeer computes every module of a level on a few warm-up steps, then on one step in N, and
 forecasts the outputs in between from the last computed ones. As a plan that is: per module the same
-code string, ``C`` on the warm-up (and, optionally, the last few "cool-down") steps and on evenly
-spread steps in between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. Here the
-number of computed steps in the middle is any whole number, not only ``steps / N``, so a schedule
-meets a speed budget as tightly as one step allows.
+code string, ``C`` on the warm-up (and, optionally, the last few "cool-down") steps and on steps in
+between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. The steps in between are
+either any whole number of them spread evenly (not only ``steps / N``), or one in N up to a switch
+step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
-:func:`best_periodic` sweeps warm-up, cool-down and forecast order (blocks; sub-layers on request), fits the computed steps to
-the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
+:func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks; sub-layers on
+request), fits each to the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
 through the executor, then moves single computed steps by one while that lowers the calibration
 error (same count, same predicted cost). It returns the best schedule found with its evaluation.
 """
@@ -21,6 +21,9 @@ from planner.modules import modules_at_level
 from planner.search.budget import first_true
 
 FORECAST_CODES = ("F", "Q")
+# Pairs of strides (compute one step in N) a schedule may switch between: neighbours, so that some pair
+# brackets any budget between the every-step and the one-in-six schedules.
+STRIDES = tuple((a, b) for a in range(1, 7) for b in range(1, 7) if abs(a - b) == 1)
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,28 @@ class PeriodicShape:
     computes: int
     lean: str = "even"  # where the runs one forecast longer than the others go: spread, first or last
     moves: tuple[tuple[int, int], ...] = ()
+    # Instead of ``computes`` spread evenly: compute one step in ``stride[0]`` (counted from the last warm-up
+    # step) until step ``switch``, one in ``stride[1]`` from there on
+    stride: tuple[int, int] | None = None
+    switch: int = 0
 
     def middle(self, steps: int) -> list[int]:
         """The computed steps between warm-up and cool-down, in order."""
+        out = self._strided(steps) if self.stride else self._spread(steps)
+        return self._moved(out, steps)
+
+    def _strided(self, steps: int) -> list[int]:
+        # Every forecast run has the same length within a stretch, so each forecast extrapolates from two
+        # computed steps as far apart as the run: on the digit models a forecast from adjacent computed
+        # steps (the even spread's "CCF") measured several dB worse than one from steps two apart ("CFC").
+        out, at, hi = [], self.warmup - 1, steps - self.cooldown
+        while True:
+            at += self.stride[0] if at < self.switch else self.stride[1]
+            if at >= hi:
+                return out
+            out.append(at)
+
+    def _spread(self, steps: int) -> list[int]:
         lo, hi = self.warmup, steps - self.cooldown
         span, k = hi - lo, max(0, min(self.computes, hi - lo))
         if k == 0:
@@ -59,6 +81,10 @@ class PeriodicShape:
             at += run
             out.append(at)
             at += 1
+        return out
+
+    def _moved(self, out: list[int], steps: int) -> list[int]:
+        lo, hi = self.warmup, steps - self.cooldown
         for index, shift in self.moves:
             moved = out[index] + shift
             lo_ok = out[index - 1] + 1 if index > 0 else lo
@@ -77,10 +103,17 @@ class PeriodicShape:
         codes = self.codes(context.steps)
         return {name: codes for name in modules_at_level(context.modules, self.level)}
 
+    def key(self, steps: int) -> tuple:
+        """What tells two schedules apart: their codes and level."""
+        return self.codes(steps), self.level
+
     def params(self) -> dict:
         """The schedule's description, as a plan's provenance records it."""
-        return {"level": self.level, "code": self.code, "warmup": self.warmup, "cooldown": self.cooldown,
-                "computes": self.computes, "lean": self.lean, "moves": [list(m) for m in self.moves]}
+        out = {"level": self.level, "code": self.code, "warmup": self.warmup, "cooldown": self.cooldown,
+               "computes": self.computes, "lean": self.lean, "moves": [list(m) for m in self.moves]}
+        if self.stride:
+            out |= {"stride": list(self.stride), "switch": self.switch}
+        return out
 
 
 @dataclass
@@ -107,18 +140,38 @@ def fit_computes(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
     return None if i is None else replace(shape, computes=span - i)
 
 
+def fit_switch(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
+    """``shape`` (a two-stride schedule) with the switch step whose schedule meets ``budget`` with the most
+    computed steps; ``None`` unless the budget lies between the two strides alone (the denser one alone
+    meeting it is another pair's schedule, or needlessly fast)."""
+    lo, hi = shape.warmup, context.steps - shape.cooldown
+    sparse_first = shape.stride[0] > shape.stride[1]  # then a later switch forecasts more
+
+    def switch_at(i: int) -> int:
+        return lo + i if sparse_first else hi - i
+
+    def meets(i: int) -> bool:  # i = 0 computes the most; meeting stays true as i grows
+        trial = replace(shape, switch=switch_at(i))
+        return budget.speed_met(context.predict(context.plan(trial.decisions(context)))[0])
+
+    i = first_true(hi - lo + 1, meets)
+    return None if i is None or i == 0 else replace(shape, switch=switch_at(i))
+
+
 def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
-    key = shape.codes(context.steps), shape.level
+    key = shape.key(context.steps)
     if key not in seen:
         seen[key] = Candidate(shape, context.evaluate(context.plan(shape.decisions(context))))
     return seen[key]
 
 
 def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES,
-                        warmups=(2, 3, 4), cooldowns=(0, 1), seen: dict | None = None) -> list[Candidate]:
+                        warmups=(2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
+                        seen: dict | None = None) -> list[Candidate]:
     """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
-    calibration inputs, best (lowest calibration error) first; schedules that come out identical are
-    evaluated once."""
+    calibration inputs, best (lowest calibration error) first: computed steps spread evenly (each warm-up
+    and cool-down), and two strides (each pair of ``strides``, no cool-down) switched where the budget is
+    met. Schedules that come out identical are evaluated once."""
     seen = {} if seen is None else seen
     out = {}
     for level in levels:
@@ -126,12 +179,12 @@ def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES
             continue
         for code in codes:
             for warmup in warmups:
-                for cooldown in cooldowns:
-                    shape = fit_computes(context, budget, PeriodicShape(level, code, warmup, cooldown, 0))
-                    if shape is None:
-                        continue
-                    c = _evaluate(context, shape, seen)
-                    out[shape.codes(context.steps), level] = c
+                shapes = [fit_computes(context, budget, PeriodicShape(level, code, warmup, cooldown, 0))
+                          for cooldown in cooldowns]
+                shapes += [fit_switch(context, budget, PeriodicShape(level, code, warmup, 0, 0, stride=stride))
+                           for stride in strides]
+                for shape in filter(None, shapes):
+                    out[shape.key(context.steps)] = _evaluate(context, shape, seen)
     return sorted(out.values(), key=lambda c: c.error)
 
 
@@ -152,7 +205,7 @@ def refine(context, start: Candidate, max_evaluations: int, seen: dict | None = 
                 trial = replace(best.shape, moves=best.shape.moves + ((index, shift),))
                 if trial.codes(context.steps) == best.shape.codes(context.steps):
                     continue  # the move is blocked by a neighbour
-                if (trial.codes(context.steps), trial.level) not in seen:
+                if trial.key(context.steps) not in seen:
                     used += 1
                 c = _evaluate(context, trial, seen)
                 if c.error < best.error:

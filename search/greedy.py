@@ -21,8 +21,8 @@ upwards), so a search takes a handful of passes. Each pass's final latents are t
 calibration error: no extra evaluation.
 
 Under a speed budget the search is also seeded with TaylorSeer-class periodic forecast schedules
-(``seeds="periodic"``, :mod:`planner.search._periodic`): warm-up, cool-down, forecast order and level
-swept, each fitted to the budget on the latency model and run on the calibration inputs, the best
+(``seeds="periodic"``, :mod:`planner.search._periodic`): warm-up, forecast order, evenly spread or
+two-stride placement swept, each fitted to the budget on the latency model and run on the calibration inputs, the best
 refined by moving single computed steps. The plan with the lower calibration error is kept, so the
 search never ends below the best schedule it was seeded with. A step-local threshold cannot see that
 forecasting every block on the same steps, between evenly spaced computes, keeps the trajectory on

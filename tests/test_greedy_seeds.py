@@ -11,7 +11,7 @@ from planner.executor import apply_plan
 from planner.profile import profile_model
 from planner.runner import Sampler
 from planner.search import get_strategy
-from planner.search._periodic import PeriodicShape, fit_computes, periodic_candidates, refine
+from planner.search._periodic import PeriodicShape, fit_computes, fit_switch, periodic_candidates, refine
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
 
@@ -42,6 +42,16 @@ def test_moves_shift_one_computed_step_and_never_cross_a_neighbour():
     assert PeriodicShape("block", "F", 2, 0, 12, moves=((3, 1), (0, -1))).codes(steps) == crowded.codes(steps)
 
 
+def test_a_two_stride_schedule_computes_one_step_in_n_before_the_switch_and_one_in_m_after():
+    # TaylorSeer's interval 2 after three warm-up steps, then every step from step 10 on
+    codes = PeriodicShape("block", "F", 3, 0, 0, stride=(2, 1), switch=10).codes(16)
+    assert codes == "CCCFCFCFCFC" + "CCCCC"
+    # one in three until step 8, then one in two; every forecast run within a stretch is as long as the others
+    assert PeriodicShape("block", "F", 2, 0, 0, stride=(3, 2), switch=8).codes(16) == "CCFFCFFCFFCFCFCF"
+    # a cool-down computes the last step whatever the stride says
+    assert PeriodicShape("block", "F", 2, 1, 0, stride=(2, 2)).codes(9) == "CCFCFCFCC"
+
+
 # --------------------------------------------------------------------------- on a model
 
 
@@ -65,6 +75,22 @@ def test_fit_computes_keeps_the_most_computed_steps_that_meet_the_budget(tiny_ct
     one_more = PeriodicShape("block", "F", 2, 0, shape.computes + 1)
     assert not budget.speed_met(speedup(one_more))
     assert fit_computes(tiny_ctx, Budget.parse("50x"), PeriodicShape("block", "F", 2, 0, 0)) is None
+
+
+def test_fit_switch_meets_the_budget_between_two_strides_with_the_most_computed_steps(tiny_ctx):
+    def speedup(s):
+        return tiny_ctx.predict(tiny_ctx.plan(s.decisions(tiny_ctx)))[0]
+
+    budget = Budget.parse("1.5x")
+    for stride in ((1, 2), (2, 1)):
+        shape = fit_switch(tiny_ctx, budget, PeriodicShape("block", "F", 2, 0, 0, stride=stride))
+        assert shape is not None and budget.speed_met(speedup(shape))
+        # one switch step denser (later for a sparse start, earlier for a dense one) misses the budget
+        denser = shape.switch - 1 if stride[0] > stride[1] else shape.switch + 1
+        assert not budget.speed_met(speedup(PeriodicShape("block", "F", 2, 0, 0, stride=stride, switch=denser)))
+    # the budget must lie between the two strides alone: stride 1 everywhere is full compute
+    assert fit_switch(tiny_ctx, Budget.parse("50x"), PeriodicShape("block", "F", 2, 0, 0, stride=(2, 3))) is None
+    assert fit_switch(tiny_ctx, Budget.parse("1.05x"), PeriodicShape("block", "F", 2, 0, 0, stride=(3, 2))) is None
 
 
 def test_refine_never_ends_worse_than_it_starts(tiny_ctx):
