@@ -118,7 +118,8 @@ def cmd_show(args) -> int:
         f"{max(s['computed_fraction_per_step']):.2f})",
     ]
     predicted = [
-        f"speedup {pr['speedup']:.3f}x" if pr["speedup"] is not None else None,
+        f"speedup {pr['speedup']:.3f}x" + (" in FLOPs" if pr.get("costs") == "flops" else "")
+        if pr["speedup"] is not None else None,
         f"latency fraction {pr['latency_fraction']:.3f}" if pr["latency_fraction"] is not None else None,
         f"calibration error {pr['calib_error']:.4g}" + (f" ({pr['metric']})" if pr["metric"] else "")
         if pr["calib_error"] is not None
