@@ -143,6 +143,11 @@ class Candidate:
         return self.evaluation.error
 
 
+def _meets(context, budget, shape: PeriodicShape) -> bool:
+    """Whether ``shape``'s plan meets the speed ``budget`` on the latency model (no model run)."""
+    return budget.speed_met(context.predict(context.plan(shape.decisions(context)))[0])
+
+
 def fit_computes(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
     """``shape`` with the most computed middle steps whose predicted speedup still meets ``budget`` (the
     least forecasting, so the least error), or ``None`` when even no computed middle step does."""
@@ -151,7 +156,7 @@ def fit_computes(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
         return None
 
     def meets(i: int) -> bool:  # i = 0 computes the most; meeting stays true as i grows
-        return budget.speed_met(context.predict(context.plan(replace(shape, computes=span - i).decisions(context)))[0])
+        return _meets(context, budget, replace(shape, computes=span - i))
 
     i = first_true(span + 1, meets)
     return None if i is None else replace(shape, computes=span - i)
@@ -168,8 +173,7 @@ def fit_switch(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
         return lo + i if sparse_first else hi - i
 
     def meets(i: int) -> bool:  # i = 0 computes the most; meeting stays true as i grows
-        trial = replace(shape, switch=switch_at(i))
-        return budget.speed_met(context.predict(context.plan(trial.decisions(context)))[0])
+        return _meets(context, budget, replace(shape, switch=switch_at(i)))
 
     i = first_true(hi - lo + 1, meets)
     return None if i is None or i == 0 else replace(shape, switch=switch_at(i))
@@ -182,14 +186,12 @@ def fit_topup(context, budget, shape: PeriodicShape, kind: str) -> PeriodicShape
     if shape.level != "block" or not any(m.kind == kind for m in context.modules):
         return None
 
-    def meets(trial: PeriodicShape) -> bool:
-        return budget.speed_met(context.predict(context.plan(trial.decisions(context)))[0])
-
     for n in range(1, context.steps):
-        if not meets(replace(shape, stride=(n + 1, n + 1))):
+        if not _meets(context, budget, replace(shape, stride=(n + 1, n + 1))):
             continue
         base = replace(shape, stride=(n, n))  # the next stride meets the budget: top this one up
-        k = first_true(len(base.middle(context.steps)), lambda i: meets(replace(base, topup=(kind, i + 1))))
+        k = first_true(len(base.middle(context.steps)),
+                       lambda i: _meets(context, budget, replace(base, topup=(kind, i + 1))))
         return None if k is None else replace(base, topup=(kind, k + 1))
     return None
 
