@@ -5,9 +5,7 @@ forecasts the outputs in between from the last computed ones. As a plan that is:
 code string, ``C`` on the warm-up (and, optionally, the last few "cool-down") steps and on steps in
 between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. The steps in between are
 either any whole number of them spread evenly (not only ``steps / N``), or one in N up to a switch
-step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows. Finer still,
-a one-in-N schedule that just misses the budget also forecasts every sub-layer of one kind (MLP or
-attention) at a few computed steps (``topup``).
+step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
 :func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks; sub-layers on
 request), fits each to the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
@@ -26,8 +24,6 @@ FORECAST_CODES = ("F", "Q")
 # Pairs of strides (compute one step in N) a schedule may switch between: neighbours, so that some pair
 # brackets any budget between the every-step and the one-in-six schedules.
 STRIDES = tuple((a, b) for a in range(1, 7) for b in range(1, 7) if abs(a - b) == 1)
-# Sub-layer kinds a block schedule may forecast at a few more steps to meet a budget between whole steps.
-TOPUP_KINDS = ("mlp", "attn")
 
 
 @dataclass(frozen=True)
@@ -47,10 +43,6 @@ class PeriodicShape:
     # step) until step ``switch``, one in ``stride[1]`` from there on
     stride: tuple[int, int] | None = None
     switch: int = 0
-    # (sub-layer kind, k): every sub-layer of that kind also forecasts at k of the computed middle steps,
-    # spread evenly; a budget between two whole-step schedules is met at a finer grain, and every block
-    # still does the same thing at every step
-    topup: tuple[str, int] | None = None
 
     def middle(self, steps: int) -> list[int]:
         """The computed steps between warm-up and cool-down, in order."""
@@ -109,18 +101,11 @@ class PeriodicShape:
 
     def decisions(self, context) -> dict[str, str]:
         codes = self.codes(context.steps)
-        out = {name: codes for name in modules_at_level(context.modules, self.level)}
-        if self.topup:
-            kind, k = self.topup
-            middle = self.middle(context.steps)
-            extra = {middle[min(len(middle) - 1, round((i + 0.5) * len(middle) / k))] for i in range(k)}
-            sub = "".join(self.code if step in extra else "C" for step in range(context.steps))
-            out |= {m.name: sub for m in context.modules if m.kind == kind}
-        return out
+        return {name: codes for name in modules_at_level(context.modules, self.level)}
 
     def key(self, steps: int) -> tuple:
-        """What tells two schedules apart: their codes, level and sub-layer top-up."""
-        return self.codes(steps), self.level, self.topup
+        """What tells two schedules apart: their codes and level."""
+        return self.codes(steps), self.level
 
     def params(self) -> dict:
         """The schedule's description, as a plan's provenance records it."""
@@ -128,8 +113,6 @@ class PeriodicShape:
                "computes": self.computes, "lean": self.lean, "moves": [list(m) for m in self.moves]}
         if self.stride:
             out |= {"stride": list(self.stride), "switch": self.switch}
-        if self.topup:
-            out["topup"] = list(self.topup)
         return out
 
 
@@ -179,23 +162,6 @@ def fit_switch(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
     return None if i is None or i == 0 else replace(shape, switch=switch_at(i))
 
 
-def fit_topup(context, budget, shape: PeriodicShape, kind: str) -> PeriodicShape | None:
-    """The densest single-stride block schedule like ``shape`` that misses ``budget``, with the fewest steps
-    at which every ``kind`` sub-layer also forecasts that meet it; ``None`` when none does (or the model
-    has no such sub-layer)."""
-    if shape.level != "block" or not any(m.kind == kind for m in context.modules):
-        return None
-
-    for n in range(1, context.steps):
-        if not _meets(context, budget, replace(shape, stride=(n + 1, n + 1))):
-            continue
-        base = replace(shape, stride=(n, n))  # the next stride meets the budget: top this one up
-        k = first_true(len(base.middle(context.steps)),
-                       lambda i: _meets(context, budget, replace(base, topup=(kind, i + 1))))
-        return None if k is None else replace(base, topup=(kind, k + 1))
-    return None
-
-
 def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
     key = shape.key(context.steps)
     if key not in seen:
@@ -204,13 +170,12 @@ def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
 
 
 def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES,
-                        warmups=(2, 3, 4), cooldowns=(0, 1), strides=STRIDES, topups=TOPUP_KINDS,
+                        warmups=(2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
                         seen: dict | None = None) -> list[Candidate]:
     """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
     calibration inputs, best (lowest calibration error) first: computed steps spread evenly (each warm-up
-    and cool-down), two strides (each pair of ``strides``, no cool-down) switched where the budget is
-    met, and one stride topped up by forecasting every sub-layer of a kind in ``topups`` at a few more
-    steps. Schedules that come out identical are evaluated once."""
+    and cool-down), and two strides (each pair of ``strides``, no cool-down) switched where the budget is
+    met. Schedules that come out identical are evaluated once."""
     seen = {} if seen is None else seen
     out = {}
     for level in levels:
@@ -222,8 +187,6 @@ def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES
                           for cooldown in cooldowns]
                 shapes += [fit_switch(context, budget, PeriodicShape(level, code, warmup, 0, 0, stride=stride))
                            for stride in strides]
-                shapes += [fit_topup(context, budget, PeriodicShape(level, code, warmup, 0, 0), kind)
-                           for kind in topups]
                 for shape in filter(None, shapes):
                     out[shape.key(context.steps)] = _evaluate(context, shape, seen)
     return sorted(out.values(), key=lambda c: c.error)

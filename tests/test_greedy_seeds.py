@@ -4,8 +4,6 @@ ending below its best seeded schedule on the calibration error."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,7 @@ from planner.executor import apply_plan
 from planner.profile import profile_model
 from planner.runner import Sampler
 from planner.search import get_strategy
-from planner.search._periodic import PeriodicShape, fit_computes, fit_switch, fit_topup, periodic_candidates, refine
+from planner.search._periodic import PeriodicShape, fit_computes, fit_switch, periodic_candidates, refine
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
 
@@ -93,32 +91,6 @@ def test_fit_switch_meets_the_budget_between_two_strides_with_the_most_computed_
     # the budget must lie between the two strides alone: stride 1 everywhere is full compute
     assert fit_switch(tiny_ctx, Budget.parse("50x"), PeriodicShape("block", "F", 2, 0, 0, stride=(2, 3))) is None
     assert fit_switch(tiny_ctx, Budget.parse("1.05x"), PeriodicShape("block", "F", 2, 0, 0, stride=(3, 2))) is None
-
-
-def test_a_topup_forecasts_every_sublayer_of_one_kind_at_k_spread_computed_steps(tiny_ctx):
-    shape = PeriodicShape("block", "F", 2, 0, 0, stride=(2, 2), topup=("mlp", 2))
-    decisions = shape.decisions(tiny_ctx)
-    blocks = [m.name for m in tiny_ctx.modules if m.kind == "block"]
-    mlps = [m.name for m in tiny_ctx.modules if m.kind == "mlp"]
-    assert mlps and all(decisions[b] == shape.codes(tiny_ctx.steps) == "CCFCFCFCFC" for b in blocks)
-    # two of the computed middle steps (3, 5, 7, 9), spread: every MLP forecasts there and computes elsewhere
-    assert {decisions[m] for m in mlps} == {"CCCCCFCCCF"}
-    assert not any(m.kind == "attn" and m.name in decisions for m in tiny_ctx.modules)
-
-
-def test_fit_topup_meets_the_budget_between_two_strides_with_the_fewest_topped_up_steps(tiny_ctx):
-    def speedup(s):
-        return tiny_ctx.predict(tiny_ctx.plan(s.decisions(tiny_ctx)))[0]
-
-    budget = Budget.parse("1.8x")
-    base = PeriodicShape("block", "F", 2, 0, 0)
-    shape = fit_topup(tiny_ctx, budget, base, "mlp")
-    assert shape is not None and budget.speed_met(speedup(shape))
-    n, k = shape.stride[0], shape.topup[1]
-    assert not budget.speed_met(speedup(replace(shape, topup=None)))  # the stride alone misses it
-    assert budget.speed_met(speedup(replace(shape, stride=(n + 1, n + 1), topup=None)))  # the next one meets it
-    assert k == 1 or not budget.speed_met(speedup(replace(shape, topup=("mlp", k - 1))))
-    assert fit_topup(tiny_ctx, budget, base, "cross_attn") is None  # the model has none
 
 
 def test_refine_never_ends_worse_than_it_starts(tiny_ctx):
