@@ -43,7 +43,7 @@ class SearchContext:
         self.sampler = runner.resolve(sampler)
         self.profile = profile
         # What the budget and every predicted speedup are in: the profile's measured costs, or its FLOPs.
-        self.costs = costs
+        self.costs = profile.priced_by(costs)
         self.latency = profile.latency_model(costs)
         self.conditions = conditions
         self.seeds = list(seeds)
@@ -68,10 +68,10 @@ class SearchContext:
     def with_costs(self, costs: str) -> "SearchContext":
         """This context (same calibration inputs and reference, no new run) pricing plans by ``costs``
         (``measured`` or ``flops``, see :meth:`planner.profile.artifact.Profile.latency_model`)."""
-        if costs == self.costs:
+        if self.profile.priced_by(costs) == self.costs:
             return self
         other = copy.copy(self)
-        other.costs, other.latency = costs, self.profile.latency_model(costs)
+        other.costs, other.latency = self.profile.priced_by(costs), self.profile.latency_model(costs)
         return other
 
     def _check_profile(self) -> None:

@@ -104,6 +104,12 @@ def test_a_search_in_flops_meets_its_budget_in_flops_and_says_so(digits, digits_
     assert search_plan(None, "2x", strategy="smoothcache", context=context).prediction.costs == "measured"
 
 
+def test_a_flop_costed_profile_prices_by_flops_whatever_is_asked(digits10, context_of):
+    assert digits10.profile.priced_by("measured") == digits10.profile.priced_by("flops") == "flops"
+    context = context_of(digits10)
+    assert context.costs == "flops" and context.with_costs("measured") is context and context.with_costs("flops") is context
+
+
 def test_search_and_bench_refuse_unknown_costs_in_one_line(cli, tmp_path):
     proc = cli("search", "--model", "digits-dit", "--costs", "joules", cwd=tmp_path)
     assert proc.returncode == 2 and "--costs" in proc.stderr and "Traceback" not in proc.stderr

@@ -236,16 +236,23 @@ class Profile:
         """The :class:`~planner.profile.latency.LatencyModel` this profile's costs define: its own costs
         (``measured``: times on its device, or FLOPs for a profile made with ``--costs flops``) or, with
         ``costs="flops"``, its FLOP counts (:mod:`planner.profile.flop_costs`)."""
-        from planner.profile.flop_costs import check_cost_source, flop_cost_table
+        from planner.profile.flop_costs import flop_cost_table
         from planner.profile.latency import LatencyModel
 
         components = self.meta.extra.get("components")
         table, hook_ms = self.cost, self.meta.latency.get("hook_ms", 0.0)
-        if check_cost_source(costs) == "flops" and self.meta.latency.get("source") != "flops":
+        if self.priced_by(costs) == "flops" and self.meta.latency.get("source") != "flops":
             table = flop_cost_table(self.cost, self.meta.flops.get("transformer"), self.meta.cfg_layout,
                                     len(components or ()) or 1, where=f"profile {self.meta.name}")
             hook_ms = 0.0
         return LatencyModel.from_cost_table(table, self.meta.cfg_layout, self.steps, hook_ms, components=components)
+
+    def priced_by(self, costs: str = "measured") -> str:
+        """What :meth:`latency_model` with ``costs`` prices plans by: ``flops`` when asked for, or when the
+        profile's own costs are FLOPs (``--costs flops``); ``measured`` otherwise."""
+        from planner.profile.flop_costs import check_cost_source
+
+        return "flops" if check_cost_source(costs) == "flops" or self.meta.latency.get("source") == "flops" else "measured"
 
     def curve(self, lag: int = 1, branch: str | None = None, metric: str = "rel_l1_mean", residual: bool = False) -> pd.DataFrame:
         """``metric`` as a ``[steps x modules]`` frame (modules in forward order) for one lag; ``branch``
