@@ -153,3 +153,14 @@ def test_the_bench_searches_one_plan_per_budget_and_costs(digits, digits_profile
         assert load_plan(points[setting].plan).prediction.costs == costs
     # the same budget in FLOPs asks for less reuse than in this CPU's measured time, with its fixed costs
     assert points["2x FLOPs"].calib_error < points["2x"].calib_error
+
+
+def test_the_bench_searches_a_flop_costed_profile_once_under_the_costs_asked_first(digits10, tmp_path):
+    from planner.bench.run import BenchConfig, strategy_points
+
+    conditions = digits10.runner.conditions(len(SEEDS), seed=SEEDS[0])
+    config = BenchConfig(budgets=["2x"], costs=["measured", "flops"], strategies=["uniform"],
+                         profile=str(digits10.folder), calib_samples=2, progress=False, out=tmp_path)
+    points = strategy_points(digits10.runner, digits10.sampler, conditions, SEEDS, config)
+    assert [p.setting for p in points] == ["2x"] and points[0].status == "ok"
+    assert load_plan(points[0].plan).prediction.costs == "flops"

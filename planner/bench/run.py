@@ -150,19 +150,25 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
     profile = profile_for(runner, sampler, config.profile, samples=config.calib_samples, progress=config.progress)
     # The searches run quietly: one summary line each (their own progress bars would bury the bench log).
     context = SearchContext.build(runner, sampler, profile, samples=config.calib_samples, progress=False)
-    contexts = {costs: context.with_costs(costs) for costs in config.costs}
-    return [_strategy_point(name, budget, ctx, runner, conditions, seeds, sampler, config)
-            for budget in budgets for ctx in contexts.values() for name in names]
+    # {costs asked for: context}; a FLOP-costed profile prices both alike, so it is searched once
+    contexts: dict[str, SearchContext] = {}
+    for costs in config.costs:
+        ctx = context.with_costs(costs)
+        if all(c.costs != ctx.costs for c in contexts.values()):
+            contexts[costs] = ctx
+    return [_strategy_point(name, budget, costs, ctx, runner, conditions, seeds, sampler, config)
+            for budget in budgets for costs, ctx in contexts.items() for name in names]
 
 
-def _strategy_point(name: str, budget, context, runner, conditions, seeds, sampler, config: BenchConfig) -> Point:
-    """The point of strategy ``name`` searched for ``budget`` in ``context``'s costs (a failure is a point
-    carrying its message)."""
+def _strategy_point(name: str, budget, costs: str, context, runner, conditions, seeds, sampler,
+                    config: BenchConfig) -> Point:
+    """The point of strategy ``name`` searched for ``budget`` in ``context`` (which prices plans by the
+    ``costs`` asked for; a failure is a point carrying its message)."""
     from planner.executor import apply_plan
     from planner.search.api import search_plan
 
     kind = KIND_BASELINE if name in BASELINE_STRATEGIES else KIND_OURS
-    flops = context.costs == "flops"
+    flops = costs == "flops"
     label = budget.label() + (" FLOPs" if flops else "")
     point = Point(name, kind, label, budget=label)
     out = (Path(config.write_to or config.out) / "plans" / f"{name}-{budget.label()}{'-flops' if flops else ''}.json"
