@@ -241,7 +241,7 @@ class Profile:
 
         components = self.meta.extra.get("components")
         table, hook_ms = self.cost, self.meta.latency.get("hook_ms", 0.0)
-        if self.priced_by(costs) == "flops" and self.meta.latency.get("source") != "flops":
+        if self.priced_by(costs) != self.priced_by():  # FLOPs asked of a profile that measured its costs
             table = flop_cost_table(self.cost, self.meta.flops.get("transformer"), self.meta.cfg_layout,
                                     len(components or ()) or 1, where=f"profile {self.meta.name}")
             hook_ms = 0.0

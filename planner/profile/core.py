@@ -325,7 +325,7 @@ def _flop_costs(runner, modules, sampler, conds, seeds):
     cost = flop_cost_table(cost_table(modules, lat, reuse, flops, layout, len(conds)), total, layout, per_call,
                            where=runner.spec)
     blocks = float(cost.loc[cost.kind == "block", "flops"].sum()) / per_call
-    call_fixed_ms = max(0.0, total - blocks) / NOMINAL_FLOPS_PER_MS
+    call_fixed_ms = float(cost.loc[(cost.kind == "fixed") & (cost.scope == "call"), "self_ms"].sum())
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, 0.0, components=runner.component_steps(sampler))
     latency = {"source": "flops", "nominal_flops_per_ms": NOMINAL_FLOPS_PER_MS, "call_fixed_ms": call_fixed_ms,
                "step_fixed_ms": 0.0, "run_fixed_ms": 0.0, "decode_ms": 0.0, "hook_ms": 0.0,
