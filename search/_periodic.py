@@ -11,6 +11,9 @@ step and one in N +- 1 after it; both meet a speed budget as tightly as one step
 request), fits each to the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
 through the executor, then moves single computed steps by one while that lowers the calibration
 error (same count, same predicted cost). It returns the best schedule found with its evaluation.
+Given a judge (the same search with more calibration inputs), the sweep's few best are judged on its
+inputs first, and a refined schedule is kept only where the judge agrees: a handful of calibration
+inputs ranks close schedules by chance, and refining on them fits their noise.
 """
 
 from __future__ import annotations
@@ -120,6 +123,7 @@ class PeriodicShape:
 class Candidate:
     shape: PeriodicShape
     evaluation: object  # planner.search.context.Evaluation
+    judged: float | None = None  # the calibration error on the judge's inputs, where judged
 
     @property
     def error(self) -> float:
@@ -170,7 +174,7 @@ def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
 
 
 def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES,
-                        warmups=(2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
+                        warmups=(1, 2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
                         seen: dict | None = None) -> list[Candidate]:
     """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
     calibration inputs, best (lowest calibration error) first: computed steps spread evenly (each warm-up
@@ -228,13 +232,32 @@ def lean_variants(context, best: Candidate, seen: dict) -> Candidate:
     return out
 
 
-def best_periodic(context, budget, refine_evaluations: int = 12, **sweep) -> Candidate | None:
+def judge_error(judge, candidate: Candidate) -> float:
+    """``candidate``'s calibration error on the ``judge`` context's inputs (run once; kept on it)."""
+    if candidate.judged is None:
+        candidate.judged = judge.evaluate(judge.plan(candidate.shape.decisions(judge))).error
+    return candidate.judged
+
+
+def best_periodic(context, budget, refine_evaluations: int = 12, judge=None, finalists: int = 4,
+                  **sweep) -> Candidate | None:
     """The periodic forecast schedule with the lowest calibration error that meets the speed ``budget``
     (the sweep's best, its longer runs moved first or last when that helps, then refined by
-    :func:`refine`), or ``None`` when no schedule meets it."""
+    :func:`refine`), or ``None`` when no schedule meets it.
+
+    With ``judge`` (a context with more calibration inputs): the sweep's ``finalists`` best are run on
+    the judge's inputs and the best there is the one moved and refined; the result is the refined
+    schedule where the judge finds it better, else the finalist (``judged`` set on it either way)."""
     seen: dict = {}
     candidates = periodic_candidates(context, budget, seen=seen, **sweep)
     if not candidates:
         return None
-    best = lean_variants(context, candidates[0], seen)
-    return refine(context, best, refine_evaluations, seen) if refine_evaluations > 0 else best
+    start = candidates[0]
+    if judge is not None:
+        start = min(candidates[:max(1, finalists)], key=lambda c: judge_error(judge, c))
+    best = lean_variants(context, start, seen)
+    if refine_evaluations > 0:
+        best = refine(context, best, refine_evaluations, seen)
+    if judge is not None and best is not start and judge_error(judge, best) >= judge_error(judge, start):
+        return start
+    return best

@@ -55,6 +55,7 @@ class SearchContext:
         # leaves in place, while the by-products are staged in ``artifacts`` (default: ``artifacts``).
         self.checkpoints = Path(checkpoints) if checkpoints is not None else self.artifacts
         self.evaluations = 0
+        self._widened: dict[int, SearchContext] = {}  # shared by with_costs copies: one reference run per size
         self._check_profile()
         self.reference = self.run_full()
 
@@ -73,6 +74,17 @@ class SearchContext:
         other = copy.copy(self)
         other.costs, other.latency = self.profile.priced_by(costs), self.profile.latency_model(costs)
         return other
+
+    def widened(self, samples: int) -> "SearchContext":
+        """A context like this one (model, sampler, profile, costs) with ``samples`` calibration inputs
+        (conditions from seed 0, calibration seeds), to judge a few finalists on more inputs than a search
+        can afford for every trial. Built once per size: its reference costs one full-compute run."""
+        if samples not in self._widened:
+            self._widened[samples] = SearchContext(
+                self.runner, self.sampler, self.profile, self.runner.conditions(samples, seed=0),
+                calibration_seeds(samples), costs=self.costs)
+        wide = self._widened[samples]
+        return wide if wide.costs == self.costs else wide.with_costs(self.costs)
 
     def _check_profile(self) -> None:
         meta = self.profile.meta

@@ -24,7 +24,9 @@ Under a speed budget the search is also seeded with TaylorSeer-class periodic fo
 (``seeds="periodic"``, :mod:`planner.search._periodic`): warm-up, forecast order, evenly spread or
 two-stride placement swept, each fitted to the budget on the latency model and run on the calibration inputs, the best
 refined by moving single computed steps. The plan with the lower calibration error is kept, so the
-search never ends below the best schedule it was seeded with. A step-local threshold cannot see that
+search never ends below the best schedule it was seeded with. The finalists (the sweep's few best, the
+refined schedule, the greedy plan) are ranked on ``judge_samples`` calibration inputs, more than every
+trial can afford: on 8 inputs close schedules trade places by chance. A step-local threshold cannot see that
 forecasting every block on the same steps, between evenly spaced computes, keeps the trajectory on
 course; the seeds bring that in.
 """
@@ -81,6 +83,10 @@ class GreedySettings(StrategySettings):
                                 "refine the best on the calibration inputs, and keep it when its calibration error "
                                 "is lower than the greedy plan's")
     seed_refine: int = Field(12, ge=0, description="calibration runs at most for refining the best periodic schedule")
+    judge_samples: int = Field(
+        32, ge=0, description="speed budgets: calibration inputs the finalists (the best periodic schedules, the "
+                              "greedy plan) are judged on; no more than the search's own: no judging")
+    seed_finalists: int = Field(4, ge=1, description="periodic schedules judged on judge_samples inputs")
 
     @field_validator("actions")
     @classmethod
@@ -384,6 +390,7 @@ class _GreedySearch:
         weights = step_weights(context.profile, blocks, context.steps)
         self.weights = {"profile": weights, "square": weights ** 2, "none": np.ones(context.steps)}[settings.step_weight]
         self.actions = {**DEFAULT_ACTIONS, **settings.actions}
+        self.judged: dict | None = None  # the finalists' errors on the judge's inputs, where judged
 
     def run(self, budget):
         from planner.search.context import Evaluation
@@ -397,6 +404,8 @@ class _GreedySearch:
         else:
             best = self.at(self._delta_for_error(budget))
         params = {**s.record(), "passes": self.passes}
+        if self.judged is not None:
+            params["judged"] = self.judged
         if seed is not None:  # the periodic schedule beat every greedy pass on the calibration inputs
             params.update(chosen="periodic", periodic=seed.shape.params(),
                           greedy_error=None if best is None else best["error"])
@@ -412,7 +421,9 @@ class _GreedySearch:
         """``(best greedy pass or None, periodic candidate or None)``, exactly one of them the winner: the
         greedy search, then (``seeds="periodic"``) the best periodic forecast schedule fitted to the budget
         and refined on the calibration inputs (:mod:`planner.search._periodic`); the seed wins when its
-        calibration error is lower, so the search never ends below its best seeded schedule."""
+        calibration error is lower, so the search never ends below its best seeded schedule. With
+        ``judge_samples`` more than the search's calibration inputs, the finalists are ranked by their
+        error on that many (see :func:`~planner.search._periodic.best_periodic`), the greedy plan too."""
         from planner.search._periodic import best_periodic
 
         s = self.settings
@@ -422,12 +433,20 @@ class _GreedySearch:
             best, failure = self._search_speed_runs(budget), None
         except PlannerError as exc:  # the seeds may still meet it
             best, failure = None, exc
-        seed = best_periodic(self.ctx, budget, refine_evaluations=s.seed_refine)
-        if seed is None or (best is not None and best["error"] <= seed.error):
+        judge = self.ctx.widened(s.judge_samples) if s.judge_samples > len(self.ctx.seeds) else None
+        seed = best_periodic(self.ctx, budget, refine_evaluations=s.seed_refine, judge=judge,
+                             finalists=s.seed_finalists)
+        if seed is None:
             if best is None:
                 raise failure
             return best, None
-        return best, seed
+        if best is None:
+            return None, seed
+        if judge is None:
+            return (best, None) if best["error"] <= seed.error else (best, seed)
+        greedy_judged = judge.evaluate(judge.plan(best["decisions"])).error
+        self.judged = {"samples": len(judge.seeds), "periodic": seed.judged, "greedy": greedy_judged}
+        return (best, None) if greedy_judged <= seed.judged else (best, seed)
 
     def at(self, delta: float) -> dict:
         """The pass at ``delta`` (run once; later asks return the same figures)."""

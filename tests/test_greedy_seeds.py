@@ -11,7 +11,15 @@ from planner.executor import apply_plan
 from planner.profile import profile_model
 from planner.runner import Sampler
 from planner.search import get_strategy
-from planner.search._periodic import PeriodicShape, fit_computes, fit_switch, periodic_candidates, refine
+from planner.search._periodic import (
+    PeriodicShape,
+    best_periodic,
+    fit_computes,
+    fit_switch,
+    judge_error,
+    periodic_candidates,
+    refine,
+)
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
 
@@ -48,6 +56,8 @@ def test_a_two_stride_schedule_computes_one_step_in_n_before_the_switch_and_one_
     assert codes == "CCCFCFCFCFC" + "CCCCC"
     # one in three until step 8, then one in two; every forecast run within a stretch is as long as the others
     assert PeriodicShape("block", "F", 2, 0, 0, stride=(3, 2), switch=8).codes(16) == "CCFFCFFCFFCFCFCF"
+    # a warm-up of one step: one in two from the first step on (the second step reuses the first's output)
+    assert PeriodicShape("block", "F", 1, 0, 0, stride=(2, 2)).codes(7) == "CFCFCFC"
     # a cool-down computes the last step whatever the stride says
     assert PeriodicShape("block", "F", 2, 1, 0, stride=(2, 2)).codes(9) == "CCFCFCFCC"
 
@@ -107,7 +117,8 @@ def test_refine_never_ends_worse_than_it_starts(tiny_ctx):
 @pytest.mark.parametrize("budget", ["1.5x", "2x"])
 def test_greedy_never_ends_below_its_best_seeded_schedule(tiny_ctx, budget):
     b = Budget.parse(budget)
-    plan = get_strategy("greedy")(seed_refine=2).search(tiny_ctx, b)
+    plan = get_strategy("greedy")(seed_refine=2, judge_samples=0).search(tiny_ctx, b)
+    assert "judged" not in plan.provenance.params
     seeds = periodic_candidates(tiny_ctx, b)
     assert seeds, "some periodic schedule meets the budget"
     assert plan.prediction.calib_error <= seeds[0].error + 1e-9
@@ -118,6 +129,36 @@ def test_greedy_never_ends_below_its_best_seeded_schedule(tiny_ctx, budget):
     with apply_plan(tiny_ctx.runner, plan) as h:
         tiny_ctx.runner.run(tiny_ctx.conditions, tiny_ctx.seeds, tiny_ctx.sampler, output="latent")
         assert h.stats()["computed_fraction"] < 1.0
+
+
+def test_a_widened_context_has_more_calibration_inputs_and_is_built_once(tiny_ctx):
+    wide = tiny_ctx.widened(5)
+    assert len(wide.seeds) == 5 and wide.reference.shape[0] == 5 and wide.seeds[:2] == tiny_ctx.seeds
+    assert tiny_ctx.widened(5) is wide and wide.costs == tiny_ctx.costs
+    other = tiny_ctx.with_costs("measured")  # a FLOP-costed profile prices by FLOPs whatever is asked
+    assert other.widened(5).costs == other.costs
+
+
+def test_the_judge_ranks_the_finalists_and_keeps_a_refinement_only_where_it_agrees(tiny_ctx):
+    budget, judge = Budget.parse("1.5x"), tiny_ctx.widened(5)
+    finalists = periodic_candidates(tiny_ctx, budget)[:3]
+    best = best_periodic(tiny_ctx, budget, refine_evaluations=4, judge=judge, finalists=3)
+    assert best.judged == pytest.approx(judge.evaluate(judge.plan(best.shape.decisions(judge))).error)
+    # no finalist does better on the judge's inputs than what is returned
+    assert best.judged <= min(judge_error(judge, c) for c in finalists) + 1e-12
+
+
+def test_greedy_keeps_the_finalist_the_judge_prefers_and_records_the_judging(tiny_ctx):
+    b = Budget.parse("1.5x")
+    plan = get_strategy("greedy")(seed_refine=2, judge_samples=5).search(tiny_ctx, b)
+    judged = plan.provenance.params["judged"]
+    assert judged["samples"] == 5
+    winner = judged["periodic"] if plan.provenance.params["chosen"] == "periodic" else judged["greedy"]
+    assert winner == min(judged["periodic"], judged["greedy"])
+    wide = tiny_ctx.widened(5)
+    assert wide.evaluate(wide.plan(plan.decisions)).error == pytest.approx(winner, rel=1e-4, abs=1e-6)
+    # the recorded calibration error stays the search's own, on its own inputs
+    assert tiny_ctx.evaluate(plan).error == pytest.approx(plan.prediction.calib_error, rel=1e-4, abs=1e-6)
 
 
 def test_greedy_without_seeds_is_the_plain_greedy_search(tiny_ctx):
