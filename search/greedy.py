@@ -443,10 +443,12 @@ class _GreedySearch:
         if best is None:
             return None, seed
         if judge is None:
-            return (best, None) if best["error"] <= seed.error else (best, seed)
-        greedy_judged = judge.evaluate(judge.plan(best["decisions"])).error
-        self.judged = {"samples": len(judge.seeds), "periodic": seed.judged, "greedy": greedy_judged}
-        return (best, None) if greedy_judged <= seed.judged else (best, seed)
+            greedy_wins = best["error"] <= seed.error
+        else:
+            greedy_judged = judge.evaluate(judge.plan(best["decisions"])).error
+            self.judged = {"samples": len(judge.seeds), "periodic": seed.judged, "greedy": greedy_judged}
+            greedy_wins = greedy_judged <= seed.judged
+        return best, None if greedy_wins else seed
 
     def at(self, delta: float) -> dict:
         """The pass at ``delta`` (run once; later asks return the same figures)."""
