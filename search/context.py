@@ -83,8 +83,7 @@ class SearchContext:
             self._widened[samples] = SearchContext(
                 self.runner, self.sampler, self.profile, self.runner.conditions(samples, seed=0),
                 calibration_seeds(samples), costs=self.costs)
-        wide = self._widened[samples]
-        return wide if wide.costs == self.costs else wide.with_costs(self.costs)
+        return self._widened[samples].with_costs(self.costs)  # itself when it prices alike
 
     def _check_profile(self) -> None:
         meta = self.profile.meta
