@@ -460,7 +460,7 @@ def _cost_pass(runner, modules, sampler, conds, seeds, cfg: TimingConfig, want_f
                 ms = hook_ms
             cost.loc[rows, "hook_ms"] = ms
         if per_group:
-            hook_method = "planner.executor: fastest hooked call minus fastest plain call, median over modules, per group: " + ", ".join(
+            hook_method = "planner.executor: each call timed outside minus inside its hook, median over calls and modules, per group: " + ", ".join(
                 f"{g} {v * 1e3:.1f} us" for g, v in per_group.items())
     model = LatencyModel.from_cost_table(cost, layout, sampler.steps, hook_ms, components=runner.component_steps(sampler))
     predicted = model.predict_run(None)

@@ -12,7 +12,7 @@ residual exists) and what the cost pass would capture, and measures the extra me
 * the comparison's float32 temporaries, about 4 x ``lags`` x micro-batch x the largest module's
   per-sample features x 4 bytes, and the statistics (float64, 5 arrays);
 * cost pass: one capture per distinct module signature (inputs and output), and the executor's
-  caches while its hook overhead is calibrated (half of one level's modules hooked);
+  caches while its hook overhead is calibrated (every block and sub-layer hooked);
 * time: the probe's transformer call time x the calls of each pass, plus the run's fixed part (the
   timed probe step decodes, as most cost-pass runs do), the hooks' own time (a bare diffusers hook's
   per call), the similarity statistics' own work (a real :class:`SimilarityCollector` fed synthetic
@@ -48,7 +48,7 @@ from planner.profile.capture import (
 )
 from planner.profile.memory import Peak, device_available, fmt_bytes, host_available, peak_memory
 from planner.profile.similarity import METRICS, SimilarityCollector
-from planner.profile.timing import TimingConfig, call_signature, time_hook_overhead
+from planner.profile.timing import EXECUTOR_ROUNDS, TimingConfig, call_signature, time_hook_overhead
 from planner.profile.tokens import TOKEN_AXIS, token_sampler
 
 # The share of the available memory a run may plan to use: allocator fragmentation and everything
@@ -56,8 +56,6 @@ from planner.profile.tokens import TOKEN_AXIS, token_sampler
 FIT_FRACTION = 0.9
 # A profile longer than this gets the --shard hint.
 LONG_RUN_S = 1800.0
-# Executor hook-overhead calibration: rounds x two halves per level (planner.profile.timing).
-EXECUTOR_ROUNDS = 2
 
 
 @dataclass
@@ -131,13 +129,10 @@ class Probe:
         return sum(seen.values())
 
     def executor_bytes(self) -> int:
-        """The executor's caches while its overhead is calibrated: half of one level's modules each
-        keep their last output (the larger half of the larger level)."""
-        best = 0
-        for kinds in LEVEL_KINDS.values():
-            sizes = [m.out_bytes for m in self.modules if m.kind in kinds]
-            best = max(best, sum(sizes[0::2]), sum(sizes[1::2]))
-        return best
+        """The executor's caches while its overhead is calibrated: every block and sub-layer keeps its
+        last output."""
+        kinds = {k for group in LEVEL_KINDS.values() for k in group}
+        return sum(m.out_bytes for m in self.modules if m.kind in kinds)
 
 
 class _ShapeSink:
@@ -383,7 +378,7 @@ def _counts(probe_: Probe, steps: int, chunks: int, costs: str, samples_batch: i
         replay_calls = 0
     else:
         per_round = 1 + (1 if half else 0) + 1 + (1 if has_vae else 0)
-        cost_runs = 1 + timing.run_repeats * per_round + n_groups * EXECUTOR_ROUNDS * 2
+        cost_runs = 1 + timing.run_repeats * per_round + (EXECUTOR_ROUNDS if n_groups else 0)
         cost_weight = cost_runs - (timing.run_repeats * 0.5 if half else 0)  # half-batch runs cost about half
         # the replay fallback (odd micro-batch with batched CFG): every module alone, full and half batch
         replay_calls = 0 if half or not batched else 2 * (timing.warmup + timing.repeats)
@@ -391,7 +386,7 @@ def _counts(probe_: Probe, steps: int, chunks: int, costs: str, samples_batch: i
     calls["total"] = sum(calls.values())
     runs = {"probe": 2, "similarity": sim_runs, "cost": cost_runs}
     runs["total"] = sum(runs.values())
-    hooked = 0 if costs == "flops" else timing.run_repeats * (1 + (1 if half else 0)) + n_groups * EXECUTOR_ROUNDS * 2
+    hooked = 0 if costs == "flops" else timing.run_repeats * (1 + (1 if half else 0)) + (EXECUTOR_ROUNDS if n_groups else 0)
     return calls, runs, {"similarity": float(sim_runs), "cost": cost_weight, "replay_calls": replay_calls,
                          "hooked_cost_runs": hooked}
 

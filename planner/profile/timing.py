@@ -479,64 +479,113 @@ def time_runs(runner, sampler, conds, seeds, cfg: TimingConfig, with_latent: boo
 
 
 
+# Runs of the executor's hook-overhead calibration, every block and sub-layer hooked in each.
+EXECUTOR_ROUNDS = 2
+
+
+class _HookCost:
+    """One module's calls timed from both sides of the executor's hook: ``pairs`` holds, per call that
+    reached the module's own forward, the marks outside the hook and those inside it."""
+
+    def __init__(self, clock: "_Clock"):
+        self.clock = clock
+        self.inside: tuple | None = None
+        self.pairs: list[tuple[tuple, tuple]] = []
+
+    def hooks(self) -> tuple[ModelHook, ModelHook]:
+        """The stopwatch to attach before the executor's hook (inside it) and the one to attach after."""
+        return _InsideWatch(self), _OutsideWatch(self)
+
+    def overheads(self) -> list[float]:
+        """Per paired call, seconds outside minus seconds inside: what the hook added to that call."""
+        seconds = self.clock.seconds
+        return [seconds(*out) - seconds(*inside) for out, inside in self.pairs]
+
+
+class _InsideWatch(ModelHook):
+    def __init__(self, cost: _HookCost):
+        super().__init__()
+        self.cost = cost
+        self._start = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self._start = self.cost.clock.mark()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        self.cost.inside = (self._start, self.cost.clock.mark())
+        return output
+
+
+class _OutsideWatch(ModelHook):
+    def __init__(self, cost: _HookCost):
+        super().__init__()
+        self.cost = cost
+        self._start = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.cost.inside = None
+        self._start = self.cost.clock.mark()
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        end = self.cost.clock.mark()
+        if self.cost.inside is not None:  # a reuse never reaches the module: nothing to pair
+            self.cost.pairs.append(((self._start, end), self.cost.inside))
+        return output
+
+
 def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, conds, seeds,
-                           rounds: int = 2) -> tuple[dict[str, float], list[str]]:
+                           rounds: int = EXECUTOR_ROUNDS) -> tuple[dict[str, float], list[str]]:
     """Per-call overhead, in ms, of ``planner.executor``'s cache hook, per group (``block``, ``sublayer``).
 
-    The group's modules are split in two interleaved halves, and each round has two runs, each
-    hooking one half with a plan that reuses only at the last step; every module of the group
-    carries a stopwatch outside any executor hook. So each module is timed both hooked and plain,
-    over the same steps (the last one, a reuse, left out). Its overhead is its fastest hooked call
-    minus its fastest plain call: a shared machine only adds time, and on 2 loaded cores the
-    medians of one run were seen off by milliseconds (a tenth of that is the real figure). The
-    group's figure is the median over its modules. Returns ``({}, [reason])`` when the executor
-    cannot run the model.
+    Every module of both groups is hooked by a plan that reuses only at its last step, and carries one
+    stopwatch inside the executor's hook (around its own forward) and one outside it. A computed call's
+    overhead is its time outside minus its time inside: the same call timed twice, so the module's own
+    time, and the load that slows it, cancel (comparing the fastest hooked with the fastest plain call of
+    a 5 ms module on a shared machine missed a 50 us overhead by 250 us either way). A module's figure
+    is the median over its calls, the group's the median over its modules. Returns ``({}, [reason])``
+    when the executor cannot run the model.
     """
     from planner.executor import apply_plan
     from planner.plan import plan_for_runner
     transformer = runner.transformer
     clock = _Clock(runner.device)
     targets = resolve_modules(transformer, modules)
-    out: dict[str, float] = {}
     if sampler.steps < 2:
-        return out, []
+        return {}, []
+    own = _own_steps(runner, sampler, modules)  # with two transformers (Wan 2.2) each module's own steps
+    idx = [i for i, m in enumerate(modules) if len(own[i]) >= 2 and any(m.kind in k for k in LEVEL_KINDS.values())]
+    if not idx:
+        return {}, []
+    costs = {i: _HookCost(clock) for i in idx}
+    watches = {i: costs[i].hooks() for i in idx}
     try:
-        base = plan_for_runner(runner, sampler)
-        own = _own_steps(runner, sampler, modules)  # with two transformers (Wan 2.2) each module's own steps
-
-        def codes(i: int) -> str:  # reuse at the module's last step only
-            return "".join("R" if k == own[i][-1] else COMPUTE for k in range(sampler.steps))
-
-        for group, kinds in LEVEL_KINDS.items():
-            idx = [i for i, m in enumerate(modules) if m.kind in kinds and len(own[i]) >= 2]
-            if not idx:
-                continue
-            hooked_s = {i: [] for i in idx}
-            plain_s = {i: [] for i in idx}
-            for _ in range(rounds):
-                for half in (idx[0::2], idx[1::2]):  # the second is empty for a lone module: a plain run
-                    handle = apply_plan(runner, base.with_decisions({modules[i].name: codes(i) for i in half}))
-                    try:
-                        watches = {i: _Stopwatch(clock) for i in idx}
-                        # attached after the executor's hooks, so each stopwatch sits outside the cache hook
-                        hs = attach(transformer, [(targets[i], w, f"stopwatch.exec.{modules[i].name}") for i, w in watches.items()])
-                        try:
-                            runner.run(conds, seeds, sampler, output="latent")
-                        finally:
-                            detach_hooks(transformer, hs)
-                    finally:
-                        handle.remove()
-                    for i, w in watches.items():
-                        per_step = len(w.marks) // len(own[i])
-                        times = [clock.seconds(a, b) for a, b in w.marks[: len(w.marks) - per_step]]
-                        (hooked_s if i in half else plain_s)[i] += times
-            overhead = overhead_from_samples(hooked_s, plain_s)
-            if overhead is not None:
-                out[group] = overhead * 1e3
+        plan = plan_for_runner(runner, sampler).with_decisions(
+            {modules[i].name: "".join("R" if k == own[i][-1] else COMPUTE for k in range(sampler.steps)) for i in idx})
+        inner = attach(transformer, [(targets[i], watches[i][0], f"stopwatch.inside.{modules[i].name}") for i in idx])
+        try:
+            handle = apply_plan(runner, plan)
+            try:
+                # attached after the executor's hooks, so these sit outside them
+                outer = attach(transformer, [(targets[i], watches[i][1], f"stopwatch.outside.{modules[i].name}") for i in idx])
+                try:
+                    for _ in range(rounds):
+                        runner.run(conds, seeds, sampler, output="latent")
+                finally:
+                    detach_hooks(transformer, outer)
+            finally:
+                handle.remove()
+        finally:
+            detach_hooks(transformer, inner)
     except Exception as exc:  # the executor cannot run this model: keep the bare-hook estimate
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
+    out = {}
+    for group, kinds in LEVEL_KINDS.items():
+        per_module = [median(costs[i].overheads()) for i in idx if modules[i].kind in kinds and costs[i].pairs]
+        if per_module:
+            out[group] = median(per_module) * 1e3
     return out, []
-
 
 
 def _own_steps(runner, sampler, modules: list[CacheableModule]) -> list[list[int]]:
@@ -546,14 +595,6 @@ def _own_steps(runner, sampler, modules: list[CacheableModule]) -> list[list[int
     comps = runner.component_steps(sampler)
     every = list(range(sampler.steps))
     return [(module_steps(comps, m.name) if comps else None) or every for m in modules]
-
-
-def overhead_from_samples(hooked: dict[int, list[float]], plain: dict[int, list[float]]) -> float | None:
-    """A hook's per-call overhead from call times with and without it: per module, its fastest hooked
-    call minus its fastest plain call (load only ever adds time, so the minima are the clean figures),
-    then the median over modules; ``None`` when no module has both."""
-    diffs = [min(hooked[i]) - min(plain[i]) for i in hooked if hooked[i] and plain.get(i)]
-    return median(diffs) if diffs else None
 
 
 def _sdpa_flops(inputs, outputs):
