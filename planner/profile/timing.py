@@ -542,8 +542,8 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     Every module of both groups is hooked by a plan that reuses only at its last step, and carries one
     stopwatch inside the executor's hook (around its own forward) and one outside it. A computed call's
     overhead is its time outside minus its time inside: the same call timed twice, so the module's own
-    time, and the load that slows it, cancel (comparing the fastest hooked with the fastest plain call of
-    a 5 ms module on a shared machine missed a 50 us overhead by 250 us either way). A module's figure
+    time, and the load that slows it, cancel (they did not when separate hooked and plain calls of a large
+    module were compared on a shared machine: docs/profiles.md). A module's figure
     is the median over its calls, the group's the median over its modules. Returns ``({}, [reason])``
     when the executor cannot run the model.
     """
@@ -555,7 +555,8 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     if sampler.steps < 2:
         return {}, []
     own = _own_steps(runner, sampler, modules)  # with two transformers (Wan 2.2) each module's own steps
-    idx = [i for i, m in enumerate(modules) if len(own[i]) >= 2 and any(m.kind in k for k in LEVEL_KINDS.values())]
+    leveled = {kind for group in LEVEL_KINDS.values() for kind in group}
+    idx = [i for i, m in enumerate(modules) if m.kind in leveled and len(own[i]) >= 2]
     if not idx:
         return {}, []
     costs = {i: _HookCost(clock) for i in idx}
@@ -563,21 +564,15 @@ def executor_hook_overhead(runner, modules: list[CacheableModule], sampler, cond
     try:
         plan = plan_for_runner(runner, sampler).with_decisions(
             {modules[i].name: "".join("R" if k == own[i][-1] else COMPUTE for k in range(sampler.steps)) for i in idx})
-        inner = attach(transformer, [(targets[i], watches[i][0], f"stopwatch.inside.{modules[i].name}") for i in idx])
-        try:
-            handle = apply_plan(runner, plan)
-            try:
-                # attached after the executor's hooks, so these sit outside them
-                outer = attach(transformer, [(targets[i], watches[i][1], f"stopwatch.outside.{modules[i].name}") for i in idx])
-                try:
-                    for _ in range(rounds):
-                        runner.run(conds, seeds, sampler, output="latent")
-                finally:
-                    detach_hooks(transformer, outer)
-            finally:
-                handle.remove()
-        finally:
-            detach_hooks(transformer, inner)
+        with contextlib.ExitStack() as stack:
+            inside = attach(transformer, [(targets[i], watches[i][0], f"stopwatch.inside.{modules[i].name}") for i in idx])
+            stack.callback(detach_hooks, transformer, inside)
+            stack.enter_context(apply_plan(runner, plan))
+            # attached after the executor's hooks, so these sit outside them
+            outside = attach(transformer, [(targets[i], watches[i][1], f"stopwatch.outside.{modules[i].name}") for i in idx])
+            stack.callback(detach_hooks, transformer, outside)
+            for _ in range(rounds):
+                runner.run(conds, seeds, sampler, output="latent")
     except Exception as exc:  # the executor cannot run this model: keep the bare-hook estimate
         return {}, [f"executor calibration failed ({type(exc).__name__}: {str(exc)[:120]}); executor hook overhead estimated by a bare diffusers hook"]
     out = {}
