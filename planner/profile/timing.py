@@ -503,6 +503,8 @@ class _HookCost:
 
 
 class _InsideWatch(ModelHook):
+    """Marks the start and end of the module's own forward; the end hands the pair to the call's cost."""
+
     def __init__(self, cost: _HookCost):
         super().__init__()
         self.cost = cost
@@ -517,16 +519,12 @@ class _InsideWatch(ModelHook):
         return output
 
 
-class _OutsideWatch(ModelHook):
-    def __init__(self, cost: _HookCost):
-        super().__init__()
-        self.cost = cost
-        self._start = None
+class _OutsideWatch(_InsideWatch):
+    """Marks the whole hooked call, and pairs it with the inside marks when the module's forward ran."""
 
     def pre_forward(self, module, *args, **kwargs):
         self.cost.inside = None
-        self._start = self.cost.clock.mark()
-        return args, kwargs
+        return super().pre_forward(module, *args, **kwargs)
 
     def post_forward(self, module, output):
         end = self.cost.clock.mark()
