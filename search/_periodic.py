@@ -9,7 +9,7 @@ step and one in N +- 1 after it; both meet a speed budget as tightly as one step
 
 :func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks; sub-layers on
 request), fits each to the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
-through the executor, then moves single computed steps by one while that lowers the calibration
+through the executor, tries the best second-order ones with the limited forecast (``L``) too, then moves single computed steps by one while that lowers the calibration
 error (same count, same predicted cost). It returns the best schedule found with its evaluation.
 Given a judge (the same search with more calibration inputs), the sweep's few best are judged on its
 inputs first, and a refined schedule is kept only where the judge agrees: a handful of calibration
@@ -24,6 +24,9 @@ from planner.modules import modules_at_level
 from planner.search.budget import first_true
 
 FORECAST_CODES = ("F", "Q")
+# The second-order forecast whose second-order term is cut to the first-order one's size, per sample
+# (planner.executor.hooks.limited_forecast2): the sweep's best ``Q`` schedules are also tried with it.
+LIMITED = {"Q": "L"}
 # Pairs of strides (compute one step in N) a schedule may switch between: neighbours, so that some pair
 # brackets any budget between the every-step and the one-in-six schedules.
 STRIDES = tuple((a, b) for a in range(1, 7) for b in range(1, 7) if abs(a - b) == 1)
@@ -232,6 +235,17 @@ def lean_variants(context, best: Candidate, seen: dict) -> Candidate:
     return out
 
 
+def with_limited_twins(context, candidates: list[Candidate], best: int, seen: dict) -> list[Candidate]:
+    """``candidates`` plus, for each of the ``best`` first whose forecast has a limited form (``Q``), the same
+    schedule with ``L``, evaluated on the calibration inputs; best first. The limit helps where a few
+    three-point curves bend too hard (one-in-two schedules) and costs where long runs need the curvature, so
+    the calibration inputs decide, schedule by schedule."""
+    twins = [_evaluate(context, replace(c.shape, code=LIMITED[c.shape.code]), seen)
+             for c in candidates[:best] if c.shape.code in LIMITED]
+    merged = {c.shape.key(context.steps): c for c in candidates + twins}
+    return sorted(merged.values(), key=lambda c: c.error)
+
+
 def judge_error(judge, candidate: Candidate) -> float:
     """``candidate``'s calibration error on the ``judge`` context's inputs (run once; kept on it)."""
     if candidate.judged is None:
@@ -252,6 +266,7 @@ def best_periodic(context, budget, refine_evaluations: int = 12, judge=None, fin
     candidates = periodic_candidates(context, budget, seen=seen, **sweep)
     if not candidates:
         return None
+    candidates = with_limited_twins(context, candidates, max(1, finalists), seen)
     start = candidates[0]
     if judge is not None:
         start = min(candidates[:max(1, finalists)], key=lambda c: judge_error(judge, c))

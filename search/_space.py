@@ -51,7 +51,7 @@ from planner.errors import PlannerError
 
 SPACE_VERSION = 1
 ACTION_NAMES = {"D": "block residual reuse", "F": "block output forecast", "Q": "block output forecast, second order",
-                "R": "attention/MLP output reuse"}
+                "L": "block output forecast, second order, limited", "R": "attention/MLP output reuse"}
 SUBLAYER_KINDS = ("attn", "cross_attn", "mlp")
 DEFAULT_TOLERANCES = (70, 80, 90, 100)
 DEFAULT_SHIFTS = (-1, 0, 1)
@@ -286,7 +286,7 @@ def build_space(profile, modules, steps: int, *, groups: int = 4, max_interval: 
         raise PlannerError(f"the profile lacks module {e}: was it made for this model?") from None
     offered = []
     for a in dict.fromkeys(actions):
-        if a in "FQ" and lags >= 2 and not _median_ratio(output[1][2:], output[0][2:]) >= drift_ratio:
+        if a in "FQL" and lags >= 2 and not _median_ratio(output[1][2:], output[0][2:]) >= drift_ratio:
             continue  # the outputs do not drift: extrapolating them would add noise
         if a == "R" and not any(children.values()):
             continue
@@ -299,7 +299,7 @@ def build_space(profile, modules, steps: int, *, groups: int = 4, max_interval: 
         ratio = min(finite) / c if finite and np.isfinite(c) and c > 0 else 0.0
         subs = tuple(n for b in part for n in children[b])
         group_curves = {"D": curves(part, "res_reuse_rel_l1_mean"), "F": curves(part, "rel_l1_mean"),
-                        "Q": curves(part, "rel_l1_mean"),
+                        "Q": curves(part, "rel_l1_mean"), "L": curves(part, "rel_l1_mean"),
                         "R": curves(list(subs), "rel_l1_mean") if subs else []}
         out.append(GroupSpace(
             name=f"g{i}", blocks=tuple(part), sublayers=subs,

@@ -54,8 +54,9 @@ from planner.search.budget import first_true, unreachable
 GREEDY_HOOK = "planner_greedy_search"
 DEFAULT_ACTIONS = {"block": "FD", "attn": "", "cross_attn": "", "mlp": ""}
 # The executor's reuse actions a module may try in a pass (planner.plan.ACTION_CODES): reuse (R), residual
-# reuse (D, blocks only), first- and second-order forecasts (F, Q). CFG sharing (S) is ``share_cfg``.
-CANDIDATE_CODES = "RDFQ"
+# reuse (D, blocks only), first- and second-order forecasts (F, Q, and L, the limited Q). CFG sharing (S)
+# is ``share_cfg``.
+CANDIDATE_CODES = "RDFQL"
 Kind = Literal["block", "attn", "cross_attn", "mlp"]
 
 

@@ -77,8 +77,9 @@ class OptunaSettings(StrategySettings):
     population: int = Field(12, ge=2, description="NSGA-II population")
     groups: int = Field(4, ge=1, description="depth groups of blocks, each with its own interval shift")
     max_interval: int = Field(6, ge=2, description="longest interval between computes")
-    actions: str = Field("DF", pattern="^[DFQR]+$",
-                         description="letters of D (residual reuse), F / Q (first- / second-order forecast), R (sub-layer reuse)")
+    actions: str = Field("DF", pattern="^[DFQLR]+$",
+                         description="letters of D (residual reuse), F / Q (first- / second-order forecast), "
+                                     "L (limited second-order forecast), R (sub-layer reuse)")
     tolerances: tuple[int, ...] = Field(DEFAULT_TOLERANCES, description="percentiles of the profile's change allowed to reuse at")
     shifts: tuple[int, ...] = Field(DEFAULT_SHIFTS, description="per-group interval shifts to search")
     drift_ratio: float = Field(1.5, gt=0, description="F is offered where lag-2 change is at least this times lag-1")

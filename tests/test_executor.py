@@ -145,6 +145,26 @@ def test_forecast_extrapolates_by_step_distance_and_falls_back_to_reuse():
     assert stats["executed"]["transformer_blocks.0"] == "CRCF"
 
 
+def test_limited_forecast2_cuts_only_the_samples_whose_curve_bends_harder_than_it_moves():
+    def xs_for(outputs):  # inputs that make block(x, t) give these outputs at the steps' timesteps
+        return [(o - 1) / (2 * (1 + 2 * t)) for o, t in zip(outputs, T)]
+
+    straight = [torch.full((1, 2), v) for v in (1.0, 2.0, 3.0, 5.0)]  # o = 5 - t at steps 0-2
+    bent = [torch.full((1, 2), v) for v in (0.0, 10.0, 0.0, 5.0)]  # a zig-zag
+    batch = [torch.cat([a, b]) for a, b in zip(xs_for(straight), xs_for(bent))]
+    model = Toy()
+    with applied(model, {"transformer_blocks.0": "CCCQ"}):
+        q = run(model, batch)[3]
+    with applied(model, {"transformer_blocks.0": "CCCL"}) as h:
+        lim = run(model, batch)[3]
+    assert h.stats()["reuse_hits"]["forecast2_limited"] == 1
+    # one step on, evenly spaced: first-order term o2 - o1, second-order term o0 - 2 o1 + o2
+    torch.testing.assert_close(q, torch.tensor([[4.0, 4.0], [-30.0, -30.0]]))
+    torch.testing.assert_close(lim[:1], q[:1])  # a straight line: nothing to cut, L is Q (and F)
+    # the zig-zag's second-order term (-20) is twice its first (-10): cut to the first's size
+    torch.testing.assert_close(lim[1:], torch.tensor([[-20.0, -20.0]]))
+
+
 def test_share_cfg_copies_the_other_branch_fresh_output():
     model = Toy()
     with applied(model, {"transformer_blocks.0.attn1": {"cond": "CCCC", "uncond": "CSCC"}}, "cond_uncond"):

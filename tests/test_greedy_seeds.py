@@ -19,6 +19,7 @@ from planner.search._periodic import (
     judge_error,
     periodic_candidates,
     refine,
+    with_limited_twins,
 )
 from planner.search.budget import Budget
 from planner.search.context import SearchContext
@@ -131,6 +132,20 @@ def test_greedy_never_ends_below_its_best_seeded_schedule(tiny_ctx, budget):
         assert h.stats()["computed_fraction"] < 1.0
 
 
+def test_the_best_second_order_schedules_are_also_tried_with_the_limited_forecast(tiny_ctx):
+    budget, steps = Budget.parse("2x"), tiny_ctx.steps
+    candidates = periodic_candidates(tiny_ctx, budget)
+    merged = with_limited_twins(tiny_ctx, candidates, 4, {})
+    second_order = {c.shape.codes(steps) for c in candidates[:4] if c.shape.code == "Q"}
+    assert second_order, "some of the best schedules forecast to second order"
+    twins = [c for c in merged if c.shape.code == "L"]
+    assert {c.shape.codes(steps).replace("L", "Q") for c in twins} == second_order
+    assert len(merged) == len(candidates) + len(twins)
+    assert [c.error for c in merged] == sorted(c.error for c in merged)
+    twin = twins[0]
+    assert tiny_ctx.evaluate(tiny_ctx.plan(twin.shape.decisions(tiny_ctx))).error == pytest.approx(twin.error)
+
+
 def test_a_widened_context_has_more_calibration_inputs_and_is_built_once(tiny_ctx):
     wide = tiny_ctx.widened(5)
     assert len(wide.seeds) == 5 and wide.reference.shape[0] == 5 and wide.seeds[:2] == tiny_ctx.seeds
@@ -141,7 +156,7 @@ def test_a_widened_context_has_more_calibration_inputs_and_is_built_once(tiny_ct
 
 def test_the_judge_ranks_the_finalists_and_keeps_a_refinement_only_where_it_agrees(tiny_ctx):
     budget, judge = Budget.parse("1.5x"), tiny_ctx.widened(5)
-    finalists = periodic_candidates(tiny_ctx, budget)[:3]
+    finalists = with_limited_twins(tiny_ctx, periodic_candidates(tiny_ctx, budget), 3, {})[:3]
     best = best_periodic(tiny_ctx, budget, refine_evaluations=4, judge=judge, finalists=3)
     assert best.judged == pytest.approx(judge.evaluate(judge.plan(best.shape.decisions(judge))).error)
     # no finalist does better on the judge's inputs than what is returned

@@ -23,6 +23,9 @@ What each action returns (per CFG branch, per module):
 * ``forecast2`` (Q): the same from the last three computed outputs with the quadratic through them
   (Newton's polynomial, a second-order Taylor forecast that needs no even spacing). With two
   outputs cached it forecasts to first order, with one it reuses.
+* ``forecast2_limited`` (L): ``forecast2`` with its second-order term (what the quadratic adds to the
+  first-order forecast) scaled down, per sample, to the first-order term's norm where it is larger
+  (``hooks.limited_forecast2``). The same fallbacks as ``forecast2``.
 * ``share_cfg`` (S): this branch gets the other branch's fresh output of this step (the module
   runs once, on the other half only). Its own cache entry is left as it was.
 

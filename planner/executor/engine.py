@@ -27,7 +27,7 @@ count instead (``calls_per_step`` calls make a step; a call after the last step 
 each call's timestep is reduced on the device and kept, and the same rules as above (equal within
 a step, falling from step to step) are checked on all of them at once when the run ends: one read
 per run instead of one per call. Timesteps on the CPU (plain numbers, CPU tensors) are read and
-checked at every call as above, and so are the timesteps of a plan that forecasts (F, Q) without
+checked at every call as above, and so are the timesteps of a plan that forecasts (F, Q, L) without
 knowing the sampler's timesteps itself: its forecasts extrapolate in each step's time, read from the
 call (plans made by ``plan_for_runner`` and the strategies carry the timesteps).
 
@@ -48,7 +48,7 @@ from planner.cfg import BRANCHES, CfgLayout, branch_of_context
 from planner.errors import PlannerError
 from planner.executor import tree
 from planner.modules import module_kind
-from planner.plan import ACTION_CODES, COMPUTE, REUSE_CODES, Plan
+from planner.plan import ACTION_CODES, COMPUTE, FORECAST_ORDER, REUSE_CODES, Plan
 from planner.plan.components import absent_steps
 
 _MAX_EXAMPLES = 5
@@ -127,7 +127,7 @@ class Engine:
         # Forecasts extrapolate in the sampler's time; without the plan's timesteps that is each step's
         # own, read from the call: such a plan cannot defer its timestep reads.
         self._reads_times = self.times is None and any(
-            c in "FQ" for per in plan.decisions.values() for codes in per.values() for c in codes)
+            c in FORECAST_ORDER for per in plan.decisions.values() for codes in per.values() for c in codes)
 
     def time_of(self, step: int) -> float:
         """The sampler's time at ``step``: the plan's timestep, else the one the step ran at in this run, else

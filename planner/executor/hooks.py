@@ -24,13 +24,15 @@ from planner.cfg import BRANCHES, other_branch
 from planner.executor import tree
 from planner.executor.shapes import call_shapes, check_share, tree_shapes
 from planner.modules import module_kind
-from planner.plan import COMPUTE
+from planner.plan import COMPUTE, FORECAST_ORDER
 
 if TYPE_CHECKING:
     from planner.executor.engine import Engine
 
-# The order of each forecast action: how many computed outputs beyond one it extrapolates from.
-FORECAST_ORDER = {"F": 1, "Q": 2}
+# forecast2_limited (L): a second-order term larger than this multiple of the first-order term (per sample)
+# is scaled down to it. A Taylor series whose second term outgrows its first is extrapolating noise in three
+# points rather than a curve, and on a few samples that overshoot grows into a diverged image.
+FORECAST2_LIMIT = 1.0
 
 TRACKER_HOOK = "dit_cache_plan.tracker"
 MODULE_HOOK = "dit_cache_plan.module"
@@ -98,6 +100,23 @@ def lagrange_weights(xs: list[float], at: float) -> list[float]:
     return out
 
 
+def limited_forecast2(outputs: tuple[torch.Tensor, ...], weights: list[float], scale: float, limit: float) -> torch.Tensor:
+    """The second-order forecast ``sum(w * o)`` of the three ``outputs`` (oldest first), with its
+    second-order term (what it adds to the first-order forecast ``o2 + (o2 - o1) * scale``) scaled down,
+    per sample (leading dimension), to at most ``limit`` times the first-order term's norm."""
+    o2 = outputs[-1]
+    first = (o2 - outputs[-2]) * scale
+    second = sum(w * o for w, o in zip(weights, outputs)) - o2 - first
+    if o2.dim() == 0:
+        return o2 + first + second
+
+    def norms(x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(x.flatten(1).float(), dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+    cut = (limit * norms(first) / norms(second).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    return o2 + first + second * cut.to(second.dtype)
+
+
 class _BranchCache:
     """What one module keeps for one CFG branch: its last computed outputs with their steps (one, or
     as many as its forecasts need), and for ``reuse_residual`` the inputs of the last compute."""
@@ -144,7 +163,8 @@ class CacheHook(ModelHook):
         self.codes = dict(codes)
         for b in BRANCHES:
             planned = self.codes.get(b, "")
-            need = 3 if ready_for_all or "Q" in planned else 2 if "F" in planned else 1
+            order = max((FORECAST_ORDER.get(c, 0) for c in set(planned)), default=0)
+            need = 3 if ready_for_all else 1 + order
             self.keep[b] = max(self.keep[b], need)
         self.checks_share = any("S" in c for c in self.codes.values())
         wants_residual = ready_for_all and self.is_block or any("D" in c for c in self.codes.values())
@@ -233,7 +253,7 @@ class CacheHook(ModelHook):
             elif r == "R":
                 part = self.caches[b].outputs[-1][1]
             elif r in FORECAST_ORDER:
-                part = self._forecast(self.caches[b].outputs[-1 - FORECAST_ORDER[r]:], step)
+                part = self._forecast(self.caches[b].outputs[-1 - FORECAST_ORDER[r]:], step, limited=r == "L")
             elif r == "D":
                 entry = self.caches[b]
                 now = self._branch_inputs(b, active, args, kwargs)
@@ -262,14 +282,17 @@ class CacheHook(ModelHook):
         return code
 
     @_python
-    def _forecast(self, points: list[tuple[int, Any]], step: int) -> Any:
-        """The polynomial through ``points`` (``(step, output)``, oldest first) at ``step``, in sampler time."""
+    def _forecast(self, points: list[tuple[int, Any]], step: int, limited: bool = False) -> Any:
+        """The polynomial through ``points`` (``(step, output)``, oldest first) at ``step``, in sampler time;
+        ``limited``: its second-order term cut to :data:`FORECAST2_LIMIT` times the first-order one."""
         at, xs = self.engine.time_of(step), [self.engine.time_of(m) for m, _ in points]
         outputs = [o for _, o in points]
+        scale = (at - xs[-1]) / (xs[-1] - xs[-2])
         if len(points) == 2:  # o2 + (o2 - o1) * scale: three tensor operations
-            scale = (at - xs[1]) / (xs[1] - xs[0])
             return tree.tree_map(lambda a, c: c + (c - a) * scale, *outputs)
         weights = lagrange_weights(xs, at)
+        if limited:
+            return tree.tree_map(lambda *os: limited_forecast2(os, weights, scale, FORECAST2_LIMIT), *outputs)
         return tree.tree_map(lambda *os: sum(w * o for w, o in zip(weights, os)), *outputs)
 
     # ------------------------------------------------------------------ soft gates

@@ -25,7 +25,8 @@ from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRe
 # 1.3.0: the sampler also records, when known, the shape of one sample of the transformer's input.
 # 1.4.0: model.components, for pipelines that run several transformers (Wan 2.2); see planner.plan.components.
 # 1.5.0: prediction.costs, what the predicted speedup is in (measured time or FLOPs).
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.5.0", noun="cache plan", version_key="version",
+# 1.6.0: the forecast2_limited action (L).
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.6.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric", "costs")
 

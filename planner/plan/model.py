@@ -32,11 +32,14 @@ ACTION_CODES = {
     "D": "reuse_residual",  # this step's input + last computed (output - input); blocks only
     "F": "forecast",  # first-order extrapolation in sampler time from the last two computed outputs
     "Q": "forecast2",  # second-order extrapolation in sampler time from the last three computed outputs
+    "L": "forecast2_limited",  # forecast2 with its second-order term cut, per sample, to the first-order one's size
     "S": "share_cfg",  # copy the other CFG branch's fresh output of this step
 }
 CODE_OF = {name: code for code, name in ACTION_CODES.items()}
 COMPUTE = "C"
-REUSE_CODES = "RDFQS"
+REUSE_CODES = "RDFQLS"
+# The order of each forecast action: how many computed outputs beyond one it extrapolates from.
+FORECAST_ORDER = {"F": 1, "Q": 2, "L": 2}
 
 
 @dataclass

@@ -51,7 +51,7 @@ COST_KEYS = [
 ]
 # Cost columns added after format 1.1.0's first profiles: read and checked when present; where absent, the
 # latency model estimates them (planner.profile.timing.REUSE_FALLBACKS).
-OPTIONAL_COST_KEYS = ["forecast2_ms"]
+OPTIONAL_COST_KEYS = ["forecast2_ms", "forecast2_limited_ms"]
 
 
 class ProfileError(PlannerError):
@@ -199,7 +199,8 @@ class Profile:
 
     ``cost`` columns: ``module, kind, block, parent, scope, batch, latency_ms, latency_iqr_ms,
     latency_half_ms, self_ms, self_half_ms, flops, self_flops, reuse_ms, reuse_residual_ms,
-    forecast_ms, share_cfg_ms, out_numel, hook_ms`` and (profiles since forecast2) ``forecast2_ms``. ``latency_*`` includes a block's children, ``self_*``
+    forecast_ms, share_cfg_ms, out_numel, hook_ms`` and, in profiles made since those actions,
+    ``forecast2_ms`` and ``forecast2_limited_ms``. ``latency_*`` includes a block's children, ``self_*``
     excludes them; ``*_half_*`` is one branch of batched CFG. Rows of kind ``fixed`` are the costs
     outside the cached modules with ``scope`` ``call`` (per transformer call), ``step`` or ``run``.
     ``hook_ms`` is what the executor's hook adds to each call of the module once a plan hooks it.

@@ -80,8 +80,8 @@ class LatencyModel:
     def from_cost_table(cls, cost: pd.DataFrame, layout: str, steps: int, hook_ms: float = 0.0,
                         components: dict | None = None) -> "LatencyModel":
         """Build the model from a profile's cost table (module rows plus the ``fixed`` rows); modules
-        without a ``hook_ms`` value get ``hook_ms``. A reuse column the table lacks (``forecast2_ms`` in
-        profiles made before it) is estimated from the one :data:`REUSE_FALLBACKS` names."""
+        without a ``hook_ms`` value get ``hook_ms``. A reuse column the table lacks (``forecast2_ms`` or
+        ``forecast2_limited_ms`` in profiles made before them) is estimated from the one :data:`REUSE_FALLBACKS` names."""
         mods = cost[cost.kind != "fixed"]
         fixed = cost[cost.kind == "fixed"].groupby("scope").self_ms.sum()
         modules = tuple(
@@ -273,7 +273,7 @@ def _reuse_ms(row, col: str) -> float:
         return value
     if col in REUSE_FALLBACKS:
         base, factor = REUSE_FALLBACKS[col]
-        return _num(getattr(row, base, None), 0.0) * factor
+        return _reuse_ms(row, base) * factor
     return float(getattr(row, col))
 
 

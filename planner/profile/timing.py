@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 
 from planner.cfg import COND, CfgLayout
 from planner.modules import LEVEL_KINDS, CacheableModule
+from planner.executor.hooks import FORECAST2_LIMIT, limited_forecast2
 from planner.plan import COMPUTE
 from planner.profile.capture import (
     StepTracker,
@@ -42,13 +43,16 @@ from planner.profile.capture import (
     resolve_modules,
 )
 # The cost table's column for each reuse action of planner.plan.ACTION_CODES.
-REUSE_COLUMNS = {"R": "reuse_ms", "D": "reuse_residual_ms", "F": "forecast_ms", "Q": "forecast2_ms", "S": "share_cfg_ms"}
+REUSE_COLUMNS = {"R": "reuse_ms", "D": "reuse_residual_ms", "F": "forecast_ms", "Q": "forecast2_ms",
+                 "L": "forecast2_limited_ms", "S": "share_cfg_ms"}
 # Columns profiles made before them lack: the column whose cost stands in, times a factor. The timed
 # first-order forecast is two tensor operations (a subtraction and an addition); the second-order one
 # weighs three cached outputs, six operations (three products, three sums), so three times as many.
 # Small outputs cost per operation, not per element: on digits-dit's block outputs (16k elements,
-# one thread) the measured ratio was 4.9, on large ones it tends to the operation count's 3.
-REUSE_FALLBACKS = {"forecast2_ms": ("forecast_ms", 3.0)}
+# one thread) the measured ratio was 4.9, on large ones it tends to the operation count's 3. The limited
+# second-order forecast adds the first-order term, two per-sample norms and the cut: about 2.5 times as
+# many operations as the plain one. Stand-ins chain (forecast2_limited_ms -> forecast2_ms -> forecast_ms).
+REUSE_FALLBACKS = {"forecast2_ms": ("forecast_ms", 3.0), "forecast2_limited_ms": ("forecast2_ms", 2.5)}
 
 
 @dataclass
@@ -371,7 +375,8 @@ def time_reuse_ops(caps: list[Captured], layout: str, device: torch.device, cfg:
     """Cost of the reuse operations on each module's output size (full batch of one call), in ms.
 
     ``R`` copies the cached output, ``D`` adds a cached residual to the fresh input, ``F`` extrapolates
-    from two cached outputs, ``Q`` weighs three (the executor's second-order forecast), ``S`` copies one
+    from two cached outputs, ``Q`` weighs three (the executor's second-order forecast), ``L`` is the
+    executor's limited second-order forecast of three, ``S`` copies one
     CFG half onto the other. Modules with equal output
     shapes share one measurement.
     """
@@ -393,6 +398,7 @@ def time_reuse_ops(caps: list[Captured], layout: str, device: torch.device, cfg:
                     "D": lambda: [torch.add(t, p) for t, p in zip(outs, prev)],
                     "F": lambda: [torch.add(t, torch.sub(t, p)) for t, p in zip(outs, prev)],
                     "Q": lambda: [sum(w * x for w, x in zip(weights, xs)) for xs in zip(older, prev, outs)],
+                    "L": lambda: [limited_forecast2(xs, weights, 0.5, FORECAST2_LIMIT) for xs in zip(older, prev, outs)],
                     "S": (lambda: [torch.cat([h, h]) for h in (t[: t.shape[0] // 2] for t in outs)])
                     if CfgLayout(layout).batched
                     else (lambda: [t.clone() for t in outs]),
