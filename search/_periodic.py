@@ -8,9 +8,10 @@ either any whole number of them spread evenly (not only ``steps / N``), or one i
 step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
 :func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks; sub-layers on
-request), fits each to the budget on the latency model (no model run), evaluates each schedule on the calibration inputs
-through the executor, tries the best second-order ones with the limited forecast (``L``) too, then moves single computed steps by one while that lowers the calibration
-error (same count, same predicted cost). It returns the best schedule found with its evaluation.
+request), fits each to the budget on the latency model (no model run), evaluates each schedule on the
+calibration inputs through the executor, gives the best second-order ones the limited forecast (``L``)
+where that lowers their calibration error, then moves single computed steps by one while that lowers the calibration error (same
+count, same predicted cost). It returns the best schedule found with its evaluation.
 Given a judge (the same search with more calibration inputs), the sweep's few best are judged on its
 inputs first, and a refined schedule is kept only where the judge agrees: a handful of calibration
 inputs ranks close schedules by chance, and refining on them fits their noise.
@@ -236,14 +237,18 @@ def lean_variants(context, best: Candidate, seen: dict) -> Candidate:
 
 
 def with_limited_twins(context, candidates: list[Candidate], best: int, seen: dict) -> list[Candidate]:
-    """``candidates`` plus, for each of the ``best`` first whose forecast has a limited form (``Q``), the same
-    schedule with ``L``, evaluated on the calibration inputs; best first. The limit helps where a few
-    three-point curves bend too hard (one-in-two schedules) and costs where long runs need the curvature, so
-    the calibration inputs decide, schedule by schedule."""
-    twins = [_evaluate(context, replace(c.shape, code=LIMITED[c.shape.code]), seen)
-             for c in candidates[:best] if c.shape.code in LIMITED]
-    merged = {c.shape.key(context.steps): c for c in candidates + twins}
-    return sorted(merged.values(), key=lambda c: c.error)
+    """``candidates`` (best first) with each of the ``best`` first whose forecast has a limited form (``Q``)
+    replaced by the same schedule with ``L`` where that has the lower calibration error; best first. The limit helps
+    where a few three-point curves bend too hard (one-in-two schedules) and costs where long runs need
+    the curvature, so each schedule keeps its better form; the best few stay the same schedules (a twin
+    that is merely better than another schedule on a handful of inputs does not push that one out)."""
+    head = []
+    for c in candidates[:best]:
+        if c.shape.code in LIMITED:
+            c = min(c, _evaluate(context, replace(c.shape, code=LIMITED[c.shape.code]), seen), key=lambda x: x.error)
+        head.append(c)
+    # a form change only lowers an error, so the list stays sorted once its head is
+    return sorted(head, key=lambda c: c.error) + candidates[best:]
 
 
 def judge_error(judge, candidate: Candidate) -> float:

@@ -163,6 +163,12 @@ def test_limited_forecast2_cuts_only_the_samples_whose_curve_bends_harder_than_i
     torch.testing.assert_close(lim[:1], q[:1])  # a straight line: nothing to cut, L is Q (and F)
     # the zig-zag's second-order term (-20) is twice its first (-10): cut to the first's size
     torch.testing.assert_close(lim[1:], torch.tensor([[-20.0, -20.0]]))
+    # any output shape: the leading dimension is the sample, a 0-d output one sample
+    from planner.executor.hooks import limited_forecast2
+
+    for shape in [(), (2,), (2, 3, 4)]:
+        zigzag = (torch.zeros(shape), torch.full(shape, 10.0), torch.zeros(shape))
+        torch.testing.assert_close(limited_forecast2(zigzag, [1.0, -3.0, 3.0], 1.0, 1.0), torch.full(shape, -20.0))
 
 
 def test_share_cfg_copies_the_other_branch_fresh_output():

@@ -107,14 +107,14 @@ def limited_forecast2(outputs: tuple[torch.Tensor, ...], weights: list[float], s
     o2 = outputs[-1]
     first = (o2 - outputs[-2]) * scale
     second = sum(w * o for w, o in zip(weights, outputs)) - o2 - first
-    if o2.dim() == 0:
-        return o2 + first + second
-
-    def norms(x: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(x.flatten(1).float(), dim=1).view(-1, *([1] * (x.dim() - 1)))
-
-    cut = (limit * norms(first) / norms(second).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
+    cut = (limit * _sample_norms(first) / _sample_norms(second).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     return o2 + first + second * cut.to(second.dtype)
+
+
+def _sample_norms(x: torch.Tensor) -> torch.Tensor:
+    """The Euclidean norm of each sample of ``x`` (leading dimension; a 0-d tensor is one), broadcastable to ``x``."""
+    rows = x.reshape(x.shape[0] if x.dim() else 1, -1).float()
+    return torch.linalg.vector_norm(rows, dim=1).reshape(x.shape[:1] + (1,) * max(0, x.dim() - 1))
 
 
 class _BranchCache:

@@ -32,8 +32,8 @@ from diffusers.hooks import ModelHook
 from torch.utils._pytree import tree_map
 
 from planner.cfg import COND, CfgLayout
-from planner.modules import LEVEL_KINDS, CacheableModule
 from planner.executor.hooks import FORECAST2_LIMIT, limited_forecast2
+from planner.modules import LEVEL_KINDS, CacheableModule
 from planner.plan import COMPUTE
 from planner.profile.capture import (
     StepTracker,
