@@ -236,16 +236,18 @@ def lean_variants(context, best: Candidate, seen: dict) -> Candidate:
     return out
 
 
-def with_limited_twins(context, candidates: list[Candidate], best: int, seen: dict) -> list[Candidate]:
+def with_limited_twins(context, budget, candidates: list[Candidate], best: int, seen: dict) -> list[Candidate]:
     """``candidates`` (best first) with each of the ``best`` first whose forecast has a limited form (``Q``)
-    replaced by the same schedule with ``L`` where that has the lower calibration error; best first. The limit helps
+    replaced by the same schedule with ``L`` where that still meets ``budget`` (the limit costs a little
+    more time) and has the lower calibration error; best first. The limit helps
     where a few three-point curves bend too hard (one-in-two schedules) and costs where long runs need
     the curvature, so each schedule keeps its better form; the best few stay the same schedules (a twin
     that is merely better than another schedule on a handful of inputs does not push that one out)."""
     head = []
     for c in candidates[:best]:
-        if c.shape.code in LIMITED:
-            c = min(c, _evaluate(context, replace(c.shape, code=LIMITED[c.shape.code]), seen), key=lambda x: x.error)
+        twin = replace(c.shape, code=LIMITED[c.shape.code]) if c.shape.code in LIMITED else None
+        if twin is not None and _meets(context, budget, twin):
+            c = min(c, _evaluate(context, twin, seen), key=lambda x: x.error)
         head.append(c)
     # a form change only lowers an error, so the list stays sorted once its head is
     return sorted(head, key=lambda c: c.error) + candidates[best:]
@@ -271,7 +273,7 @@ def best_periodic(context, budget, refine_evaluations: int = 12, judge=None, fin
     candidates = periodic_candidates(context, budget, seen=seen, **sweep)
     if not candidates:
         return None
-    candidates = with_limited_twins(context, candidates, max(1, finalists), seen)
+    candidates = with_limited_twins(context, budget, candidates, max(1, finalists), seen)
     start = candidates[0]
     if judge is not None:
         start = min(candidates[:max(1, finalists)], key=lambda c: judge_error(judge, c))

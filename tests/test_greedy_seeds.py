@@ -138,8 +138,9 @@ def test_the_best_second_order_schedules_take_the_limited_forecast_where_it_is_b
     budget, steps = Budget.parse("2x"), tiny_ctx.steps
     candidates = periodic_candidates(tiny_ctx, budget)
     seen: dict = {}
-    chosen = with_limited_twins(tiny_ctx, candidates, 4, seen)
-    assert any(c.shape.code == "Q" for c in candidates[:4]), "some of the best schedules forecast to second order"
+    chosen = with_limited_twins(tiny_ctx, budget, candidates, 4, seen)
+    second = [c for c in candidates[:4] if c.shape.code == "Q"]
+    assert second, "some of the best schedules forecast to second order"
     assert len(chosen) == len(candidates) and chosen[4:] == candidates[4:]
     assert [c.error for c in chosen] == sorted(c.error for c in chosen)
     form = {c.shape.codes(steps).replace("L", "Q"): c for c in chosen[:4]}
@@ -148,10 +149,16 @@ def test_the_best_second_order_schedules_take_the_limited_forecast_where_it_is_b
         if before.shape.code == "Q":
             twin = seen[replace(before.shape, code="L").key(steps)]
             assert after.error == min(before.error, twin.error)
+            assert budget.speed_met(twin.evaluation.predicted_speedup)
             plan = tiny_ctx.plan(twin.shape.decisions(tiny_ctx))
             assert tiny_ctx.evaluate(plan).error == pytest.approx(twin.error)
         else:
             assert after is before
+    # a twin that would miss the budget is not even run
+    q = second[0]
+    tight = Budget.parse(f"{q.evaluation.predicted_speedup * 1.0001}x")
+    seen = {}
+    assert with_limited_twins(tiny_ctx, tight, [q], 1, seen) == [q] and not seen
 
 
 def test_a_widened_context_has_more_calibration_inputs_and_is_built_once(tiny_ctx):
@@ -164,7 +171,7 @@ def test_a_widened_context_has_more_calibration_inputs_and_is_built_once(tiny_ct
 
 def test_the_judge_ranks_the_finalists_and_keeps_a_refinement_only_where_it_agrees(tiny_ctx):
     budget, judge = Budget.parse("1.5x"), tiny_ctx.widened(5)
-    finalists = with_limited_twins(tiny_ctx, periodic_candidates(tiny_ctx, budget), 3, {})[:3]
+    finalists = with_limited_twins(tiny_ctx, budget, periodic_candidates(tiny_ctx, budget), 3, {})[:3]
     best = best_periodic(tiny_ctx, budget, refine_evaluations=4, judge=judge, finalists=3)
     assert best.judged == pytest.approx(judge.evaluate(judge.plan(best.shape.decisions(judge))).error)
     # no finalist does better on the judge's inputs than what is returned

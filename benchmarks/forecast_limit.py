@@ -1,0 +1,82 @@
+"""First-order, second-order and limited second-order forecasts (F, Q, L) on the same schedules.
+
+On each model, every block follows one periodic schedule after three computed warm-up steps: one step
+in two computed, and one in three. The forecast steps use ``F``, ``Q`` or ``L`` (the second-order
+forecast with its second-order term cut, per sample, to the first-order term's size;
+``planner.executor.hooks.limited_forecast2``). Pooled PSNR (the headline), mean and worst per-image
+PSNR on held-out seeds against the full run, so that rare diverging samples show.
+
+Results go to ``benchmarks/results/forecast_limit.{json,md}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/forecast_limit.py --seeds 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._results import finish  # noqa: E402
+
+MODELS = "digits-dit,digits-mmdit,digits-dit-wide,digits-dit-deep"
+STRIDES = {"one in two": 2, "one in three": 3}
+CODES = ("F", "Q", "L")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--seeds", type=int, default=128, help="held-out seeds")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from planner.executor import apply_plan
+    from planner.metrics import psnr_summary
+    from planner.plan import plan_for_runner
+    from planner.runner import load_runner
+    from planner.search._periodic import PeriodicShape
+    from planner.seeds import evaluation_seeds
+
+    torch.set_num_threads(1)
+    seeds = evaluation_seeds(args.seeds)
+    models = []
+    for name in args.models.split(","):
+        runner = load_runner(name)
+        sampler = runner.resolve(None)
+        blocks = [m.name for m in runner.modules() if m.kind == "block"]
+        conditions = runner.conditions(len(seeds), seed=seeds[0])
+        reference = runner.run(conditions, seeds, sampler)
+        rows = []
+        for label, stride in STRIDES.items():
+            for code in CODES:
+                codes = PeriodicShape("block", code, 3, 0, 0, stride=(stride, stride)).codes(sampler.steps)
+                with apply_plan(runner.pipe, plan_for_runner(runner, sampler, {b: codes for b in blocks})):
+                    out = runner.run(conditions, seeds, sampler)
+                rows.append({"schedule": label, "code": code, "codes": codes, **psnr_summary(out, reference)})
+        models.append({"model": name, "sampler": f"{sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}",
+                       "rows": rows})
+
+    def render():
+        print(f"Every block on one periodic schedule after 3 computed warm-up steps; PSNR in dB against the full "
+              f"run on {args.seeds} held-out seeds: pooled (MSE over all images) / mean of per-image / worst image.\n")
+        print("| model | schedule | F | Q | L |")
+        print("|---|---|---|---|---|")
+        for m in models:
+            for label in STRIDES:
+                cells = {r["code"]: r for r in m["rows"] if r["schedule"] == label}
+                print(f"| {m['model']} | {label} | "
+                      + " | ".join(f"{cells[c]['psnr']:.2f} / {cells[c]['psnr_mean']:.2f} / {cells[c]['psnr_worst']:.2f}"
+                                   for c in CODES) + " |")
+        print("\nSamplers: " + "; ".join(f"{m['model']} {m['sampler']}" for m in models) + ".")
+
+    return finish("forecast_limit", {"seeds": args.seeds, "models": models}, render, args.json, args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
