@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     for text in args.budgets.split(","):
         rows = []
         for candidate in periodic_candidates(context, Budget.parse(text))[:args.finalists]:
-            with apply_plan(runner.pipe, context.plan(candidate.shape.decisions(context))):
+            with apply_plan(runner.pipe, candidate.shape.plan(context)):
                 out = runner.run(conditions, seeds, sampler)
             by_8 = [psnr(out[i:i + 8], reference[i:i + 8]) for i in range(0, HELD_OUT, 8)]
             rows.append({"codes": candidate.shape.codes(context.steps), "flop_speedup": candidate.evaluation.predicted_speedup,

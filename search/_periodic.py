@@ -7,8 +7,8 @@ between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. The 
 either any whole number of them spread evenly (not only ``steps / N``), or one in N up to a switch
 step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
-:func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks; sub-layers on
-request), fits each to the budget on the latency model (no model run), evaluates each schedule on the
+:func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks, and the
+transformer's whole output (``Plan.output``); sub-layers on request), fits each to the budget on the latency model (no model run), evaluates each schedule on the
 calibration inputs through the executor, gives the best second-order ones the limited forecast (``L``)
 where that lowers their calibration error, then moves single computed steps by one while that lowers
 the calibration error (same count, same predicted cost). It returns the best schedule found with its evaluation.
@@ -25,6 +25,10 @@ from planner.modules import modules_at_level
 from planner.search.budget import first_true
 
 FORECAST_CODES = ("F", "Q")
+# The level whose schedule is the transformer's whole output (Plan.output) rather than its blocks': at a
+# forecast step nothing of the transformer runs, so a step costs only its forecast; forecasting every
+# block instead still runs the layers around them (embeddings, final layer) and the executor's hooks.
+OUTPUT = "output"
 # The second-order forecast whose second-order term is cut to the first-order one's size, per sample
 # (planner.executor.hooks.limited_forecast2): the sweep's best ``Q`` schedules are also tried with it.
 LIMITED = {"Q": "L"}
@@ -107,8 +111,16 @@ class PeriodicShape:
         return "".join("C" if i in computed else self.code for i in range(steps))
 
     def decisions(self, context) -> dict[str, str]:
+        """The plan's per-module decisions: every module of the level alike (none at the output level)."""
+        if self.level == OUTPUT:
+            return {}
         codes = self.codes(context.steps)
         return {name: codes for name in modules_at_level(context.modules, self.level)}
+
+    def plan(self, context, **kwargs):
+        """The schedule as a plan of ``context`` (keyword arguments go to ``context.plan``)."""
+        output = self.codes(context.steps) if self.level == OUTPUT else None
+        return context.plan(self.decisions(context), output=output, **kwargs)
 
     def key(self, steps: int) -> tuple:
         """What tells two schedules apart: their codes and level."""
@@ -136,7 +148,7 @@ class Candidate:
 
 def _meets(context, budget, shape: PeriodicShape) -> bool:
     """Whether ``shape``'s plan meets the speed ``budget`` on the latency model (no model run)."""
-    return budget.speed_met(context.predict(context.plan(shape.decisions(context)))[0])
+    return budget.speed_met(context.predict(shape.plan(context))[0])
 
 
 def fit_computes(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
@@ -173,21 +185,22 @@ def fit_switch(context, budget, shape: PeriodicShape) -> PeriodicShape | None:
 def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
     key = shape.key(context.steps)
     if key not in seen:
-        seen[key] = Candidate(shape, context.evaluate(context.plan(shape.decisions(context))))
+        seen[key] = Candidate(shape, context.evaluate(shape.plan(context)))
     return seen[key]
 
 
-def periodic_candidates(context, budget, levels=("block",), codes=FORECAST_CODES,
+def periodic_candidates(context, budget, levels=("block", OUTPUT), codes=FORECAST_CODES,
                         warmups=(1, 2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
                         seen: dict | None = None) -> list[Candidate]:
     """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
-    calibration inputs, best (lowest calibration error) first: computed steps spread evenly (each warm-up
-    and cool-down), and two strides (each pair of ``strides``, no cool-down) switched where the budget is
+    calibration inputs, best (lowest calibration error) first: at each of ``levels`` (blocks, sub-layers,
+    or :data:`OUTPUT`, the transformer's whole output), computed steps spread evenly (each warm-up and
+    cool-down), and two strides (each pair of ``strides``, no cool-down) switched where the budget is
     met. Schedules that come out identical are evaluated once."""
     seen = {} if seen is None else seen
     out = {}
     for level in levels:
-        if not modules_at_level(context.modules, level):
+        if level != OUTPUT and not modules_at_level(context.modules, level):
             continue
         for code in codes:
             for warmup in warmups:
@@ -256,7 +269,7 @@ def with_limited_twins(context, budget, candidates: list[Candidate], best: int, 
 def judge_error(judge, candidate: Candidate) -> float:
     """``candidate``'s calibration error on the ``judge`` context's inputs (run once; kept on it)."""
     if candidate.judged is None:
-        candidate.judged = judge.evaluate(judge.plan(candidate.shape.decisions(judge))).error
+        candidate.judged = judge.evaluate(candidate.shape.plan(judge)).error
     return candidate.judged
 
 

@@ -162,8 +162,9 @@ class SearchContext:
         return self.predict(self.plan({b: "C" + "D" * (self.steps - 1) for b in blocks}))[0]
 
     def plan(self, decisions: dict, strategy: str = "manual", params: dict | None = None,
-             evaluation: Evaluation | None = None) -> Plan:
-        """A Plan for this context's model and sampler, with provenance (and predictions when evaluated)."""
+             evaluation: Evaluation | None = None, output: str | None = None) -> Plan:
+        """A Plan for this context's model and sampler, with provenance (and predictions when evaluated);
+        ``output``: the transformer output's code string (``None``: it runs at every step)."""
         prediction = None
         if evaluation is not None:
             prediction = Prediction(
@@ -189,4 +190,5 @@ class SearchContext:
             params=params or {},
             profile_id=self.profile.meta.name,
             calib_seeds=self.seeds,
+            output=output,
         )

@@ -418,8 +418,7 @@ class _GreedySearch:
         if seed is not None:  # the periodic schedule beat every greedy pass on the calibration inputs
             params.update(chosen="periodic", periodic=seed.shape.params(),
                           greedy_error=None if best is None else best["error"])
-            return self.ctx.plan(seed.shape.decisions(self.ctx), strategy=Greedy.name, params=params,
-                                 evaluation=seed.evaluation)
+            return seed.shape.plan(self.ctx, strategy=Greedy.name, params=params, evaluation=seed.evaluation)
         evaluation = Evaluation(best["error"], best["speedup"], best["fraction"], {"trials": best["trials"]})
         params.update(delta=best["delta"], max_run=self.max_run)
         if s.seeds != "none" and budget.speedup is not None and s.delta is None:

@@ -870,7 +870,7 @@ def test_bare_transformer_refuses_another_input_shape_at_the_first_call(digits, 
 def test_plan_records_the_scheduler_and_1_0_files_still_load(digits_plan10):
     from planner.plan import PLAN_FORMAT, load_plan, loads_plan, plan_to_json
 
-    assert PLAN_FORMAT.version == "1.6.0"
+    assert PLAN_FORMAT.version == "1.7.0"
     doc = json.loads(plan_to_json(digits_plan10))
     assert doc["sampler"]["input_shape"] == list(digits_plan10.sampler.input_shape) and len(doc["sampler"]["input_shape"]) == 3
     assert re.fullmatch(r"[0-9a-f]{12}", doc["sampler"]["scheduler_config"])

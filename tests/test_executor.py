@@ -145,6 +145,36 @@ def test_forecast_extrapolates_by_step_distance_and_falls_back_to_reuse():
     assert stats["executed"]["transformer_blocks.0"] == "CRCF"
 
 
+def test_output_action_serves_whole_steps_without_running_the_transformer():
+    model = Toy(2)
+    base = run(model)
+    for block in model.transformer_blocks:
+        block.batches.clear()
+    plan = plan_for_model(model, steps=4, decisions={"transformer_blocks.1.ff": "CCCR"}, output="CRCF")
+    with apply_plan(model, plan) as h:
+        out = run(model)
+        stats = h.stats()
+    assert [len(b.batches) for b in model.transformer_blocks] == [2, 2]  # steps 0 and 2 only
+    assert torch.equal(out[1], base[0])  # R: the last computed output
+    assert torch.equal(out[3], base[2] + (base[2] - base[0]) * 0.5)  # F: through steps 0 and 2, at step 3
+    assert stats["output"] == "CRCF" and stats["computed_fraction"] == 0.5
+    # the block decisions of a served step are not taken: skipped with the transformer, not fallbacks
+    assert stats["fallbacks"] == 0 and stats["executed"]["transformer_blocks.1.ff"] == "C-C-"
+
+
+def test_output_forecasts_keep_each_cfg_branch_apart_and_fall_back_to_lower_orders():
+    model = Toy()
+    base = [model(hidden_states=x, timestep=torch.tensor([t])) for k, t in enumerate(T) for x in (X[k], XU[k])]
+    plan = plan_for_model(model, steps=4, cfg_layout="separate", decisions={}, output="CQCQ")
+    with apply_plan(model, plan) as h:
+        out = [model(hidden_states=x, timestep=torch.tensor([t])) for k, t in enumerate(T) for x in (X[k], XU[k])]
+        assert h.stats()["output"] == "CRCF"  # one kept output: reuse; two: first order
+    for branch in (0, 1):  # cond calls first, then uncond: each from its own history
+        assert torch.equal(out[2 + branch], base[branch])
+        o0, o2 = base[branch], base[4 + branch]
+        assert torch.equal(out[6 + branch], o2 + (o2 - o0) * 0.5)
+
+
 def test_limited_forecast2_cuts_only_the_samples_whose_curve_bends_harder_than_it_moves():
     def xs_for(outputs):  # inputs that make block(x, t) give these outputs at the steps' timesteps
         return [(o - 1) / (2 * (1 + 2 * t)) for o, t in zip(outputs, T)]

@@ -128,7 +128,7 @@ def test_a_plan_records_its_costs_and_older_plans_load_without(digits, tmp_path)
     plan.prediction.costs = "flops"
     save_plan(plan, tmp_path / "p.json")
     doc = json.loads((tmp_path / "p.json").read_text())
-    assert doc["prediction"]["costs"] == "flops" and doc["version"] == "1.6.0"
+    assert doc["prediction"]["costs"] == "flops" and doc["version"] == "1.7.0"
     doc["prediction"]["costs"] = "joules"
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(PlannerError, match="prediction"):

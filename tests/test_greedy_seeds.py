@@ -14,6 +14,7 @@ from planner.profile import profile_model
 from planner.runner import Sampler
 from planner.search import get_strategy
 from planner.search._periodic import (
+    OUTPUT,
     PeriodicShape,
     best_periodic,
     fit_computes,
@@ -134,6 +135,26 @@ def test_greedy_never_ends_below_its_best_seeded_schedule(tiny_ctx, budget):
         assert h.stats()["computed_fraction"] < 1.0
 
 
+def test_the_sweep_also_schedules_the_transformer_output_which_skips_whole_steps(tiny_ctx):
+    budget, steps = Budget.parse("2x"), tiny_ctx.steps
+    candidates = periodic_candidates(tiny_ctx, budget)
+    whole = [c for c in candidates if c.shape.level == OUTPUT]
+    assert whole and any(c.shape.level == "block" for c in candidates)
+    c = whole[0]
+    plan = c.shape.plan(tiny_ctx)
+    codes = c.shape.codes(steps)
+    assert plan.output == codes and all(plan.is_all_compute(m) for m in plan.model.modules)
+    assert tiny_ctx.evaluate(plan).error == pytest.approx(c.error)
+    # in FLOPs a served step costs nothing: the speedup is the step count over the computed steps, where
+    # forecasting every block at the same steps still runs the layers around them
+    assert c.evaluation.predicted_speedup == pytest.approx(steps / codes.count("C"))
+    blocks = replace(c.shape, level="block").plan(tiny_ctx)
+    assert tiny_ctx.predict(blocks)[0] < c.evaluation.predicted_speedup
+    with apply_plan(tiny_ctx.runner, plan) as h:
+        tiny_ctx.runner.run(tiny_ctx.conditions, tiny_ctx.seeds, tiny_ctx.sampler, output="latent")
+        assert h.stats()["output"].replace("R", "F").replace("F", c.shape.code) == codes
+
+
 def test_the_best_second_order_schedules_take_the_limited_forecast_where_it_is_better(tiny_ctx):
     budget, steps = Budget.parse("2x"), tiny_ctx.steps
     candidates = periodic_candidates(tiny_ctx, budget)
@@ -150,8 +171,7 @@ def test_the_best_second_order_schedules_take_the_limited_forecast_where_it_is_b
             twin = seen[replace(before.shape, code="L").key(steps)]
             assert after.error == min(before.error, twin.error)
             assert budget.speed_met(twin.evaluation.predicted_speedup)
-            plan = tiny_ctx.plan(twin.shape.decisions(tiny_ctx))
-            assert tiny_ctx.evaluate(plan).error == pytest.approx(twin.error)
+            assert tiny_ctx.evaluate(twin.shape.plan(tiny_ctx)).error == pytest.approx(twin.error)
         else:
             assert after is before
     # a twin that would miss the budget is not even run
@@ -173,7 +193,7 @@ def test_the_judge_ranks_the_finalists_and_keeps_a_refinement_only_where_it_agre
     budget, judge = Budget.parse("1.5x"), tiny_ctx.widened(5)
     finalists = with_limited_twins(tiny_ctx, budget, periodic_candidates(tiny_ctx, budget), 3, {})[:3]
     best = best_periodic(tiny_ctx, budget, refine_evaluations=4, judge=judge, finalists=3)
-    assert best.judged == pytest.approx(judge.evaluate(judge.plan(best.shape.decisions(judge))).error)
+    assert best.judged == pytest.approx(judge.evaluate(best.shape.plan(judge)).error)
     # no finalist does better on the judge's inputs than what is returned
     assert best.judged <= min(judge_error(judge, c) for c in finalists) + 1e-12
 
@@ -186,7 +206,7 @@ def test_greedy_keeps_the_finalist_the_judge_prefers_and_records_the_judging(tin
     winner = judged["periodic"] if plan.provenance.params["chosen"] == "periodic" else judged["greedy"]
     assert winner == min(judged["periodic"], judged["greedy"])
     wide = tiny_ctx.widened(5)
-    assert wide.evaluate(wide.plan(plan.decisions)).error == pytest.approx(winner, rel=1e-4, abs=1e-6)
+    assert wide.evaluate(wide.plan(plan.decisions, output=plan.output)).error == pytest.approx(winner, rel=1e-4, abs=1e-6)
     # the recorded calibration error stays the search's own, on its own inputs
     assert tiny_ctx.evaluate(plan).error == pytest.approx(plan.prediction.calib_error, rel=1e-4, abs=1e-6)
 

@@ -123,6 +123,32 @@ def test_rule_violations_name_the_path(decisions, layout, message):
         toy_plan(decisions, layout=layout)
 
 
+def test_output_codes_serve_whole_steps_round_trip_and_name_their_path():
+    import jsonschema
+
+    def with_output(output, decisions=None):
+        return plan_for_model(Toy(), steps=6, cfg_layout="cond_uncond", decisions=decisions or {}, output=output,
+                              scheduler="ddim", guidance=3.0)
+
+    plan = with_output("CCFCQC", {"transformer_blocks.1": "CRCCCC"})
+    assert plan.served_steps() == {2, 4}
+    eff = plan.effective_compute()  # nothing runs at a served step, whatever the decisions say
+    assert eff["transformer_blocks.0.ff"]["cond"] == [True, True, False, True, False, True]
+    assert eff["transformer_blocks.1"]["uncond"] == [True, False, False, True, False, True]
+    assert plan.computed_fraction_per_step()[2] == 0 and plan.computed_fraction_per_step()[3] == 1
+    doc = plan_to_dict(plan)
+    assert doc["output"] == "CCFCQC" and doc["version"] == PLAN_FORMAT.version
+    jsonschema.validate(doc, PLAN_FORMAT.schema)
+    assert loads_plan(plan_to_json(plan)) == plan
+    assert "output" not in plan_to_dict(toy_plan())  # a plan without it is written as before
+    for bad, message in [("CCF", "expected a string of 6 action codes"), ("CCDCCC", "unknown action code"),
+                         ("FCCCCC", "step 0 must compute")]:
+        with pytest.raises(PlannerError, match=r"^\$\.output: " + message):
+            with_output(bad)
+    with pytest.raises(PlannerError, match=r"\$\.output: expected a string of action codes for the transformer's whole output"):
+        loads_plan(json.dumps(dict(doc, output="CCSCCC")))
+
+
 def _doc(**changes):
     doc = plan_to_dict(toy_plan({"transformer_blocks.1": "CRCRCC"}))
     for path, value in changes.items():

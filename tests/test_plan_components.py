@@ -39,7 +39,7 @@ def test_each_transformer_decides_at_its_own_steps_and_the_file_round_trips():
     assert plan.action_counts()["compute"] == 2 * (2 * 2 + 2 * 4) - 2 * 1 - 2 * 3  # 24 decisions, 8 reuses
     assert plan.computed_fraction_per_step() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # leaves: the two attn1
     doc = json.loads(plan_to_json(plan))
-    assert doc["version"] == PLAN_FORMAT.version == "1.6.0"
+    assert doc["version"] == PLAN_FORMAT.version == "1.7.0"
     assert doc["model"]["components"]["transformer_2"] == {"class": "WanTransformer3DModel", "fingerprint": "f2",
                                                           "steps": SECOND}
     again = loads_plan(plan_to_json(plan))

@@ -47,6 +47,7 @@ import torch
 from planner.cfg import BRANCHES, CfgLayout, branch_of_context
 from planner.errors import PlannerError
 from planner.executor import tree
+from planner.executor.output import OutputCache
 from planner.modules import module_kind
 from planner.plan import ACTION_CODES, COMPUTE, FORECAST_ORDER, REUSE_CODES, Plan
 from planner.plan.components import absent_steps
@@ -127,7 +128,9 @@ class Engine:
         # Forecasts extrapolate in the sampler's time; without the plan's timesteps that is each step's
         # own, read from the call: such a plan cannot defer its timestep reads.
         self._reads_times = self.times is None and any(
-            c in FORECAST_ORDER for per in plan.decisions.values() for codes in per.values() for c in codes)
+            c in FORECAST_ORDER for per in plan.decisions.values() for codes in per.values() for c in codes + (plan.output or ""))
+        self.output = OutputCache(plan.output) if plan.output is not None else None
+        self._last_output: str | None = None
 
     def time_of(self, step: int) -> float:
         """The sampler's time at ``step``: the plan's timestep, else the one the step ran at in this run, else
@@ -205,6 +208,18 @@ class Engine:
         self.active = [active]
         self.in_call = True
 
+    def served_output(self) -> Any:
+        """The transformer's output served for the current call where the plan's ``output`` says so (the
+        transformer then does not run), else ``None``."""
+        if self.output is None or not self.in_call:
+            return None
+        return self.output.serve(self, self.step, self.active[-1])
+
+    def keep_output(self, output: Any) -> None:
+        """The transformer computed ``output`` for the current call: kept where the plan serves outputs."""
+        if self.output is not None and self.in_call:
+            self.output.store(self.step, self.active[-1], output)
+
     @torch.compiler.disable
     def end_call(self) -> None:
         """A transformer call returned: close the run after the last call of the last step."""
@@ -244,6 +259,8 @@ class Engine:
         r.accounted = True
         for hook in self.hooks.values():
             hook.caches.clear()
+        if self.output is not None:
+            self.output.clear()
         self._logs.clear()
 
     def _defer(self, t: Any, r: _Run) -> bool:
@@ -473,6 +490,8 @@ class Engine:
         executed: dict[str, dict[str, str]] = {}
         totals, hits = self._totals, self._hits
         gated = self.gates is not None
+        served = self.output.served() if self.output is not None else set()  # the transformer did not run
+        self._last_output = self.output.executed(ks) if self.output is not None else None
         for module in self.plan.model.modules:
             per: dict[str, str] = {}
             parent = self._parents.get(module)
@@ -482,7 +501,7 @@ class Engine:
                 elif parent is not None and parent in self.hooks:
                     done = "".join(COMPUTE if c == COMPUTE else "-" for c in pick(self._logs.get((parent, b))))
                 else:
-                    done = COMPUTE * reached
+                    done = "".join("-" if k in served else COMPUTE for k in ks)
                 codes = self.plan.codes(module, b)
                 planned = COMPUTE * reached if gated else (codes[:reached] if contiguous else "".join(codes[k] for k in ks))
                 absent = self._absent.get(module)
@@ -526,11 +545,11 @@ class Engine:
         if self.run.started and self.run.max_step >= 0 and not self.run.accounted:
             # count the run in progress too, without disturbing it
             saved = (dict(self._totals), dict(self._hits), dict(self._fallback_kinds), list(self._fallback_examples),
-                     self._last_executed, self._last_steps)
+                     self._last_executed, self._last_steps, self._last_output)
             self._account()
             out = self._stats_dict(partial=True)
             (self._totals, self._hits, self._fallback_kinds, self._fallback_examples,
-             self._last_executed, self._last_steps) = saved
+             self._last_executed, self._last_steps, self._last_output) = saved
             return out
         return self._stats_dict(partial=False)
 
@@ -561,6 +580,7 @@ class Engine:
             "steps_run": list(self._last_steps),
             "computed_fraction_per_step": per_step,
             "computed_fraction": sum(per_step) / len(per_step) if per_step else None,
+            "output": self._last_output,  # what the transformer's output did per step (plans with ``output``)
             "executed": {
                 m: (v[self.branches[0]] if len(set(v.values())) == 1 else dict(v))
                 for m, v in executed.items()

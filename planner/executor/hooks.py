@@ -1,8 +1,9 @@
 """The two diffusers hooks of the executor.
 
 * :class:`StepTrackerHook`, on the transformer: tells the engine when a call starts and ends, with
-  its timestep and (for separate CFG calls) the diffusers cache-context name. It holds a
-  ``StateManager`` only so that ``transformer.cache_context("cond")`` reaches it.
+  its timestep and (for separate CFG calls) the diffusers cache-context name, and serves the whole
+  output instead of running the transformer at the steps where the plan's ``output`` says so. It holds
+  a ``StateManager`` only so that ``transformer.cache_context("cond")`` reaches it.
 * :class:`CacheHook`, on each cacheable module whose decisions are not all ``compute`` (or that is
   gated): runs the module or serves it from its per-branch cache, as the plan says for the
   current step and branch. This is the one implementation of the caching semantics.
@@ -76,7 +77,10 @@ class StepTrackerHook(ModelHook):
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         try:
             self.engine.begin_call(module, args, kwargs, self.context_name())
-            output = self.fn_ref.original_forward(*args, **kwargs)
+            output = self.engine.served_output()  # the plan's output action: no transformer run at this step
+            if output is None:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                self.engine.keep_output(output)
         except BaseException:
             self.engine.abort_call()
             raise
@@ -109,6 +113,33 @@ def limited_forecast2(outputs: tuple[torch.Tensor, ...], weights: list[float], s
     second = sum(w * o for w, o in zip(weights, outputs)) - o2 - first
     cut = (limit * _sample_norms(first) / _sample_norms(second).clamp_min(torch.finfo(torch.float32).tiny)).clamp(max=1.0)
     return o2 + first + second * cut.to(second.dtype)
+
+
+def action_taken(code: str, kept: int) -> str:
+    """The action really taken for ``code`` with ``kept`` computed outputs in the cache: with none it
+    computes; a forecast from fewer outputs than its order needs takes the highest order they allow (one
+    output: reuse)."""
+    if code == COMPUTE or kept == 0:
+        return COMPUTE
+    if code in FORECAST_ORDER and kept <= FORECAST_ORDER[code]:
+        return {1: "R", 2: "F"}[kept]
+    return code
+
+
+@_python
+def forecast(engine: "Engine", points: list[tuple[int, Any]], step: int, limited: bool = False) -> Any:
+    """The polynomial through ``points`` (``(step, output)``, oldest first) at ``step``, in the sampler's time
+    (``engine.time_of``); ``limited``: its second-order term cut to :data:`FORECAST2_LIMIT` times the
+    first-order one. Every forecast of the executor, of a module's output or of the transformer's, is this."""
+    at, xs = engine.time_of(step), [engine.time_of(m) for m, _ in points]
+    outputs = [o for _, o in points]
+    scale = (at - xs[-1]) / (xs[-1] - xs[-2])
+    if len(points) == 2:  # o2 + (o2 - o1) * scale: three tensor operations
+        return tree.tree_map(lambda a, c: c + (c - a) * scale, *outputs)
+    weights = lagrange_weights(xs, at)
+    if limited:
+        return tree.tree_map(lambda *os: limited_forecast2(os, weights, scale, FORECAST2_LIMIT), *outputs)
+    return tree.tree_map(lambda *os: sum(w * o for w, o in zip(weights, os)), *outputs)
 
 
 def _sample_norms(x: torch.Tensor) -> torch.Tensor:
@@ -269,31 +300,15 @@ class CacheHook(ModelHook):
     def _resolve(self, branch: str, code: str) -> str:
         """The action really taken: reuse with nothing cached computes; a forecast from fewer outputs than its
         order needs takes the highest order they allow (one output: reuse)."""
-        if code == COMPUTE:
-            return COMPUTE
         entry = self.caches.get(branch)
-        n = len(entry.outputs) if entry is not None else 0
-        if n == 0:
+        taken = action_taken(code, len(entry.outputs) if entry is not None else 0)
+        if taken == "D" and entry.inputs is None:
             return COMPUTE
-        if code in FORECAST_ORDER and n <= FORECAST_ORDER[code]:
-            return {1: "R", 2: "F"}[n]
-        if code == "D" and entry.inputs is None:
-            return COMPUTE
-        return code
+        return taken
 
     @_python
     def _forecast(self, points: list[tuple[int, Any]], step: int, limited: bool = False) -> Any:
-        """The polynomial through ``points`` (``(step, output)``, oldest first) at ``step``, in sampler time;
-        ``limited``: its second-order term cut to :data:`FORECAST2_LIMIT` times the first-order one."""
-        at, xs = self.engine.time_of(step), [self.engine.time_of(m) for m, _ in points]
-        outputs = [o for _, o in points]
-        scale = (at - xs[-1]) / (xs[-1] - xs[-2])
-        if len(points) == 2:  # o2 + (o2 - o1) * scale: three tensor operations
-            return tree.tree_map(lambda a, c: c + (c - a) * scale, *outputs)
-        weights = lagrange_weights(xs, at)
-        if limited:
-            return tree.tree_map(lambda *os: limited_forecast2(os, weights, scale, FORECAST2_LIMIT), *outputs)
-        return tree.tree_map(lambda *os: sum(w * o for w, o in zip(weights, os)), *outputs)
+        return forecast(self.engine, points, step, limited)
 
     # ------------------------------------------------------------------ soft gates
     @_eager

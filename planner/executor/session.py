@@ -164,6 +164,8 @@ def _gate_columns(plan: Plan, transformer, modules: dict, gates: torch.Tensor,
     hard = [m for m in plan.decisions if not plan.is_all_compute(m)]
     if hard:
         raise PlannerError(f"gates replace the plan's actions: pass an all-compute plan (this one reuses {hard[0]!r})")
+    if plan.served_steps():
+        raise PlannerError("gates replace the plan's actions: pass an all-compute plan (this one serves the transformer's output)")
     if gate_modules is None:
         gate_modules = [m for m in plan.model.modules if module_kind(m)[0] in SUBLAYER_KINDS]
     gate_modules = list(gate_modules)

@@ -33,11 +33,13 @@ def plan_for_model(
     model_revision: str | None = None,
     dtype: str | None = None,
     prompts: dict | None = None,
+    output: str | None = None,
 ) -> Plan:
     """A validated plan for a transformer (or a pipeline or Runner holding one) from a decisions dict.
 
     ``decisions`` maps module names to a code string (all branches alike) or ``{branch: codes}``;
-    modules left out compute at every step, and every module of the model gets an entry.
+    modules left out compute at every step, and every module of the model gets an entry. ``output``: the
+    transformer output's code string (see :class:`~planner.plan.model.Plan`), ``None`` when it always runs.
     Provenance gets the planner/torch/diffusers versions and the current UTC date.
     """
     from planner.modules import cacheable_modules, class_name, model_fingerprint, transformer_of
@@ -63,6 +65,7 @@ def plan_for_model(
             input_shape=[int(x) for x in input_shape] if input_shape is not None else None,
         ),
         decisions={},
+        output=output,
         prediction=prediction or Prediction(),
         provenance=Provenance(
             strategy=strategy,

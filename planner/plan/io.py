@@ -26,7 +26,8 @@ from planner.plan.model import ModelRef, Plan, Prediction, Provenance, SamplerRe
 # 1.4.0: model.components, for pipelines that run several transformers (Wan 2.2); see planner.plan.components.
 # 1.5.0: prediction.costs, what the predicted speedup is in (measured time or FLOPs).
 # 1.6.0: the forecast2_limited action (L).
-PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.6.0", noun="cache plan", version_key="version",
+# 1.7.0: output, the transformer's whole output reused or forecast at some steps (absent: it always runs).
+PLAN_FORMAT = DocumentFormat(name="dit-cache-plan", version="1.7.0", noun="cache plan", version_key="version",
                              schema_file="plan.schema.json")
 PREDICTION_KEYS = ("speedup", "latency_fraction", "calib_error", "metric", "costs")
 
@@ -52,6 +53,7 @@ def plan_to_dict(plan: Plan) -> dict:
                     "timesteps": [as_number(x) for x in s.timesteps],
                     "resolution": list(s.resolution) if s.resolution is not None else None, "frames": s.frames,
                     "input_shape": list(s.input_shape) if s.input_shape is not None else None},
+        **({"output": plan.output} if plan.output is not None else {}),
         "decisions": decisions,
         "prediction": {k: getattr(p, k) for k in PREDICTION_KEYS},
         "provenance": {"strategy": pv.strategy, "params": pv.params, "profile_id": pv.profile_id,
@@ -106,6 +108,7 @@ def plan_from_dict(doc: Any, source: str = "plan") -> Plan:
                                   versions=dict(pv.get("versions", {})), device=pv.get("device"),
                                   created=pv.get("created"), model_revision=pv.get("model_revision"),
                                   dtype=pv.get("dtype"), prompts=pv.get("prompts")),
+            output=doc.get("output"),
         )
         return plan.validate()
     except PlannerError as exc:

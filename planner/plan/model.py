@@ -40,6 +40,8 @@ COMPUTE = "C"
 REUSE_CODES = "RDFQLS"
 # The order of each forecast action: how many computed outputs beyond one it extrapolates from.
 FORECAST_ORDER = {"F": 1, "Q": 2, "L": 2}
+# What the transformer's whole output can do at a step (Plan.output): run, or be reused or forecast.
+OUTPUT_CODES = "CRFQL"
 
 
 @dataclass
@@ -109,6 +111,11 @@ class Plan:
 
     In memory every named module has one string per branch of the plan's CFG layout; on disk
     branches that agree are written once.
+
+    ``output`` (since 1.7.0), when set, is one code per step for the transformer's whole output: at a
+    step whose code is not ``C`` the transformer does not run at all, and each CFG branch's output is
+    reused (``R``) or forecast (``F``, ``Q``, ``L``) from that branch's last computed outputs; the
+    decisions then say what runs inside it at the other steps. ``None``: it runs at every step.
     """
 
     model: ModelRef
@@ -116,6 +123,7 @@ class Plan:
     decisions: dict[str, dict[str, str]]
     prediction: Prediction = field(default_factory=Prediction)
     provenance: Provenance = field(default_factory=Provenance)
+    output: str | None = None
 
     # ----------------------------------------------------------------- reading
     @property
@@ -147,6 +155,10 @@ class Plan:
         per_branch = self.decisions.get(module)
         return per_branch[branch] if per_branch is not None else COMPUTE * self.steps
 
+    def served_steps(self) -> set[int]:
+        """The steps at which the transformer does not run: its output is served from its cache (``output``)."""
+        return {k for k, c in enumerate(self.output or "") if c != COMPUTE}
+
     def is_all_compute(self, module: str) -> bool:
         """Whether ``module`` computes at every step on every branch."""
         per_branch = self.decisions.get(module)
@@ -168,18 +180,18 @@ class Plan:
         """Like :meth:`compute_mask`, resolving the hierarchy: a sub-layer computes only where its block does.
 
         ``modules`` may be ``runner.modules()`` (``CacheableModule`` objects) or names; by default
-        the plan's own module list. This is what really runs, the latency model's input.
+        the plan's own module list. This is what really runs, the latency model's input; nothing runs at the
+        steps whose transformer output is served (:meth:`served_steps`).
         """
         names = self._names(modules)
         mask = self.compute_mask()
+        runs = [k not in self.served_steps() for k in range(self.steps)]
         out: dict[str, dict[str, list[bool]]] = {}
         for name in names:
             own = mask.get(name) or {b: [True] * self.steps for b in self.branches}
             _, parent = module_kind(name)
-            if parent is None or parent not in mask:
-                out[name] = {b: list(v) for b, v in own.items()}
-            else:
-                out[name] = {b: [o and p for o, p in zip(own[b], mask[parent][b])] for b in self.branches}
+            above = mask[parent] if parent is not None and parent in mask else {b: runs for b in self.branches}
+            out[name] = {b: [o and p and r for o, p, r in zip(own[b], above[b], runs)] for b in self.branches}
         return out
 
     def leaf_modules(self, modules: Iterable[Any] | None = None) -> list[str]:
@@ -234,7 +246,8 @@ class Plan:
         computes (``C``, or ``S`` fed by the other branch); ``D`` only on blocks; ``S`` needs two
         branches, never on both at once, and the other branch must really compute the module at that
         step (with ``separate`` calls the cond call runs first, so only ``uncond`` may share);
-        decisions name only the model's modules; timesteps, when given, has one entry per step.
+        decisions name only the model's modules; timesteps, when given, has one entry per step; ``output``,
+        when given, has one code of :data:`OUTPUT_CODES` per step and computes at step 0.
         """
         steps, layout = self.sampler.steps, self.sampler.cfg_layout
         self._check_numbers()
@@ -261,6 +274,8 @@ class Plan:
             for b, codes in per_branch.items():
                 where = json_path("decisions", module, b) if len(want) > 1 else json_path("decisions", module)
                 _check_codes(codes, steps, kind, layout, b, where)
+        if self.output is not None:
+            _check_output(self.output, steps)
         if layout is not CfgLayout.NONE:
             self._check_shared_sources()
         check_components(self)
@@ -377,6 +392,18 @@ def _check_codes(codes: str, steps: int, kind: str, layout: CfgLayout, branch: s
         raise PlannerError(f"{where}: share_cfg (S) needs two CFG branches; cfg_layout is 'none'")
     if "S" in codes and layout is CfgLayout.SEPARATE and branch == "cond":
         raise PlannerError(f"{where}: with separate CFG calls the cond call runs first, so only uncond may share_cfg (S)")
+
+
+def _check_output(codes: Any, steps: int) -> None:
+    """The rules of the transformer output's code string (see :meth:`Plan.validate`)."""
+    where = json_path("output")
+    if not isinstance(codes, str) or len(codes) != steps:
+        raise PlannerError(f"{where}: expected a string of {steps} action codes (one per step)")
+    bad = set(codes) - set(OUTPUT_CODES)
+    if bad:
+        raise PlannerError(f"{where}: unknown action code(s) {''.join(sorted(bad))}; the output takes {', '.join(OUTPUT_CODES)}")
+    if codes[0] != COMPUTE:
+        raise PlannerError(f"{where}: step 0 must compute (C), got {codes[0]!r}: nothing is cached before the first step")
 
 
 def normalize_decisions(

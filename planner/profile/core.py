@@ -309,7 +309,7 @@ def _scale_meta(sampling, shard, sample_ids: list[int], samples: int, collector)
 
 def _flop_costs(runner, modules, sampler, conds, seeds):
     """Costs from FLOPs alone (see :func:`profile_model`): a module costs its fvcore FLOPs, a reuse
-    operation one FLOP per element it touches, the transformer outside its blocks the rest of its FLOPs;
+    operation nothing (see :mod:`planner.profile.flop_costs`), the transformer outside its blocks the rest of its FLOPs;
     nothing outside the transformer. Returns what :func:`_cost_pass` returns."""
     layout = runner.cfg_layout(sampler)
     t0 = time.perf_counter()

@@ -9,8 +9,9 @@ profile records (fvcore counts, unless made with ``--no-flops``) into the same c
 
 - a module costs its FLOPs (``self_flops`` for its own compute; half of it for one branch of batched
   CFG);
-- a reuse operation (copy, residual add, forecast, CFG share) costs one FLOP per output element it
-  touches;
+- a reuse operation (copy, residual add, forecast, CFG share) costs nothing: a FLOP count is what
+  ``torch.utils.flop_counter`` counts (matrix products, convolutions, attention), the count the bench
+  reports, and it leaves element-wise work out;
 - the transformer outside its blocks costs the rest of its FLOPs per call; nothing outside the
   transformer costs anything, and the executor's hooks are free.
 """
@@ -42,8 +43,7 @@ def check_cost_source(costs: str) -> str:
 
 def flop_cost_table(cost: pd.DataFrame, transformer_flops: float, layout: str, transformers: int = 1,
                     where: str = "profile") -> pd.DataFrame:
-    """The cost table of FLOP costs for ``cost``'s module rows (which need ``flops``, ``self_flops`` and
-    ``out_numel``); ``transformer_flops`` is one transformer call's FLOPs at the table's batch and
+    """The cost table of FLOP costs for ``cost``'s module rows (which need ``flops`` and ``self_flops``); ``transformer_flops`` is one transformer call's FLOPs at the table's batch and
     ``transformers`` how many transformers share the rows (each call runs one). The module's own
     ``fixed`` rows are replaced. Raises PlannerError (naming ``where``) when a module has no FLOP count."""
     mods = cost[cost.kind != "fixed"].copy()
@@ -58,7 +58,7 @@ def flop_cost_table(cost: pd.DataFrame, transformer_flops: float, layout: str, t
     mods["self_ms"] = pd.to_numeric(mods["self_flops"], errors="coerce").fillna(flops) / NOMINAL_FLOPS_PER_MS
     mods["self_half_ms"] = mods["self_ms"] / half
     for col in REUSE_COLUMNS.values():
-        mods[col] = mods["out_numel"].astype(float) / NOMINAL_FLOPS_PER_MS
+        mods[col] = 0.0
     mods["hook_ms"] = 0.0
     blocks = float(flops[mods.kind == "block"].sum()) / max(1, transformers)
     call_ms = max(0.0, float(transformer_flops) - blocks) / NOMINAL_FLOPS_PER_MS

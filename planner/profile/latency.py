@@ -7,6 +7,8 @@
            + sum over modules a plan reuses (where their parent runs) of the reuse operation's cost
            + the executor's hook overhead for every call of a module the plan hooks (one not
              computed at every step), measured per module group with planner.executor when present
+    step = step_fixed + calls_per_step * (the reuse operation on the output)
+           at a step whose whole transformer output the plan serves (``Plan.output``)
 
 ``call_fixed`` is the transformer outside the cached modules (embeddings, final layer),
 ``step_fixed`` the step outside the transformer (scheduler step, CFG combination), ``run_fixed``
@@ -25,6 +27,12 @@ import pandas as pd
 from planner.cfg import CfgLayout
 from planner.plan import COMPUTE
 from planner.profile.timing import REUSE_COLUMNS, REUSE_FALLBACKS
+
+
+def _served(plan: Any) -> dict[int, str]:
+    """``{step: code}`` of the steps whose transformer output ``plan`` serves (none for masks and None)."""
+    codes = getattr(plan, "output", None) or ""
+    return {k: c for k, c in enumerate(codes) if c != COMPUTE}
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,19 @@ class LatencyModel:
         (``R``). A module inside a block that does not run costs nothing.
         """
         codes, hooked = self.code_array(plan)
+        served = _served(plan)
+        if step in served:
+            return self.served_step_s(served[step])
         return float(self._step_costs(codes[step:step + 1], hooked, step)[0])
+
+    def served_step_s(self, code: str) -> float:
+        """Seconds of a step whose transformer output is served with ``code`` (``Plan.output``): the step
+        outside the transformer plus the reuse operation on each call's output. The last block's
+        operation stands in for it: a transformer's output is no larger than its blocks' (it projects
+        the hidden states back to the latent), so the stand-in errs on the slow side."""
+        last = next((m for m in reversed(self.modules) if m.kind == "block"), None)
+        op = 0.0 if last is None else last.reuse_s.get(code, last.reuse_s.get("R", 0.0))
+        return self.step_fixed_s + CfgLayout(self.layout).calls_per_step * op
 
     def _present(self, n_steps: int, nb: int, step0: int) -> dict[str, np.ndarray]:
         """``{module: [steps, branches] mask of the steps its transformer runs}`` for the modules whose
@@ -215,7 +235,10 @@ class LatencyModel:
         """Predicted seconds of a whole run (all steps plus what happens outside the loop) under ``plan``
         (same forms as :meth:`predict_step`)."""
         codes, hooked = self.code_array(plan)
-        return float(self.run_fixed_s + self._step_costs(codes, hooked).sum())
+        steps = self._step_costs(codes, hooked)
+        for k, code in _served(plan).items():
+            steps[k] = self.served_step_s(code)
+        return float(self.run_fixed_s + steps.sum())
 
     def predict_speedup(self, plan: Any) -> float:
         """Predicted full-compute run time divided by the run time under ``plan``."""
