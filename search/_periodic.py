@@ -8,10 +8,11 @@ either any whole number of them spread evenly (not only ``steps / N``), or one i
 step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
 :func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks, and the
-transformer's whole output (``Plan.output``); sub-layers on request), fits each to the budget on the latency model (no model run), evaluates each schedule on the
-calibration inputs through the executor, gives the best second-order ones the limited forecast (``L``)
-where that lowers their calibration error, then moves single computed steps by one while that lowers
-the calibration error (same count, same predicted cost). It returns the best schedule found with its evaluation.
+transformer's whole output (``Plan.output``); sub-layers on request), fits each to the budget on the
+latency model (no model run), evaluates each schedule on the calibration inputs through the executor,
+gives the best second-order ones the limited forecast (``L``) where that lowers their calibration
+error, then moves single computed steps by one while that lowers the calibration error (same count,
+same predicted cost). It returns the best schedule found with its evaluation.
 Given a judge (the same search with more calibration inputs), the sweep's few best are judged on its
 inputs first, and a refined schedule is kept only where the judge agrees: a handful of calibration
 inputs ranks close schedules by chance, and refining on them fits their noise.

@@ -272,6 +272,17 @@ def test_cli_show_text_and_json(plan_file, capsys):
     assert payload["computed_fraction_per_step"][0] == 1.0
 
 
+def test_cli_show_and_plot_a_served_output(digits, tmp_path, capsys):
+    path = save_plan(plan_for_runner(digits, SAMPLER, {}, output="CCFCFC"), tmp_path / "out.json")
+    assert main(["plan", "show", str(path)]) == 0
+    assert "output: CCFCFC (the whole transformer output; not run at 2 steps)" in capsys.readouterr().out
+    assert main(["plan", "show", str(path), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["output"] == "CCFCFC" and payload["computed_fraction_per_step"] == [1, 1, 0, 1, 0, 1]
+    assert main(["plan", "plot", str(path), "--out", str(tmp_path / "map.png")]) == 0
+    assert (tmp_path / "map.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_cli_plot_writes_png(plan_file, tmp_path, capsys):
     out = tmp_path / "map.png"
     assert main(["plan", "plot", str(plan_file), "--out", str(out), "--json"]) == 0

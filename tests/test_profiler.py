@@ -393,6 +393,19 @@ def test_latency_model_arithmetic_batched():
     assert LatencyModel.from_dict(json.loads(json.dumps(m.to_dict()))) == m
 
 
+def test_latency_model_a_served_step_costs_the_step_outside_the_transformer_and_the_forecast():
+    cost, names = _cost_table()
+    for layout, calls in ((CfgLayout.COND_UNCOND, 1), (CfgLayout.SEPARATE, 2)):
+        m = LatencyModel.from_cost_table(cost, layout, steps=4)
+        base = plan_from_codes({names[0]: "CRCC"})
+        p = SimpleNamespace(decisions=base.decisions, code=base.code, output="CFCR")
+        # steps 1 and 3: no call, no block, no hook; the last block's op of that code, once per call
+        assert m.predict_step(p, 1) == pytest.approx((0.25 + calls * 0.3) / 1e3)
+        assert m.predict_step(p, 3) == pytest.approx((0.25 + calls * 0.1) / 1e3)
+        assert m.predict_step(p, 2) == m.predict_step(None, 2)
+        assert m.predict_run(p) == pytest.approx(10 / 1e3 + sum(m.predict_step(p, k) for k in range(4)))
+
+
 def test_latency_model_separate_calls_pay_per_branch():
     cost, names = _cost_table()
     m = LatencyModel.from_cost_table(cost, CfgLayout.SEPARATE, steps=2, hook_ms=0.01)

@@ -93,6 +93,7 @@ def summary(plan, source: str = "plan") -> dict:
             "cfg_layout": plan.sampler.cfg_layout,
         },
         "actions": plan.action_counts(),
+        "output": plan.output,  # the transformer's whole output per step, when the plan serves it
         "computed_fraction": sum(per_step) / len(per_step),
         "computed_fraction_per_step": per_step,
         "reusing_modules": reusing,
@@ -115,6 +116,8 @@ def cmd_show(args) -> int:
         + f", {sm['steps']} steps, guidance {sm['guidance']}, CFG {sm['cfg_layout']}",
         f"modules: {m['modules']} ({m['blocks']} blocks), {len(s['reusing_modules'])} with reuse",
         "actions: " + ", ".join(f"{k} {v}" for k, v in s["actions"].items()),
+        *([f"output: {s['output']} (the whole transformer output; not run at {len(plan.served_steps())} steps)"]
+          if s["output"] else []),
         f"computed fraction: {s['computed_fraction']:.3f} (per step {min(s['computed_fraction_per_step']):.2f} to "
         f"{max(s['computed_fraction_per_step']):.2f})",
     ]
@@ -176,17 +179,19 @@ def plot_plan(plan, out: str | Path, title: str | None = None) -> Path:
 
     from planner.io import write_atomic
 
-    modules = list(plan.model.modules)
+    # the whole output, when served at some steps, is the top row: nothing below it runs there
+    modules = (["output"] if plan.output else []) + list(plan.model.modules)
     eff = plan.effective_compute()
+    eff["output"] = {b: [c == "C" for c in plan.output or ""] for b in plan.branches}
     codes = list(ACTION_CODES) + ["-"]
     branches = list(plan.branches)
-    if all(plan.codes(m, b) == plan.codes(m, branches[0]) for m in modules for b in branches):
+    if all(plan.codes(m, b) == plan.codes(m, branches[0]) for m in plan.model.modules for b in branches):
         branches = branches[:1]
     grids = []
     for b in branches:
         grid = np.zeros((len(modules), plan.steps), dtype=int)
         for i, m in enumerate(modules):
-            for k, c in enumerate(plan.codes(m, b)):
+            for k, c in enumerate(plan.output if m == "output" else plan.codes(m, b)):
                 # a sub-layer whose block is not computed does not run: show it as skipped
                 skipped = c == "C" and not eff[m][b][k]
                 grid[i, k] = codes.index("-" if skipped else c)

@@ -127,8 +127,8 @@ class Engine:
         self.deferred_timesteps: bool | None = None
         # Forecasts extrapolate in the sampler's time; without the plan's timesteps that is each step's
         # own, read from the call: such a plan cannot defer its timestep reads.
-        self._reads_times = self.times is None and any(
-            c in FORECAST_ORDER for per in plan.decisions.values() for codes in per.values() for c in codes + (plan.output or ""))
+        codes = [c for per in plan.decisions.values() for codes in per.values() for c in codes] + list(plan.output or "")
+        self._reads_times = self.times is None and any(c in FORECAST_ORDER for c in codes)
         self.output = OutputCache(plan.output) if plan.output is not None else None
         self._last_output: str | None = None
 
@@ -558,6 +558,8 @@ class Engine:
         executed = self._last_executed
         leaves = self.plan.leaf_modules()
         reached = len(self._last_steps)
+        # positions of the steps whose whole output was served: every module shows "-" there, not worth listing
+        served = {i for i, c in enumerate(self._last_output or "") if c not in (COMPUTE, "-")}
         per_step = [
             sum(executed[m][b][k] == COMPUTE for m in leaves for b in self.branches)
             / max(1, sum(executed[m][b][k] != "." for m in leaves for b in self.branches))  # "." : transformer not run
@@ -584,6 +586,7 @@ class Engine:
             "executed": {
                 m: (v[self.branches[0]] if len(set(v.values())) == 1 else dict(v))
                 for m, v in executed.items()
-                if m in self.hooks or any(c not in (COMPUTE, ".") for c in "".join(v.values()))
+                if m in self.hooks or any(c not in (COMPUTE, ".") and i not in served
+                                          for codes in v.values() for i, c in enumerate(codes))
             },
         }

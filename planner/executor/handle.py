@@ -33,13 +33,16 @@ class PlanHandle:
         """What ran, over all runs so far (a run in progress included, marked ``run_in_progress``).
 
         Keys: ``runs``; ``decisions`` = (module, branch, step) triples of the steps that ran, split
-        into ``as_planned`` + ``skipped_with_parent`` (a sub-layer whose block was not computed) +
+        into ``as_planned`` + ``skipped_with_parent`` (a sub-layer whose block was not computed, or any
+        module at a step whose whole output the plan served) +
         ``fallbacks`` (reuse with nothing cached -> computed; forecast with one entry -> reused;
         details in ``fallback_kinds``, ``fallback_examples``); ``reuse_hits`` per reuse action;
         ``computed_fraction_per_step`` / ``computed_fraction`` of the last run (share of
         (leaf module, branch) pairs that computed: sub-layers, and blocks without sub-layers);
         ``executed``: the last run's actions in plan notation, for hooked or skipped modules
-        (``-`` = not run because the enclosing block was not computed).
+        (``-`` = not run because the enclosing block, or the transformer, was not run); ``output``: what the
+        transformer's whole output did at each step of the last run, for plans with an ``output``
+        (``None`` otherwise; a forecast with too few outputs kept shows the order it fell back to).
         """
         return self._engine.stats()
 

@@ -43,8 +43,8 @@ def check_cost_source(costs: str) -> str:
 
 def flop_cost_table(cost: pd.DataFrame, transformer_flops: float, layout: str, transformers: int = 1,
                     where: str = "profile") -> pd.DataFrame:
-    """The cost table of FLOP costs for ``cost``'s module rows (which need ``flops`` and ``self_flops``); ``transformer_flops`` is one transformer call's FLOPs at the table's batch and
-    ``transformers`` how many transformers share the rows (each call runs one). The module's own
+    """The cost table of FLOP costs for ``cost``'s module rows (which need ``flops`` and ``self_flops``);
+    ``transformer_flops`` is one transformer call's FLOPs at the table's batch and ``transformers`` how many transformers share the rows (each call runs one). The module's own
     ``fixed`` rows are replaced. Raises PlannerError (naming ``where``) when a module has no FLOP count."""
     mods = cost[cost.kind != "fixed"].copy()
     flops = pd.to_numeric(mods["flops"], errors="coerce") if "flops" in mods else pd.Series(np.nan, index=mods.index)

@@ -1,0 +1,98 @@
+"""The same periodic schedules with every block forecast, or with the transformer's whole output served.
+
+On each model, one periodic schedule at a time (one step in two computed after one warm-up step, one in
+three after two) is applied at two levels: every block forecast at the forecast steps (the layers
+around the blocks still run), or the whole output served (``Plan.output``: nothing of the transformer
+runs). FLOP speedup as the bench counts it (``planner.bench.flops``, on two seeds: the ratio does not
+depend on the batch), and pooled PSNR (the headline), mean and worst per-image PSNR on held-out seeds
+against the full run.
+
+Results go to ``benchmarks/results/output_level.{json,md}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/output_level.py --seeds 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._results import finish  # noqa: E402
+
+MODELS = "digits-dit,digits-mmdit,digits-dit-wide,digits-dit-deep"
+SCHEDULES = {"one in two": (1, 2), "one in three": (2, 3)}  # warm-up steps, stride
+CODES = ("F", "L")
+LEVELS = ("block", "output")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--seeds", type=int, default=128, help="held-out seeds")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from planner.bench.flops import count_flops
+    from planner.executor import apply_plan
+    from planner.metrics import psnr_summary
+    from planner.plan import plan_for_runner
+    from planner.runner import load_runner
+    from planner.search._periodic import PeriodicShape
+    from planner.seeds import evaluation_seeds
+
+    torch.set_num_threads(1)
+    seeds = evaluation_seeds(args.seeds)
+    models = []
+    for name in args.models.split(","):
+        runner = load_runner(name)
+        sampler = runner.resolve(None)
+        blocks = [m.name for m in runner.modules() if m.kind == "block"]
+        conditions = runner.conditions(len(seeds), seed=seeds[0])
+        reference = runner.run(conditions, seeds, sampler)
+
+        def flops(plan=None):  # the bench's count, on the first two seeds
+            context = None if plan is None else (lambda: apply_plan(runner.pipe, plan))
+            return count_flops(lambda: runner.run(conditions[:2], seeds[:2], sampler), context)[0]
+
+        full = flops()
+        rows = []
+        for label, (warmup, stride) in SCHEDULES.items():
+            for code in CODES:
+                codes = PeriodicShape("block", code, warmup, 0, 0, stride=(stride, stride)).codes(sampler.steps)
+                for level in LEVELS:
+                    plan = (plan_for_runner(runner, sampler, {}, output=codes) if level == "output"
+                            else plan_for_runner(runner, sampler, {b: codes for b in blocks}))
+                    with apply_plan(runner.pipe, plan):
+                        out = runner.run(conditions, seeds, sampler)
+                    rows.append({"schedule": label, "code": code, "level": level, "codes": codes,
+                                 "flop_speedup": full / flops(plan), **psnr_summary(out, reference)})
+        models.append({"model": name, "sampler": f"{sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}",
+                       "rows": rows})
+
+    def render():
+        print(f"Periodic schedules with every block forecast or the whole output served; FLOP speedup as the bench "
+              f"counts it; PSNR in dB against the full run on {args.seeds} held-out seeds: pooled (MSE over all "
+              "images) / mean of per-image / worst image.\n")
+        print("| model | schedule | forecast | blocks: FLOP speedup | blocks: PSNR | output: FLOP speedup | output: PSNR |")
+        print("|---|---|---|---|---|---|---|")
+        for m in models:
+            for label in SCHEDULES:
+                for code in CODES:
+                    cells = {r["level"]: r for r in m["rows"] if r["schedule"] == label and r["code"] == code}
+                    print(f"| {m['model']} | {label} | {code} | "
+                          + " | ".join(f"{cells[lv]['flop_speedup']:.3f}x | {cells[lv]['psnr']:.2f} / "
+                                       f"{cells[lv]['psnr_mean']:.2f} / {cells[lv]['psnr_worst']:.2f}" for lv in LEVELS)
+                          + " |")
+        print("\nSamplers: " + "; ".join(f"{m['model']} {m['sampler']}" for m in models) + ".")
+
+    return finish("output_level", {"seeds": args.seeds, "models": models}, render, args.json, args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
