@@ -13,54 +13,34 @@ Results go to ``benchmarks/results/forecast_limit.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._held_out import held_out_models, parser  # noqa: E402
 from benchmarks._results import finish  # noqa: E402
 
-MODELS = "digits-dit,digits-mmdit,digits-dit-wide,digits-dit-deep"
 STRIDES = {"one in two": 2, "one in three": 3}
 CODES = ("F", "Q", "L")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=MODELS)
-    ap.add_argument("--seeds", type=int, default=128, help="held-out seeds")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
 
-    import torch
-
-    from planner.executor import apply_plan
     from planner.metrics import psnr_summary
     from planner.plan import plan_for_runner
-    from planner.runner import load_runner
     from planner.search._periodic import PeriodicShape
-    from planner.seeds import evaluation_seeds
 
-    torch.set_num_threads(1)
-    seeds = evaluation_seeds(args.seeds)
     models = []
-    for name in args.models.split(","):
-        runner = load_runner(name)
-        sampler = runner.resolve(None)
-        blocks = [m.name for m in runner.modules() if m.kind == "block"]
-        conditions = runner.conditions(len(seeds), seed=seeds[0])
-        reference = runner.run(conditions, seeds, sampler)
+    for m in held_out_models(args.models, args.seeds):
         rows = []
         for label, stride in STRIDES.items():
             for code in CODES:
-                codes = PeriodicShape("block", code, 3, 0, 0, stride=(stride, stride)).codes(sampler.steps)
-                with apply_plan(runner.pipe, plan_for_runner(runner, sampler, {b: codes for b in blocks})):
-                    out = runner.run(conditions, seeds, sampler)
-                rows.append({"schedule": label, "code": code, "codes": codes, **psnr_summary(out, reference)})
-        models.append({"model": name, "sampler": f"{sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}",
-                       "rows": rows})
+                codes = PeriodicShape("block", code, 3, 0, 0, stride=(stride, stride)).codes(m.sampler.steps)
+                out = m.run(plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}))
+                rows.append({"schedule": label, "code": code, "codes": codes, **psnr_summary(out, m.reference)})
+        models.append({"model": m.name, "sampler": m.label, "rows": rows})
 
     def render():
         print(f"Every block on one periodic schedule after 3 computed warm-up steps; PSNR in dB against the full "

@@ -14,66 +14,45 @@ Results go to ``benchmarks/results/output_level.{json,md}``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._held_out import held_out_models, parser  # noqa: E402
 from benchmarks._results import finish  # noqa: E402
 
-MODELS = "digits-dit,digits-mmdit,digits-dit-wide,digits-dit-deep"
 SCHEDULES = {"one in two": (1, 2), "one in three": (2, 3)}  # warm-up steps, stride
 CODES = ("F", "L")
 LEVELS = ("block", "output")
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=MODELS)
-    ap.add_argument("--seeds", type=int, default=128, help="held-out seeds")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-
-    import torch
+    args = parser(__doc__).parse_args(argv)
 
     from planner.bench.flops import count_flops
     from planner.executor import apply_plan
     from planner.metrics import psnr_summary
     from planner.plan import plan_for_runner
-    from planner.runner import load_runner
     from planner.search._periodic import PeriodicShape
-    from planner.seeds import evaluation_seeds
 
-    torch.set_num_threads(1)
-    seeds = evaluation_seeds(args.seeds)
     models = []
-    for name in args.models.split(","):
-        runner = load_runner(name)
-        sampler = runner.resolve(None)
-        blocks = [m.name for m in runner.modules() if m.kind == "block"]
-        conditions = runner.conditions(len(seeds), seed=seeds[0])
-        reference = runner.run(conditions, seeds, sampler)
-
+    for m in held_out_models(args.models, args.seeds):
         def flops(plan=None):  # the bench's count, on the first two seeds
-            context = None if plan is None else (lambda: apply_plan(runner.pipe, plan))
-            return count_flops(lambda: runner.run(conditions[:2], seeds[:2], sampler), context)[0]
+            context = None if plan is None else (lambda: apply_plan(m.runner.pipe, plan))
+            return count_flops(lambda: m.runner.run(m.conditions[:2], m.seeds[:2], m.sampler), context)[0]
 
         full = flops()
         rows = []
         for label, (warmup, stride) in SCHEDULES.items():
             for code in CODES:
-                codes = PeriodicShape("block", code, warmup, 0, 0, stride=(stride, stride)).codes(sampler.steps)
+                codes = PeriodicShape("block", code, warmup, 0, 0, stride=(stride, stride)).codes(m.sampler.steps)
                 for level in LEVELS:
-                    plan = (plan_for_runner(runner, sampler, {}, output=codes) if level == "output"
-                            else plan_for_runner(runner, sampler, {b: codes for b in blocks}))
-                    with apply_plan(runner.pipe, plan):
-                        out = runner.run(conditions, seeds, sampler)
+                    plan = (plan_for_runner(m.runner, m.sampler, {}, output=codes) if level == "output"
+                            else plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}))
                     rows.append({"schedule": label, "code": code, "level": level, "codes": codes,
-                                 "flop_speedup": full / flops(plan), **psnr_summary(out, reference)})
-        models.append({"model": name, "sampler": f"{sampler.scheduler} {sampler.steps} steps, guidance {sampler.guidance:g}",
-                       "rows": rows})
+                                 "flop_speedup": full / flops(plan), **psnr_summary(m.run(plan), m.reference)})
+        models.append({"model": m.name, "sampler": m.label, "rows": rows})
 
     def render():
         print(f"Periodic schedules with every block forecast or the whole output served; FLOP speedup as the bench "

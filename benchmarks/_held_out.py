@@ -1,0 +1,64 @@
+"""What the schedule benchmarks share: their command line, and each model with its full run on held-out seeds."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+MODELS = "digits-dit,digits-mmdit,digits-dit-wide,digits-dit-deep"
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The options every schedule benchmark takes: ``--models``, ``--seeds`` (held out), ``--json``, ``--out``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--models", default=MODELS)
+    ap.add_argument("--seeds", type=int, default=128, help="held-out seeds")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default=None)
+    return ap
+
+
+@dataclass
+class HeldOut:
+    """One model at its default sampler, with the held-out inputs and their full-compute output."""
+
+    name: str
+    runner: Any
+    sampler: Any
+    blocks: list[str]
+    conditions: Any
+    seeds: list[int]
+    reference: Any
+
+    def run(self, plan=None):
+        """The held-out inputs' output under ``plan`` (applied through the executor), or full compute."""
+        from planner.executor import apply_plan
+
+        if plan is None:
+            return self.runner.run(self.conditions, self.seeds, self.sampler)
+        with apply_plan(self.runner.pipe, plan):
+            return self.runner.run(self.conditions, self.seeds, self.sampler)
+
+    @property
+    def label(self) -> str:
+        s = self.sampler
+        return f"{s.scheduler} {s.steps} steps, guidance {s.guidance:g}"
+
+
+def held_out_models(models: str, n_seeds: int) -> Iterator[HeldOut]:
+    """Each of the comma-separated ``models`` on one thread, with its full run on ``n_seeds`` held-out seeds."""
+    import torch
+
+    from planner.runner import load_runner
+    from planner.seeds import evaluation_seeds
+
+    torch.set_num_threads(1)
+    seeds = evaluation_seeds(n_seeds)
+    for name in models.split(","):
+        runner = load_runner(name)
+        sampler = runner.resolve(None)
+        model = HeldOut(name, runner, sampler, [m.name for m in runner.modules() if m.kind == "block"],
+                        runner.conditions(len(seeds), seed=seeds[0]), seeds, None)
+        model.reference = model.run()
+        yield model
