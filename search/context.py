@@ -157,7 +157,10 @@ class SearchContext:
         return Evaluation(rel_l1(out, self.reference), speedup, fraction, stats)
 
     def max_speedup(self) -> float:
-        """The predicted speedup of reusing every block at every step but the first: no plan beats it."""
+        """The predicted speedup of reusing every block at every step but the first: no plan of module
+        decisions beats it, and the searches take it as the model's reach (a plan that also serves the
+        transformer's whole output, ``Plan.output``, could go a little further: nothing at all runs at its
+        served steps)."""
         blocks = [m.name for m in self.modules if m.kind == "block"]
         return self.predict(self.plan({b: "C" + "D" * (self.steps - 1) for b in blocks}))[0]
 
