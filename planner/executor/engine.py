@@ -47,7 +47,7 @@ import torch
 from planner.cfg import BRANCHES, CfgLayout, branch_of_context
 from planner.errors import PlannerError
 from planner.executor import tree
-from planner.executor.output import OutputCache
+from planner.executor.output import OutputCache, served_positions
 from planner.modules import module_kind
 from planner.plan import ACTION_CODES, COMPUTE, FORECAST_ORDER, REUSE_CODES, Plan
 from planner.plan.components import absent_steps
@@ -127,8 +127,8 @@ class Engine:
         self.deferred_timesteps: bool | None = None
         # Forecasts extrapolate in the sampler's time; without the plan's timesteps that is each step's
         # own, read from the call: such a plan cannot defer its timestep reads.
-        codes = [c for per in plan.decisions.values() for codes in per.values() for c in codes] + list(plan.output or "")
-        self._reads_times = self.times is None and any(c in FORECAST_ORDER for c in codes)
+        every_code = "".join(codes for per in plan.decisions.values() for codes in per.values()) + (plan.output or "")
+        self._reads_times = self.times is None and any(c in FORECAST_ORDER for c in every_code)
         self.output = OutputCache(plan.output) if plan.output is not None else None
         self._last_output: str | None = None
 
@@ -490,8 +490,8 @@ class Engine:
         executed: dict[str, dict[str, str]] = {}
         totals, hits = self._totals, self._hits
         gated = self.gates is not None
-        served = self.output.served() if self.output is not None else set()  # the transformer did not run
         self._last_output = self.output.executed(ks) if self.output is not None else None
+        served = served_positions(self._last_output)  # positions in ks where the transformer did not run
         for module in self.plan.model.modules:
             per: dict[str, str] = {}
             parent = self._parents.get(module)
@@ -501,7 +501,7 @@ class Engine:
                 elif parent is not None and parent in self.hooks:
                     done = "".join(COMPUTE if c == COMPUTE else "-" for c in pick(self._logs.get((parent, b))))
                 else:
-                    done = "".join("-" if k in served else COMPUTE for k in ks)
+                    done = "".join("-" if i in served else COMPUTE for i in range(reached))
                 codes = self.plan.codes(module, b)
                 planned = COMPUTE * reached if gated else (codes[:reached] if contiguous else "".join(codes[k] for k in ks))
                 absent = self._absent.get(module)
@@ -558,8 +558,7 @@ class Engine:
         executed = self._last_executed
         leaves = self.plan.leaf_modules()
         reached = len(self._last_steps)
-        # positions of the steps whose whole output was served: every module shows "-" there, not worth listing
-        served = {i for i, c in enumerate(self._last_output or "") if c not in (COMPUTE, "-")}
+        served = served_positions(self._last_output)  # every module shows "-" there: not worth listing
         per_step = [
             sum(executed[m][b][k] == COMPUTE for m in leaves for b in self.branches)
             / max(1, sum(executed[m][b][k] != "." for m in leaves for b in self.branches))  # "." : transformer not run

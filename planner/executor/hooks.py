@@ -142,6 +142,14 @@ def forecast(engine: "Engine", points: list[tuple[int, Any]], step: int, limited
     return tree.tree_map(lambda *os: sum(w * o for w, o in zip(weights, os)), *outputs)
 
 
+def from_outputs(engine: "Engine", outputs: list[tuple[int, Any]], code: str, step: int) -> Any:
+    """What reuse (``R``) or a forecast (``F``, ``Q``, ``L``) gives at ``step`` from the computed ``outputs``
+    (``(step, output)``, oldest first; enough of them for the code's order)."""
+    if code == "R":
+        return outputs[-1][1]
+    return forecast(engine, outputs[-1 - FORECAST_ORDER[code]:], step, limited=code == "L")
+
+
 def _sample_norms(x: torch.Tensor) -> torch.Tensor:
     """The Euclidean norm of each sample of ``x`` (leading dimension; a 0-d tensor is one), broadcastable to ``x``."""
     rows = x.reshape(x.shape[0] if x.dim() else 1, -1).float()
@@ -281,10 +289,8 @@ class CacheHook(ModelHook):
             r = resolved[b]
             if r == COMPUTE:
                 part = fresh[b]
-            elif r == "R":
-                part = self.caches[b].outputs[-1][1]
-            elif r in FORECAST_ORDER:
-                part = self._forecast(self.caches[b].outputs[-1 - FORECAST_ORDER[r]:], step, limited=r == "L")
+            elif r == "R" or r in FORECAST_ORDER:
+                part = from_outputs(self.engine, self.caches[b].outputs, r, step)
             elif r == "D":
                 entry = self.caches[b]
                 now = self._branch_inputs(b, active, args, kwargs)
@@ -305,10 +311,6 @@ class CacheHook(ModelHook):
         if taken == "D" and entry.inputs is None:
             return COMPUTE
         return taken
-
-    @_python
-    def _forecast(self, points: list[tuple[int, Any]], step: int, limited: bool = False) -> Any:
-        return forecast(self.engine, points, step, limited)
 
     # ------------------------------------------------------------------ soft gates
     @_eager

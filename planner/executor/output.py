@@ -20,7 +20,7 @@ import torch
 
 from planner.errors import PlannerError
 from planner.executor import tree
-from planner.executor.hooks import action_taken, forecast
+from planner.executor.hooks import action_taken, from_outputs
 from planner.plan import COMPUTE, FORECAST_ORDER
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ class OutputCache:
         code = action_taken(self.codes[step], len(kept))
         if code == COMPUTE:
             return None
-        points = kept[-1 - FORECAST_ORDER.get(code, 0):]
-        sample = points[-1][1] if code == "R" else forecast(engine, points, step, limited=code == "L")
         self.log[step] = ord(code)
-        return _with_sample(self.containers[branches], sample)
+        return _with_sample(self.containers[branches], from_outputs(engine, kept, code, step))
 
     def store(self, step: int, branches: tuple[str, ...], output: Any) -> None:
         """Keep the output the transformer computed at ``step`` (a step run again replaces itself)."""
@@ -60,10 +58,6 @@ class OutputCache:
         self.containers[branches] = output
         self.log[step] = ord(COMPUTE)
 
-    def served(self) -> set[int]:
-        """The steps of the current run whose output was served."""
-        return {k for k, c in enumerate(self.log) if c not in (NOT_RUN, ord(COMPUTE))}
-
     def executed(self, steps: list[int]) -> str:
         """What the output did at ``steps`` of the current run (``-``: the step did not run)."""
         return "".join(chr(self.log[k]) for k in steps)
@@ -73,6 +67,11 @@ class OutputCache:
         self.kept.clear()
         self.containers.clear()
         self.log = bytearray([NOT_RUN] * len(self.codes))
+
+
+def served_positions(executed: str | None) -> set[int]:
+    """The positions in ``executed`` (what :meth:`OutputCache.executed` gave) of the steps whose output was served."""
+    return {i for i, c in enumerate(executed or "") if c not in (chr(NOT_RUN), COMPUTE)}
 
 
 def _with_sample(container: Any, sample: torch.Tensor) -> Any:

@@ -166,10 +166,10 @@ class LatencyModel:
         means the module's own compute runs; a False module whose parent runs counts as reused
         (``R``). A module inside a block that does not run costs nothing.
         """
-        codes, hooked = self.code_array(plan)
         served = _served(plan)
         if step in served:
             return self.served_step_s(served[step])
+        codes, hooked = self.code_array(plan)
         return float(self._step_costs(codes[step:step + 1], hooked, step)[0])
 
     def served_step_s(self, code: str) -> float:
