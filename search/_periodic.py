@@ -7,12 +7,13 @@ between, a forecast code (``F`` first order, ``Q`` second order) elsewhere. The 
 either any whole number of them spread evenly (not only ``steps / N``), or one in N up to a switch
 step and one in N +- 1 after it; both meet a speed budget as tightly as one step allows.
 
-:func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (blocks, and the
-transformer's whole output (``Plan.output``); sub-layers on request), fits each to the budget on the
-latency model (no model run), evaluates each schedule on the calibration inputs through the executor,
-gives the best second-order ones the limited forecast (``L``) where that lowers their calibration
-error, then moves single computed steps by one while that lowers the calibration error (same count,
-same predicted cost). It returns the best schedule found with its evaluation.
+:func:`best_periodic` sweeps warm-up, cool-down, forecast order and placement (the transformer's whole
+output (``Plan.output``), then its best few shapes again with every block alike; sub-layers on request),
+fits each to the budget on the latency model (no model run), evaluates each schedule on the
+calibration inputs through the executor, gives the best second-order ones the limited forecast
+(``L``) where that lowers their calibration error, then moves single computed steps by one while that
+lowers the calibration error (same count, same predicted cost). It returns the best schedule found
+with its evaluation.
 Given a judge (the same search with more calibration inputs), the sweep's few best are judged on its
 inputs first, and a refined schedule is kept only where the judge agrees: a handful of calibration
 inputs ranks close schedules by chance, and refining on them fits their noise.
@@ -190,27 +191,48 @@ def _evaluate(context, shape: PeriodicShape, seen: dict) -> Candidate:
     return seen[key]
 
 
-def periodic_candidates(context, budget, levels=("block", OUTPUT), codes=FORECAST_CODES,
-                        warmups=(1, 2, 3, 4), cooldowns=(0, 1), strides=STRIDES,
+def _swept(context, budget, level: str, codes, warmups, cooldowns, strides):
+    """Every shape of the sweep at ``level`` fitted to ``budget`` (``None`` where one cannot meet it)."""
+    for code in codes:
+        for warmup in warmups:
+            for cooldown in cooldowns:
+                yield fit_computes(context, budget, PeriodicShape(level, code, warmup, cooldown, 0))
+            for stride in strides:
+                yield fit_switch(context, budget, PeriodicShape(level, code, warmup, 0, 0, stride=stride))
+
+
+def _twin(context, budget, shape: PeriodicShape, level: str) -> PeriodicShape | None:
+    """``shape``'s code, warm-up and cool-down or strides at ``level``, fitted to ``budget`` there."""
+    bare = PeriodicShape(level, shape.code, shape.warmup, shape.cooldown, 0, stride=shape.stride)
+    return fit_switch(context, budget, bare) if shape.stride else fit_computes(context, budget, bare)
+
+
+def periodic_candidates(context, budget, levels=(OUTPUT, "block"), codes=FORECAST_CODES,
+                        warmups=(1, 2, 3, 4), cooldowns=(0, 1), strides=STRIDES, repeat_best: int | None = 4,
                         seen: dict | None = None) -> list[Candidate]:
     """Every periodic schedule of the sweep that meets ``budget``, fitted to it and evaluated on the
-    calibration inputs, best (lowest calibration error) first: at each of ``levels`` (blocks, sub-layers,
-    or :data:`OUTPUT`, the transformer's whole output), computed steps spread evenly (each warm-up and
-    cool-down), and two strides (each pair of ``strides``, no cool-down) switched where the budget is
-    met. Schedules that come out identical are evaluated once."""
+    calibration inputs, best (lowest calibration error) first. Shapes: computed steps spread evenly
+    (each warm-up and cool-down), and two strides (each pair of ``strides``, no cool-down) switched
+    where the budget is met. Levels: the first of ``levels`` (:data:`OUTPUT`, the transformer's whole
+    output, blocks or sub-layers) is swept whole; each later one repeats only the ``repeat_best`` best
+    shapes of the first, fitted to the budget at that level (all of the sweep where ``repeat_best`` is
+    ``None``). Schedules that come out identical are evaluated once."""
     seen = {} if seen is None else seen
-    out = {}
-    for level in levels:
-        if level != OUTPUT and not modules_at_level(context.modules, level):
-            continue
-        for code in codes:
-            for warmup in warmups:
-                shapes = [fit_computes(context, budget, PeriodicShape(level, code, warmup, cooldown, 0))
-                          for cooldown in cooldowns]
-                shapes += [fit_switch(context, budget, PeriodicShape(level, code, warmup, 0, 0, stride=stride))
-                           for stride in strides]
-                for shape in filter(None, shapes):
-                    out[shape.key(context.steps)] = _evaluate(context, shape, seen)
+    levels = [lv for lv in levels if lv == OUTPUT or modules_at_level(context.modules, lv)]
+    out: dict = {}
+
+    def add(shapes) -> None:
+        for shape in filter(None, shapes):
+            out[shape.key(context.steps)] = _evaluate(context, shape, seen)
+
+    for i, level in enumerate(levels):
+        if i == 0 or repeat_best is None:
+            add(_swept(context, budget, level, codes, warmups, cooldowns, strides))
+        else:
+            # The levels mostly rank shapes alike, so the first level's best few are the ones worth
+            # repeating (the same plans as sweeping both whole: benchmarks/results/sweep_levels.md).
+            leaders = sorted((c for c in out.values() if c.shape.level == levels[0]), key=lambda c: c.error)
+            add(_twin(context, budget, c.shape, level) for c in leaders[:repeat_best])
     return sorted(out.values(), key=lambda c: c.error)
 
 

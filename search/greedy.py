@@ -89,6 +89,9 @@ class GreedySettings(StrategySettings):
                                 "greedy plan) are judged on (default: four times the search's own); no more than "
                                 "the search's own: no judging")
     seed_finalists: int = Field(4, ge=1, description="periodic schedules judged on judge_samples inputs")
+    seed_repeat: int | None = Field(
+        4, ge=0, description="this many of the output level's best periodic shapes are swept again with every "
+                             "block alike (null: every shape at both levels)")
 
     @field_validator("actions")
     @classmethod
@@ -444,7 +447,7 @@ class _GreedySearch:
         wanted = s.judge_samples if s.judge_samples is not None else JUDGE_FACTOR * len(self.ctx.seeds)
         judge = self.ctx.widened(wanted) if wanted > len(self.ctx.seeds) else None
         seed = best_periodic(self.ctx, budget, refine_evaluations=s.seed_refine, judge=judge,
-                             finalists=s.seed_finalists)
+                             finalists=s.seed_finalists, repeat_best=s.seed_repeat)
         if seed is None:
             if best is None:
                 raise failure

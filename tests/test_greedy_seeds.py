@@ -155,6 +155,39 @@ def test_the_sweep_also_schedules_the_transformer_output_which_skips_whole_steps
         assert h.stats()["output"].replace("R", "F").replace("F", c.shape.code) == codes
 
 
+def test_the_block_level_repeats_only_the_best_shapes_of_the_output_level(tiny_ctx):
+    budget, steps = Budget.parse("2x"), tiny_ctx.steps
+    full = periodic_candidates(tiny_ctx, budget, repeat_best=None)
+    trimmed = periodic_candidates(tiny_ctx, budget, repeat_best=2)
+
+    def bare(shape):  # the sweep point a schedule was fitted from
+        return shape.code, shape.warmup, shape.cooldown, shape.stride
+
+    whole = [c for c in full if c.shape.level == OUTPUT]
+    assert [c.shape for c in trimmed if c.shape.level == OUTPUT] == [c.shape for c in whole]
+    blocks = [c for c in trimmed if c.shape.level == "block"]
+    assert len([c for c in full if c.shape.level == "block"]) > 2
+    assert 0 < len(blocks) <= 2 and {bare(c.shape) for c in blocks} <= {bare(c.shape) for c in whole[:2]}
+    # each repeated shape is fitted to the budget at block level as the full sweep fits it
+    swept = {c.shape.key(steps): c.error for c in full}
+    assert all(swept[c.shape.key(steps)] == pytest.approx(c.error) for c in blocks)
+    assert [c.error for c in trimmed] == sorted(c.error for c in trimmed)
+
+
+def test_greedy_hands_seed_repeat_to_the_sweep(tiny_ctx, monkeypatch):
+    import planner.search._periodic as periodic
+
+    asked, sweep = [], periodic.periodic_candidates
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("repeat_best", "left out"))
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(periodic, "periodic_candidates", spy)
+    get_strategy("greedy")(seed_refine=0, judge_samples=0, seed_repeat=1).search(tiny_ctx, Budget.parse("2x"))
+    assert asked == [1]
+
+
 def test_the_best_second_order_schedules_take_the_limited_forecast_where_it_is_better(tiny_ctx):
     budget, steps = Budget.parse("2x"), tiny_ctx.steps
     candidates = periodic_candidates(tiny_ctx, budget)
