@@ -219,20 +219,22 @@ def periodic_candidates(context, budget, levels=(OUTPUT, "block"), codes=FORECAS
     ``None``). Schedules that come out identical are evaluated once."""
     seen = {} if seen is None else seen
     levels = [lv for lv in levels if lv == OUTPUT or modules_at_level(context.modules, lv)]
+    if not levels:
+        return []
     out: dict = {}
 
     def add(shapes) -> None:
         for shape in filter(None, shapes):
             out[shape.key(context.steps)] = _evaluate(context, shape, seen)
 
-    for i, level in enumerate(levels):
-        if i == 0 or repeat_best is None:
-            add(_swept(context, budget, level, codes, warmups, cooldowns, strides))
-        else:
-            # The levels mostly rank shapes alike, so the first level's best few are the ones worth
-            # repeating (the same plans as sweeping both whole: benchmarks/results/sweep_levels.md).
-            leaders = sorted((c for c in out.values() if c.shape.level == levels[0]), key=lambda c: c.error)
-            add(_twin(context, budget, c.shape, level) for c in leaders[:repeat_best])
+    first, *later = levels
+    add(_swept(context, budget, first, codes, warmups, cooldowns, strides))
+    # The levels mostly rank shapes alike, so the first level's best few are the ones worth repeating
+    # (the same plans as sweeping both whole: benchmarks/results/sweep_levels.md).
+    leaders = None if repeat_best is None else sorted(out.values(), key=lambda c: c.error)[:repeat_best]
+    for level in later:
+        add(_swept(context, budget, level, codes, warmups, cooldowns, strides) if leaders is None
+            else (_twin(context, budget, c.shape, level) for c in leaders))
     return sorted(out.values(), key=lambda c: c.error)
 
 

@@ -20,7 +20,9 @@ def _code_blocks(path: Path, language: str) -> list[str]:
 def test_pages_have_no_placeholders_and_no_dead_links(page):
     text = page.read_text(encoding="utf-8")
     assert not re.search(r"PLACEHOLDER|\bTODO\b|\bTBD\b|FIXME", text), f"{page.name} has a placeholder"
-    assert "METHODS.md" not in text and "../shared" not in text  # the product cites only itself
+    # the product cites only itself: no relative path, linked or quoted, leads out of the repository
+    for target in re.findall(r"(?<![\w.])(?:\.\./)+[\w./-]*", text):
+        assert (page.parent / target).resolve().is_relative_to(ROOT), f"{page.relative_to(ROOT)} cites {target}"
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
         if "://" in target:
             continue

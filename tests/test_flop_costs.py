@@ -14,6 +14,7 @@ from planner.errors import PlannerError
 from planner.executor import apply_plan
 from planner.plan import load_plan, plan_for_runner
 from planner.runner import Sampler
+from planner.search.budget import Budget
 from planner.seeds import EVAL_SEED_BASE
 
 TORCH_THREADS = 1  # see conftest.py
@@ -97,7 +98,7 @@ def test_a_search_in_flops_meets_its_budget_in_flops_and_says_so(digits, digits_
     flops = context.with_costs("flops")
     assert flops.reference is context.reference and context.costs == "measured" and flops.costs == "flops"
     plan = search_plan(None, "2x", strategy="smoothcache", context=context, costs="flops", out=tmp_path / "p.json")
-    assert plan.prediction.costs == "flops" and plan.prediction.speedup >= 2.0 - 1e-9
+    assert plan.prediction.costs == "flops" and Budget.parse("2x").speed_met(plan.prediction.speedup)
     assert plan.prediction.speedup == pytest.approx(flops.latency.predict_speedup(plan))
     assert context.latency.predict_speedup(plan) < 2.0 <= flops.latency.predict_speedup(plan)  # CPU fixed costs
     assert load_plan(tmp_path / "p.json").prediction.costs == "flops"

@@ -176,7 +176,7 @@ def test_search_returns_the_best_feasible_plan_and_writes_its_front(ctx10, tmp_p
     assert plan.provenance.strategy == "optuna" and budget.met(plan.prediction.speedup, plan.prediction.calib_error)
     assert context.evaluate(plan).error == pytest.approx(plan.prediction.calib_error, rel=1e-6)
     done = [t for t in strategy.study.trials if t.state == TrialState.COMPLETE]
-    feasible = [t for t in done if t.user_attrs["figures"]["speedup"] >= 1.5 - 1e-9]
+    feasible = [t for t in done if Budget.parse("1.5x").speed_met(t.user_attrs["figures"]["speedup"])]
     assert plan.prediction.calib_error == pytest.approx(min(t.user_attrs["figures"]["error"] for t in feasible))
     assert all(t.constraints == {"budget": t.user_attrs["figures"]["constraint"]} for t in done)
 
