@@ -42,6 +42,26 @@ def rel_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
     return diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf)
 
 
+def per_sample_rel_l1(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each sample's (leading dimension) relative L1 error ``mean|output - reference| / mean|reference|``."""
+    out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
+    diff, scale = (out - ref).abs().flatten(1).mean(1), ref.abs().flatten(1).mean(1)
+    return torch.where(diff == 0, 0.0, diff / scale)
+
+
+# A sample that matches its reference exactly counts as this relative error in the typical error, where
+# its log (minus infinity) would make every plan's typical error zero.
+TYPICAL_FLOOR = 1e-12
+
+
+def typical_rel_l1(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """The error of a typical sample: the geometric mean of the per-sample relative L1 errors
+    (:func:`per_sample_rel_l1`). Unlike :func:`rel_l1`, pooled over all samples, it moves with one sample
+    that drifts far off no more than with any other."""
+    errors = per_sample_rel_l1(output, reference).clamp_min(TYPICAL_FLOOR)
+    return errors.log().mean().exp().item()
+
+
 # An image that matches its reference exactly counts as this many dB in the per-image statistics,
 # where an infinity would swamp a mean; the pooled PSNR needs no such cap.
 PSNR_CEILING_DB = 100.0

@@ -18,7 +18,7 @@ import torch
 
 from planner.cfg import CfgLayout
 from planner.errors import PlannerError
-from planner.metrics import rel_l1
+from planner.metrics import rel_l1, typical_rel_l1
 from planner.plan import Plan, Prediction, plan_for_runner
 from planner.seeds import EVAL_SEED_BASE, calibration_seeds
 
@@ -30,6 +30,7 @@ class Evaluation:
     predicted_speedup: float
     predicted_fraction: float  # predicted run time / full run time
     stats: dict = field(default_factory=dict, compare=False)
+    typical: float | None = None  # the typical input's error (planner.metrics.typical_rel_l1), where measured
 
 
 class SearchContext:
@@ -146,7 +147,8 @@ class SearchContext:
         return speedup, 1.0 / speedup
 
     def evaluate(self, plan: Plan) -> Evaluation:
-        """Run the calibration inputs through the executor with ``plan``; error and predicted cost."""
+        """Run the calibration inputs through the executor with ``plan``; its errors (pooled and typical)
+        and predicted cost."""
         from planner.executor import apply_plan
 
         self.evaluations += 1
@@ -154,7 +156,7 @@ class SearchContext:
             out = self.runner.run(self.conditions, self.seeds, self.sampler, output="latent")
             stats = handle.stats()
         speedup, fraction = self.predict(plan)
-        return Evaluation(rel_l1(out, self.reference), speedup, fraction, stats)
+        return Evaluation(rel_l1(out, self.reference), speedup, fraction, stats, typical_rel_l1(out, self.reference))
 
     def max_speedup(self) -> float:
         """The predicted speedup of reusing every block at every step but the first: no plan of module

@@ -45,11 +45,12 @@ from planner.cfg import BRANCHES, CfgLayout, cfg_halves, guided, other_branch
 from planner.errors import PlannerError
 from planner.executor.session import open_session
 from planner.executor.tree import first_tensor
-from planner.metrics import rel_l1
+from planner.metrics import rel_l1, typical_rel_l1
 from planner.modules import module_kind
 from planner.profile.branch_parts import shares_cfg
 from planner.search import Strategy, StrategySettings, register
 from planner.search.budget import first_true, unreachable
+from planner.search.context import Evaluation
 
 GREEDY_HOOK = "planner_greedy_search"
 DEFAULT_ACTIONS = {"block": "FD", "attn": "", "cross_attn": "", "mlp": ""}
@@ -405,8 +406,6 @@ class _GreedySearch:
         self.judged: dict | None = None  # the finalists' errors on the judge's inputs, where judged
 
     def run(self, budget):
-        from planner.search.context import Evaluation
-
         s = self.settings
         seed = None
         if s.delta is not None:
@@ -422,7 +421,7 @@ class _GreedySearch:
             params.update(chosen="periodic", periodic=seed.shape.params(),
                           greedy_error=None if best is None else best["error"])
             return seed.shape.plan(self.ctx, strategy=Greedy.name, params=params, evaluation=seed.evaluation)
-        evaluation = Evaluation(best["error"], best["speedup"], best["fraction"], {"trials": best["trials"]})
+        evaluation = best["evaluation"]
         params.update(delta=best["delta"], max_run=self.max_run)
         if s.seeds != "none" and budget.speedup is not None and s.delta is None:
             params["chosen"] = "greedy"
@@ -435,7 +434,7 @@ class _GreedySearch:
         calibration error is lower, so the search never ends below its best seeded schedule. With
         ``judge_samples`` more than the search's calibration inputs, the finalists are ranked by their
         error on that many (see :func:`~planner.search._periodic.best_periodic`), the greedy plan too."""
-        from planner.search._periodic import best_periodic
+        from planner.search._periodic import best_periodic, ranking_error
 
         s = self.settings
         if s.seeds == "none":
@@ -455,9 +454,9 @@ class _GreedySearch:
         if best is None:
             return None, seed
         if judge is None:
-            greedy_wins = best["error"] <= seed.error
+            greedy_wins = ranking_error(best["evaluation"]) <= seed.error
         else:
-            greedy_judged = judge.evaluate(judge.plan(best["decisions"])).error
+            greedy_judged = ranking_error(judge.evaluate(judge.plan(best["decisions"])))
             self.judged = {"samples": len(judge.seeds), "periodic": seed.judged, "greedy": greedy_judged}
             greedy_wins = greedy_judged <= seed.judged
         return best, None if greedy_wins else seed
@@ -483,8 +482,10 @@ class _GreedySearch:
         ctx.evaluations += 1
         self.passes += 1
         speedup, fraction = ctx.predict(ctx.plan(decisions))
+        evaluation = Evaluation(rel_l1(out, ctx.reference), speedup, fraction, {"trials": p.trials},
+                                typical_rel_l1(out, ctx.reference))
         return {
-            "delta": delta, "decisions": decisions, "error": rel_l1(out, ctx.reference),
+            "delta": delta, "decisions": decisions, "error": evaluation.error, "evaluation": evaluation,
             "speedup": speedup, "fraction": fraction, "records": p.records, "trials": p.trials,
         }
 

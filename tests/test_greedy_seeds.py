@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from planner.executor import apply_plan
+from planner.metrics import per_sample_rel_l1
 from planner.profile import profile_model
 from planner.runner import Sampler
 from planner.search import get_strategy
@@ -105,6 +106,20 @@ def test_fit_switch_meets_the_budget_between_two_strides_with_the_most_computed_
     # the budget must lie between the two strides alone: stride 1 everywhere is full compute
     assert fit_switch(tiny_ctx, Budget.parse("50x"), PeriodicShape("block", "F", 2, 0, 0, stride=(2, 3))) is None
     assert fit_switch(tiny_ctx, Budget.parse("1.05x"), PeriodicShape("block", "F", 2, 0, 0, stride=(3, 2))) is None
+
+
+def test_schedules_are_ranked_by_the_pooled_error_and_evaluations_also_give_the_typical_one(tiny_ctx):
+    candidates = periodic_candidates(tiny_ctx, Budget.parse("1.5x"), levels=("block",), warmups=(2,))
+    pooled = [c.evaluation.error for c in candidates]
+    assert len(candidates) > 1 and pooled == sorted(pooled) and [c.error for c in candidates] == pooled
+    # the typical error (what benchmarks/ranking_error.py ranks by instead): the inputs' errors' geometric mean
+    plan = candidates[0].shape.plan(tiny_ctx)
+    with apply_plan(tiny_ctx.runner.pipe, plan):
+        out = tiny_ctx.runner.run(tiny_ctx.conditions, tiny_ctx.seeds, tiny_ctx.sampler, output="latent")
+    each = per_sample_rel_l1(out, tiny_ctx.reference)
+    typical = candidates[0].evaluation.typical
+    assert typical == pytest.approx(float(each.log().mean().exp()), rel=1e-4)
+    assert float(each.min()) <= typical <= float(each.max())
 
 
 def test_refine_never_ends_worse_than_it_starts(tiny_ctx):

@@ -45,6 +45,20 @@ def test_rel_l1_by_hand():
     assert metrics.rel_l1(ref, ref) == 0.0
 
 
+def test_the_typical_error_is_the_geometric_mean_of_the_samples_own():
+    ref = torch.ones(3, 1, 2, 2)
+    out = ref + torch.tensor([0.1, 0.4, 0.0]).reshape(3, 1, 1, 1)  # per-sample relative L1 0.1, 0.4, 0
+    assert metrics.per_sample_rel_l1(out, ref).tolist() == pytest.approx([0.1, 0.4, 0.0])
+    assert metrics.typical_rel_l1(out[:2], ref[:2]) == pytest.approx(0.2)  # sqrt(0.1 * 0.4); pooled: 0.25
+    # one sample far off moves the pooled error with its size, the typical error only with its share
+    far = out[:2].clone()
+    far[1] = 101.0
+    assert metrics.rel_l1(far, ref[:2]) > 40 and metrics.typical_rel_l1(far, ref[:2]) == pytest.approx(10 ** 0.5)
+    # an exact sample counts as the floor, not as log(0)
+    assert metrics.typical_rel_l1(ref, ref) == pytest.approx(metrics.TYPICAL_FLOOR)
+    assert 0 < metrics.typical_rel_l1(out, ref) < 1e-3
+
+
 def test_ssim_with_a_global_uniform_window_matches_the_formula():
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(1, 1, 5, 5, generator=gen, dtype=torch.float64)
