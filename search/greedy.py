@@ -23,10 +23,13 @@ calibration error: no extra evaluation.
 Under a speed budget the search is also seeded with TaylorSeer-class periodic forecast schedules
 (``seeds="periodic"``, :mod:`planner.search._periodic`): warm-up, forecast order, evenly spread or
 two-stride placement swept, each fitted to the budget on the latency model and run on the calibration inputs, the best
-refined by moving single computed steps. The plan with the lower calibration error is kept, so the
-search never ends below the best schedule it was seeded with. The finalists (the sweep's few best, the
-refined schedule, the greedy plan) are ranked on ``judge_samples`` calibration inputs, more than every
-trial can afford: on 8 inputs close schedules trade places by chance. A step-local threshold cannot see that
+refined by moving single computed steps. Where a schedule meets the budget it is the plan; greedy's own
+passes run where none does (``seeds="compare"``: they always run, and the plan with the lower calibration
+error is kept). Greedy's own plans, fitted module by module to a handful of inputs, lost to the schedule on
+held-out seeds even where they won on the calibration inputs (``benchmarks/greedy_vs_periodic.py``). The
+finalists (the sweep's few best, the refined schedule, with ``compare`` the greedy plan) are ranked on
+``judge_samples`` calibration inputs, more than every trial can afford: on 8 inputs close schedules trade
+places by chance. A step-local threshold cannot see that
 forecasting every block on the same steps, between evenly spaced computes, keeps the trajectory on
 course; the seeds bring that in.
 """
@@ -80,10 +83,12 @@ class GreedySettings(StrategySettings):
     step_up: float = Field(0.1, gt=0, description="least relative raise of delta after a pass that misses the budget")
     incremental: bool = Field(
         True, description="trials re-run only the blocks from the tried module's block onward (same errors, fewer calls)")
-    seeds: Literal["periodic", "none"] = Field(
-        "periodic", description="speed budgets: also fit TaylorSeer-class periodic forecast schedules to the budget, "
-                                "refine the best on the calibration inputs, and keep it when its calibration error "
-                                "is lower than the greedy plan's")
+    seeds: Literal["periodic", "compare", "none"] = Field(
+        "periodic", description="speed budgets: fit TaylorSeer-class periodic forecast schedules to the budget and "
+                                "refine the best on the calibration inputs; periodic: that schedule is the plan "
+                                "where one meets the budget (greedy's own passes run where none does); compare: "
+                                "greedy's passes run too and the plan with the lower calibration error is kept; "
+                                "none: greedy's passes alone")
     seed_refine: int = Field(12, ge=0, description="calibration runs at most for refining the best periodic schedule")
     judge_samples: int | None = Field(
         None, ge=0, description="speed budgets: calibration inputs the finalists (the best periodic schedules, the "
@@ -417,7 +422,7 @@ class _GreedySearch:
         params = {**s.record(), "passes": self.passes}
         if self.judged is not None:
             params["judged"] = self.judged
-        if seed is not None:  # the periodic schedule beat every greedy pass on the calibration inputs
+        if seed is not None:  # the periodic schedule: the plan by default, or it beat greedy's passes
             params.update(chosen="periodic", periodic=seed.shape.params(),
                           greedy_error=None if best is None else best["error"])
             return seed.shape.plan(self.ctx, strategy=Greedy.name, params=params, evaluation=seed.evaluation)
@@ -429,24 +434,29 @@ class _GreedySearch:
 
     def _best_at_speed(self, budget):
         """``(best greedy pass or None, periodic candidate or None)``, exactly one of them the winner: the
-        greedy search, then (``seeds="periodic"``) the best periodic forecast schedule fitted to the budget
-        and refined on the calibration inputs (:mod:`planner.search._periodic`); the seed wins when its
-        calibration error is lower, so the search never ends below its best seeded schedule. With
-        ``judge_samples`` more than the search's calibration inputs, the finalists are ranked by their
-        error on that many (see :func:`~planner.search._periodic.best_periodic`), the greedy plan too."""
+        best periodic forecast schedule fitted to the budget and refined on the calibration inputs
+        (:mod:`planner.search._periodic`), which with ``seeds="periodic"`` wins wherever there is one, and
+        greedy's own search, which runs where there is none or (``seeds="compare"``) always, the schedule
+        winning when its calibration error is lower. With ``judge_samples`` more than the search's
+        calibration inputs, the finalists are ranked by their error on that many (see
+        :func:`~planner.search._periodic.best_periodic`), the greedy plan too."""
         from planner.search._periodic import best_periodic, ranking_error
 
         s = self.settings
         if s.seeds == "none":
             return self._search_speed_runs(budget), None
-        try:
-            best, failure = self._search_speed_runs(budget), None
-        except PlannerError as exc:  # the seeds may still meet it
-            best, failure = None, exc
         wanted = s.judge_samples if s.judge_samples is not None else JUDGE_FACTOR * len(self.ctx.seeds)
         judge = self.ctx.widened(wanted) if wanted > len(self.ctx.seeds) else None
         seed = best_periodic(self.ctx, budget, refine_evaluations=s.seed_refine, judge=judge,
                              finalists=s.seed_finalists, repeat_best=s.seed_repeat)
+        if seed is not None and s.seeds == "periodic":
+            if judge is not None:
+                self.judged = {"samples": len(judge.seeds), "periodic": seed.judged}
+            return None, seed
+        try:
+            best, failure = self._search_speed_runs(budget), None
+        except PlannerError as exc:  # the seeds may still meet it
+            best, failure = None, exc
         if seed is None:
             if best is None:
                 raise failure

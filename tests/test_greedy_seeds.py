@@ -248,7 +248,7 @@ def test_the_judge_ranks_the_finalists_and_keeps_a_refinement_only_where_it_agre
 
 def test_greedy_keeps_the_finalist_the_judge_prefers_and_records_the_judging(tiny_ctx):
     b = Budget.parse("1.5x")
-    plan = get_strategy("greedy")(seed_refine=2, judge_samples=5).search(tiny_ctx, b)
+    plan = get_strategy("greedy")(seed_refine=2, judge_samples=5, seeds="compare").search(tiny_ctx, b)
     judged = plan.provenance.params["judged"]
     assert judged["samples"] == 5
     winner = judged["periodic"] if plan.provenance.params["chosen"] == "periodic" else judged["greedy"]
@@ -257,6 +257,20 @@ def test_greedy_keeps_the_finalist_the_judge_prefers_and_records_the_judging(tin
     assert wide.evaluate(wide.plan(plan.decisions, output=plan.output)).error == pytest.approx(winner, rel=1e-4, abs=1e-6)
     # the recorded calibration error stays the search's own, on its own inputs
     assert tiny_ctx.evaluate(plan).error == pytest.approx(plan.prediction.calib_error, rel=1e-4, abs=1e-6)
+
+
+def test_greedy_keeps_the_periodic_schedule_by_default_and_searches_where_none_meets_the_budget(tiny_ctx, monkeypatch):
+    from planner.search import _periodic
+
+    b = Budget.parse("1.5x")
+    plan = get_strategy("greedy")(seed_refine=2, judge_samples=5).search(tiny_ctx, b)
+    params = plan.provenance.params
+    assert params["chosen"] == "periodic" and params["passes"] == 0 and params["greedy_error"] is None
+    assert set(params["judged"]) == {"samples", "periodic"} and b.speed_met(plan.prediction.speedup)
+    monkeypatch.setattr(_periodic, "best_periodic", lambda *args, **kwargs: None)
+    plan = get_strategy("greedy")(seed_refine=2, judge_samples=0).search(tiny_ctx, b)
+    assert plan.provenance.params["chosen"] == "greedy" and plan.provenance.params["passes"] > 0
+    assert b.speed_met(plan.prediction.speedup)
 
 
 def test_greedy_without_seeds_is_the_plain_greedy_search(tiny_ctx):
