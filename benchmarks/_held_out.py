@@ -62,3 +62,35 @@ def held_out_models(models: str, n_seeds: int) -> Iterator[HeldOut]:
                         runner.conditions(len(seeds), seed=seeds[0]), seeds, None)
         model.reference = model.run()
         yield model
+
+
+def search_parser(doc: str) -> argparse.ArgumentParser:
+    """:func:`parser` with the options of the benchmarks that search: ``--budgets``, ``--costs``, ``--jobs``."""
+    ap = parser(doc)
+    ap.add_argument("--budgets", default="1.5x,2x,3x")
+    ap.add_argument("--costs", default="flops,measured")
+    ap.add_argument("--jobs", type=int, default=1, help="models searched at once (one thread each)")
+    return ap
+
+
+def rows_per_model(model_rows, args: argparse.Namespace) -> list[dict]:
+    """``model_rows(name, budgets, costs, seeds)`` for each of ``args.models``, one model per worker process
+    (``args.jobs`` at once), its rows in model order."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    models, budgets, costs = args.models.split(","), args.budgets.split(","), args.costs.split(",")
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        return [r for rs in pool.map(model_rows, models, *zip(*[(budgets, costs, args.seeds)] * len(models)))
+                for r in rs]
+
+
+def search_context(model: HeldOut):
+    """A greedy search context for ``model`` (8 calibration inputs, its default profile) with the reference run
+    of greedy's judge already made, so that it is shared by every search on it."""
+    from planner.profile.store import profile_for
+    from planner.search.context import SearchContext
+    from planner.search.greedy import JUDGE_FACTOR
+
+    context = SearchContext.build(model.runner, model.sampler, profile_for(model.runner, model.sampler, None, samples=8))
+    context.widened(JUDGE_FACTOR * len(context.seeds))
+    return context

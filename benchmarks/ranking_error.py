@@ -6,7 +6,8 @@ refinement, the judge and the choice between the greedy plan and the schedule ra
 relative L1 error pooled over the calibration inputs (the default,
 :func:`planner.search._periodic.ranking_error`), and by the typical input's error (the geometric mean
 of the per-input errors, ``Evaluation.typical``). Each plan is then run on held-out seeds and scored
-against full compute: pooled PSNR (the headline), mean and worst per-image PSNR.
+against full compute: pooled PSNR (the headline), mean and worst per-image PSNR. The committed results
+were made when greedy still compared its own plan with the schedule (``seeds="compare"``, the default then).
 
 Results go to ``benchmarks/results/ranking_error.{json,md}``.
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._held_out import held_out_models, parser  # noqa: E402
+from benchmarks._held_out import held_out_models, rows_per_model, search_context, search_parser  # noqa: E402
 from benchmarks._results import finish  # noqa: E402
 
 RANKINGS = ("pooled", "typical")
@@ -42,13 +43,9 @@ def search(context, budget: str, costs: str, ranking: str):
 def model_rows(name: str, budgets: list[str], costs: list[str], n_seeds: int) -> list[dict]:
     """Both searches at each cost source and budget on model ``name``, and their plans on held-out seeds."""
     from planner.metrics import psnr_summary
-    from planner.profile.store import profile_for
-    from planner.search.context import SearchContext
-    from planner.search.greedy import JUDGE_FACTOR
 
     model = next(held_out_models(name, n_seeds))
-    context = SearchContext.build(model.runner, model.sampler, profile_for(model.runner, model.sampler, None, samples=8))
-    context.widened(JUDGE_FACTOR * len(context.seeds))  # the judge's reference run, before either search
+    context = search_context(model)
     rows = []
     for cost in costs:
         for budget in budgets:
@@ -86,18 +83,8 @@ def render(rows: list[dict], seeds: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = parser(__doc__)
-    ap.add_argument("--budgets", default="1.5x,2x,3x")
-    ap.add_argument("--costs", default="flops,measured")
-    ap.add_argument("--jobs", type=int, default=1, help="models searched at once (one thread each)")
-    args = ap.parse_args(argv)
-    from concurrent.futures import ProcessPoolExecutor
-
-    models, budgets, costs = args.models.split(","), args.budgets.split(","), args.costs.split(",")
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:  # one model per worker
-        rows = [r for rs in pool.map(model_rows, models, *zip(*[(budgets, costs, args.seeds)] * len(models)))
-                for r in rs]
-
+    args = search_parser(__doc__).parse_args(argv)
+    rows = rows_per_model(model_rows, args)
     return finish("ranking_error", {"seeds": args.seeds, "rows": rows}, lambda: render(rows, args.seeds), args.json,
                   args.out)
 
