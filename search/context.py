@@ -180,12 +180,14 @@ class SearchContext:
                 costs=self.costs,
             )
         components = self.runner.component_steps(self.sampler)
-        if components:  # several transformers (Wan 2.2): a module decides only at its transformer's steps
+        if components:  # several transformers (Wan 2.2): a module decides only at its transformer's steps, and
+            # each transformer's first step computes
             from planner.plan import normalize_decisions
-            from planner.plan.components import compute_absent
+            from planner.plan.components import compute_absent, output_computing_first_steps
 
             decisions = compute_absent(normalize_decisions(decisions or {}, self.branches, self.steps), components,
                                        self.steps)
+            output = output_computing_first_steps(output, components)
         return plan_for_runner(
             self.runner,
             self.sampler,

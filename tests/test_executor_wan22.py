@@ -81,6 +81,35 @@ def test_each_transformer_takes_its_decisions_at_its_own_steps(made):
     assert torch.equal(call(pipe), full)
 
 
+def test_the_whole_output_is_forecast_from_its_own_transformers_outputs_only(made):
+    """A plan serving the transformer's whole output: each transformer keeps its own outputs (a forecast at
+    transformer_2's second computed step has one output of its own, not the first transformer's, to
+    extrapolate from), and each transformer's first step must compute; a search's schedule is made to."""
+    from planner.plan.components import output_computing_first_steps
+
+    runner, sampler, pipe = made
+    plan = loads_plan(plan_to_json(plan_for_runner(runner, sampler, {}, output="CCCFCQ")))
+    q1, h1 = count_calls(pipe.transformer.blocks[0].attn1.to_q)
+    q2, h2 = count_calls(pipe.transformer_2.blocks[0].attn1.to_q)
+    try:
+        with apply_plan(pipe, plan) as handle:
+            planned = call(pipe)
+            stats = handle.stats()
+    finally:
+        h1.remove()
+        h2.remove()
+    assert (q1[0], q2[0]) == (2 * 2, 2 * 2)  # cond and uncond at steps 0, 1 and at steps 2, 4
+    # step 3: transformer_2 has kept step 2 alone, so its forecast reuses it (across the switch it would have
+    # extrapolated from steps 1 and 2); step 5: the second-order forecast has two outputs, steps 2 and 4
+    assert stats["output"] == "CCCRCF" and torch.isfinite(planned).all()
+
+    steps = runner.component_steps(sampler)
+    with pytest.raises(PlannerError, match=r"output.*step 2 is the first step of 'transformer_2'"):
+        plan_for_runner(runner, sampler, {}, output="CCFCCC")
+    assert output_computing_first_steps("CFFFFF", steps) == "CFCFFF"
+    assert output_computing_first_steps("CFFFFF", None) == "CFFFFF"
+
+
 def test_an_all_compute_plan_is_the_unhooked_pipeline_bit_for_bit(made):
     runner, sampler, pipe = made
     full = call(pipe)

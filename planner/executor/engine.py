@@ -213,12 +213,17 @@ class Engine:
         transformer then does not run), else ``None``."""
         if self.output is None or not self.in_call:
             return None
-        return self.output.serve(self, self.step, self.active[-1])
+        return self.output.serve(self, self.step, self._output_key())
 
     def keep_output(self, output: Any) -> None:
         """The transformer computed ``output`` for the current call: kept where the plan serves outputs."""
         if self.output is not None and self.in_call:
-            self.output.store(self.step, self.active[-1], output)
+            self.output.store(self.step, self._output_key(), output)
+
+    def _output_key(self) -> tuple[str | None, tuple[str, ...]]:
+        """Whose outputs the current call's belong with: its transformer's (several transformers are different
+        networks, never forecast through each other's outputs) and the branches it carries."""
+        return self._owner.get(self.step), self.active[-1]
 
     @torch.compiler.disable
     def end_call(self) -> None:

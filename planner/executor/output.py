@@ -5,7 +5,8 @@ nothing of the transformer runs (no embedding, no block, no final layer): ``R`` 
 output, ``F``, ``Q`` and ``L`` the executor's forecast (:func:`planner.executor.hooks.forecast`) through
 its last computed outputs. A call's output is kept under the CFG branches the call carries (a batched
 call holds both halves and is forecast whole, per sample; with separate calls each branch keeps its
-own), so a forecast never mixes branches. As for a module, a forecast from fewer outputs than its
+own) and, in a pipeline of several transformers (Wan 2.2), under the transformer that computed it, so a
+forecast never mixes branches or networks. As for a module, a forecast from fewer outputs than its
 order needs takes the order they allow, and with nothing kept the transformer runs.
 
 Only the output's tensor is forecast; the container the transformer returned (a tuple or a diffusers
@@ -27,35 +28,37 @@ if TYPE_CHECKING:
     from planner.executor.engine import Engine
 
 NOT_RUN = ord("-")
+CallKind = tuple[str | None, tuple[str, ...]]  # (the transformer of a multi-transformer pipeline, the branches)
 
 
 class OutputCache:
-    """Per call kind (the branches it carries), the transformer's last computed outputs, and what each step did."""
+    """Per call kind (the transformer and the branches it carries), the last computed outputs, and what each
+    step did."""
 
     def __init__(self, codes: str):
         self.codes = codes
         self.keep = 1 + max(FORECAST_ORDER.get(c, 0) for c in codes)
-        self.kept: dict[tuple[str, ...], list[tuple[int, torch.Tensor]]] = {}
-        self.containers: dict[tuple[str, ...], Any] = {}  # the last computed output as returned, per call kind
+        self.kept: dict[CallKind, list[tuple[int, torch.Tensor]]] = {}
+        self.containers: dict[CallKind, Any] = {}  # the last computed output as returned, per call kind
         self.log = bytearray([NOT_RUN] * len(codes))  # the action each step of the current run took
 
-    def serve(self, engine: "Engine", step: int, branches: tuple[str, ...]) -> Any:
+    def serve(self, engine: "Engine", step: int, kind: CallKind) -> Any:
         """The output to return instead of running the transformer at ``step``, or ``None``: run it."""
-        kept = self.kept.get(branches, [])
+        kept = self.kept.get(kind, [])
         code = action_taken(self.codes[step], len(kept))
         if code == COMPUTE:
             return None
         self.log[step] = ord(code)
-        return _with_sample(self.containers[branches], from_outputs(engine, kept, code, step))
+        return _with_sample(self.containers[kind], from_outputs(engine, kept, code, step))
 
-    def store(self, step: int, branches: tuple[str, ...], output: Any) -> None:
+    def store(self, step: int, kind: CallKind, output: Any) -> None:
         """Keep the output the transformer computed at ``step`` (a step run again replaces itself)."""
         sample = tree.first_tensor(output)
         if sample is None:
             return
-        older = [p for p in self.kept.get(branches, []) if p[0] != step]
-        self.kept[branches] = (older + [(step, sample)])[-self.keep:]
-        self.containers[branches] = output
+        older = [p for p in self.kept.get(kind, []) if p[0] != step]
+        self.kept[kind] = (older + [(step, sample)])[-self.keep:]
+        self.containers[kind] = output
         self.log[step] = ord(COMPUTE)
 
     def executed(self, steps: list[int]) -> str:

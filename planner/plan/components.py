@@ -5,7 +5,9 @@ branch. Module names of the first transformer are written as they are (``blocks.
 other transformer carry its pipeline component's name as a prefix (``transformer_2.blocks.0.attn1``), and
 ``model.components`` says, per component, its class, fingerprint and the global steps it runs. At a step
 where a module's transformer does not run the module has no decision: its code there must be ``C``
-(:func:`check_components`, part of :meth:`planner.plan.Plan.validate`). A plan without components is a
+(:func:`check_components`, part of :meth:`planner.plan.Plan.validate`). The transformer's whole output
+(``Plan.output``) is each transformer's own too: a forecast never extrapolates through outputs of two
+transformers (they are different networks), so the first step of each must compute. A plan without components is a
 single-transformer plan whose modules run at every step, as before.
 """
 
@@ -86,12 +88,26 @@ def compute_absent(decisions: Mapping[str, Mapping[str, str]], components: Mappi
     return out
 
 
+def output_computing_first_steps(output: str | None, components: Mapping[str, Any] | None) -> str | None:
+    """``output`` (a plan's output code string) with ``C`` at the first step of each transformer: what a
+    strategy that proposes an output schedule over the whole run gets when its plan is built."""
+    if output is None or not components:
+        return output
+    chars = list(output)
+    for ref in components.values():
+        own = list(getattr(ref, "steps", ref))
+        if own:
+            chars[own[0]] = "C"
+    return "".join(chars)
+
+
 def check_components(plan: Any) -> None:
     """The rules of ``model.components`` (PlannerError naming the JSON path); nothing without components.
 
     Each component runs a sorted list of distinct steps inside the plan's; every step is run by exactly one
     component; ``transformer`` is one of them; a module's codes are ``C``
-    at the steps its transformer does not run, and at its transformer's first step ``C`` (or ``S``)."""
+    at the steps its transformer does not run, and at its transformer's first step ``C`` (or ``S``); the
+    output's code is ``C`` at each transformer's first step."""
     comps = plan.model.components
     if not comps:
         return
@@ -110,6 +126,10 @@ def check_components(plan: Any) -> None:
     missing = [k for k in range(steps) if k not in owner]
     if missing:
         raise PlannerError(f"{json_path('model', 'components')}: no transformer runs step {missing[0]}")
+    for name, ref in comps.items():
+        if plan.output is not None and ref.steps and plan.output[ref.steps[0]] != "C":
+            raise PlannerError(f"{json_path('output')}: step {ref.steps[0]} is the first step of {name!r} and must "
+                               f"compute (C), got {plan.output[ref.steps[0]]!r}: nothing of it is kept before it")
     for module, per_branch in plan.decisions.items():
         own = module_steps(comps, module)
         first = own[0] if own else None

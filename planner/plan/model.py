@@ -114,8 +114,9 @@ class Plan:
 
     ``output`` (since 1.7.0), when set, is one code per step for the transformer's whole output: at a
     step whose code is not ``C`` the transformer does not run at all, and each CFG branch's output is
-    reused (``R``) or forecast (``F``, ``Q``, ``L``) from that branch's last computed outputs; the
-    decisions then say what runs inside it at the other steps. ``None``: it runs at every step.
+    reused (``R``) or forecast (``F``, ``Q``, ``L``) from that branch's last computed outputs (of the same
+    transformer, where several run: each computes at its first step); the decisions then say what runs
+    inside it at the other steps. ``None``: it runs at every step.
     """
 
     model: ModelRef
