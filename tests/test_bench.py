@@ -224,20 +224,42 @@ def test_models_flag_refuses_bad_lists(cli, tmp_path):
 
 def test_a_method_that_crashes_becomes_a_failed_row_and_the_bench_goes_on(digits):
     from planner.bench.run import KIND_PEER, BenchConfig, Point, _rows, _time_all
-    from planner.evaluate import Contender
 
     sampler = digits.resolve(Sampler("ddim", 2, 3.0))
     conditions = digits.conditions(2, seed=SEEDS[0])
 
-    def crash():
+    def crash(conditions, seeds):
         raise RuntimeError("shape mismatch\nin a hook")
 
-    points = [Point("broken", KIND_PEER, "x=1", contender=Contender(crash)),
-              Point("fewer", KIND_PEER, "1 step", contender=Contender(
-                  lambda: digits.run(conditions, SEEDS, digits.resolve(Sampler("ddim", 1, 3.0)))))]
+    points = [Point("broken", KIND_PEER, "x=1", draw=crash),
+              Point("fewer", KIND_PEER, "1 step",
+                    draw=lambda c, s: digits.run(c, s, digits.resolve(Sampler("ddim", 1, 3.0))))]
     config = BenchConfig(repeats=1, warmup=0, progress=False)
     timed, full_flops = _time_all(digits, sampler, conditions, SEEDS, points, config)
-    rows = {r["method"]: r for r in _rows(digits, conditions, points, timed, sampler, full_flops)}
+    rows = {r["method"]: r for r in _rows(digits, conditions, points, timed, timed.outputs, sampler, full_flops)}
     assert rows["broken"]["status"] == "failed: RuntimeError: shape mismatch in a hook"
     assert rows["broken"]["speedup"] is None and rows["broken"]["psnr"] is None
     assert rows["fewer"]["status"] == "ok" and rows["fewer"]["flop_speedup"] == pytest.approx(2.0)
+
+
+def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digits):
+    """With ``timed_seeds`` the timer runs the first seeds and the PSNR comes from all of them: the fewer-steps
+    row's pooled PSNR is the one of the four images, not of the two timed."""
+    from planner.bench.run import BenchConfig, run_bench
+    from planner.errors import PlannerError
+    from planner.metrics import psnr_summary
+
+    sampler = digits.resolve(Sampler("ddim", 4, 3.0))
+    seeds = [EVAL_SEED_BASE + i for i in range(4)]
+    config = BenchConfig(budgets=["2x"], strategies=[], peers=[], seeds=seeds, timed_seeds=2, repeats=1, warmup=0,
+                         progress=False)
+    result = run_bench(digits, sampler, config)
+    row = next(r for r in result.rows if r["method"] == "fewer steps")
+    conditions = digits.conditions(4, seed=seeds[0])
+    full = digits.run(conditions, seeds, sampler)
+    fewer = digits.run(conditions, seeds, digits.resolve(Sampler("ddim", 2, 3.0)))
+    assert row["psnr"] == pytest.approx(psnr_summary(fewer, full)["psnr"], abs=1e-4)
+    assert row["psnr"] != pytest.approx(psnr_summary(fewer[:2], full[:2])["psnr"], abs=1e-4)
+    assert row["speedup"] > 0 and result.info["timed_seeds"] == 2 and result.info["n"] == 4
+    with pytest.raises(PlannerError, match="timed seeds"):
+        run_bench(digits, sampler, BenchConfig(strategies=[], peers=[], seeds=seeds, timed_seeds=5, progress=False))

@@ -144,10 +144,9 @@ def test_the_bench_searches_one_plan_per_budget_and_costs(digits, digits_profile
     from planner.bench.run import BenchConfig, strategy_points
 
     sampler = digits.resolve(Sampler("ddim", digits_profile.steps, 3.0))
-    conditions = digits.conditions(len(SEEDS), seed=SEEDS[0])
     config = BenchConfig(budgets=["2x"], costs=["measured", "flops"], strategies=["smoothcache"],
                          profile=str(digits_profile.path), calib_samples=2, progress=False, out=tmp_path)
-    points = {p.setting: p for p in strategy_points(digits, sampler, conditions, SEEDS, config)}
+    points = {p.setting: p for p in strategy_points(digits, sampler, config)}
     assert set(points) == {"2x", "2x FLOPs"} and all(p.status == "ok" for p in points.values())
     for setting, costs, name in (("2x", "measured", "smoothcache-2x.json"), ("2x FLOPs", "flops", "smoothcache-2x-flops.json")):
         assert points[setting].plan == str(tmp_path / "plans" / name)
@@ -159,9 +158,8 @@ def test_the_bench_searches_one_plan_per_budget_and_costs(digits, digits_profile
 def test_the_bench_searches_a_flop_costed_profile_once_under_the_costs_asked_first(digits10, tmp_path):
     from planner.bench.run import BenchConfig, strategy_points
 
-    conditions = digits10.runner.conditions(len(SEEDS), seed=SEEDS[0])
     config = BenchConfig(budgets=["2x"], costs=["measured", "flops"], strategies=["uniform"],
                          profile=str(digits10.folder), calib_samples=2, progress=False, out=tmp_path)
-    points = strategy_points(digits10.runner, digits10.sampler, conditions, SEEDS, config)
+    points = strategy_points(digits10.runner, digits10.sampler, config)
     assert [p.setting for p in points] == ["2x"] and points[0].status == "ok"
     assert load_plan(points[0].plan).prediction.costs == "flops"

@@ -98,8 +98,10 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
     from planner.bench.margins import AXES, margins, matched
     from planner.evaluate import METER_LABELS
 
+    timed = info.get("timed_seeds", info["n"])
+    on = "" if timed == info["n"] else f" on the first {timed}"
     setup = (f"Model {info.get('model', '')}, {_sampler_text(info['sampler'])}; {info['n']} held-out seeds "
-             f"({_seed_text(info['seeds'])}), {info['repeats']} interleaved timed runs each after {info['warmup']} "
+             f"({_seed_text(info['seeds'])}), {info['repeats']} interleaved timed runs each{on} after {info['warmup']} "
              f"warm-up; {env['device']} ({env['device_name']}), {env['torch_threads']} torch threads.")
     how = (f"Pooled PSNR (dB, from the MSE over all pixels of all images, against the full {info['sampler']['steps']}-step "
            "run from the same seeds) at matched speedup, read off each method's Pareto front: linear interpolation "

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import sys
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from planner.errors import PlannerError
 from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference
@@ -45,6 +47,9 @@ class BenchConfig:
     peers: list[str] | None = None
     sweeps: dict[str, list[float]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: evaluation_seeds(32))
+    # Timed on the first ``timed_seeds`` of ``seeds`` (``None``: all), scored on all of them: a speed ratio
+    # settles on a few dozen images, a pooled PSNR needs hundreds (one drifting image decides it on 32).
+    timed_seeds: int | None = None
     calib_samples: int = 8
     repeats: int = 5
     warmup: int = 1
@@ -67,7 +72,10 @@ class Point:
     setting: str
     budget: str | None = None
     status: str = "ok"
-    contender: Contender | None = None
+    # How the method samples given inputs: ``draw(conditions, seeds)``, inside ``context()`` where it has one
+    # (a plan's hooks); ``None`` once it failed.
+    draw: Callable[[list, list[int]], Any] | None = None
+    context: Callable[[], AbstractContextManager] | None = None
     predicted_speedup: float | None = None
     calib_error: float | None = None
     search_s: float | None = None
@@ -78,6 +86,10 @@ class Point:
     @property
     def key(self) -> str:
         return f"{self.method} | {self.setting}"
+
+    def contender(self, conditions: list, seeds: list[int]) -> Contender:
+        """This method sampling ``conditions`` from ``seeds``, as the timer and the scorer run it."""
+        return Contender(lambda draw=self.draw: draw(conditions, seeds), context=self.context)
 
 
 @dataclass
@@ -103,26 +115,29 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     seeds = list(config.seeds)
     if not seeds:
         raise PlannerError("no evaluation seeds given")
+    if config.timed_seeds is not None and not 1 <= config.timed_seeds <= len(seeds):
+        raise PlannerError(f"timed seeds must be from 1 to the {len(seeds)} seeds given, got {config.timed_seeds}")
     check_held_out(seeds, range(config.calib_samples))
     conditions = runner.conditions(len(seeds), seed=seeds[0])
+    n_timed = config.timed_seeds or len(seeds)
 
-    points = strategy_points(runner, sampler, conditions, seeds, config)
+    points = strategy_points(runner, sampler, config)
     if config.fewer_steps:
-        points += fewer_steps_points(runner, sampler, conditions, seeds, config.budgets)
+        points += fewer_steps_points(runner, sampler, config.budgets)
     peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps,
                               calib_samples=config.calib_samples)
     for name, why in skipped.items():
         _say(config, f"peer {name} skipped: {why}")
     for p in peers:
-        points.append(Point(p.method, KIND_PEER, p.setting,
-                            contender=Contender(lambda run=p.run: run(conditions, seeds, sampler))))
+        points.append(Point(p.method, KIND_PEER, p.setting, draw=lambda c, s, run=p.run: run(c, s, sampler)))
 
-    timed, reference_flops = _time_all(runner, sampler, conditions, seeds, points, config)
-    rows = _rows(runner, conditions, points, timed, sampler, reference_flops)
+    timed, reference_flops = _time_all(runner, sampler, conditions[:n_timed], seeds[:n_timed], points, config)
+    outputs = timed.outputs if n_timed == len(seeds) else _score_all(runner, sampler, conditions, seeds, points, config)
+    rows = _rows(runner, conditions, points, timed, outputs, sampler, reference_flops)
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
     info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
-            "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec, "seeds": seeds, "n": len(seeds), "repeats": config.repeats, "warmup": config.warmup,
+            "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec, "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": config.repeats, "warmup": config.warmup,
             "sampler": sampler.to_dict(), "budgets": config.budgets, "wall_s": time.perf_counter() - start}
     return BenchResult(rows, skipped, info)
 
@@ -130,7 +145,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
 # --------------------------------------------------------------------------- ours and baselines
 
 
-def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> list[Point]:
+def strategy_points(runner, sampler, config: BenchConfig) -> list[Point]:
     """One point per (budget, costs, strategy): the plan searched on the calibration inputs (failures become
     points carrying their message), saved under ``config.out/plans`` when ``out`` is set."""
     from planner.profile.store import profile_for
@@ -156,12 +171,11 @@ def strategy_points(runner, sampler, conditions, seeds, config: BenchConfig) -> 
         ctx = context.with_costs(costs)
         if all(c.costs != ctx.costs for c in contexts.values()):
             contexts[costs] = ctx
-    return [_strategy_point(name, budget, costs, ctx, runner, conditions, seeds, sampler, config)
+    return [_strategy_point(name, budget, costs, ctx, runner, sampler, config)
             for budget in budgets for costs, ctx in contexts.items() for name in names]
 
 
-def _strategy_point(name: str, budget, costs: str, context, runner, conditions, seeds, sampler,
-                    config: BenchConfig) -> Point:
+def _strategy_point(name: str, budget, costs: str, context, runner, sampler, config: BenchConfig) -> Point:
     """The point of strategy ``name`` searched for ``budget`` in ``context`` (which prices plans by the
     ``costs`` asked for; a failure is a point carrying its message)."""
     from planner.executor import apply_plan
@@ -188,16 +202,14 @@ def _strategy_point(name: str, budget, costs: str, context, runner, conditions, 
     point.predicted_speedup, point.calib_error = pred.speedup, pred.calib_error
     if out is not None:
         point.plan = str(Path(config.out) / "plans" / out.name)
-    point.contender = Contender(
-        lambda: runner.run(conditions, seeds, sampler),
-        context=lambda plan=plan: apply_plan(runner.pipe, plan),
-    )
+    point.draw = lambda conditions, seeds: runner.run(conditions, seeds, sampler)
+    point.context = lambda plan=plan: apply_plan(runner.pipe, plan)
     _say(config, f"{name} {label}: searched in {point.search_s:.1f} s, predicted {pred.speedup:.2f}x, "
                  f"calibration error {pred.calib_error:.4f}")
     return point
 
 
-def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -> list[Point]:
+def fewer_steps_points(runner, sampler, budgets: list[str]) -> list[Point]:
     """Plain sampling with ``floor(steps / s)`` steps for each speed budget ``s``: the most steps that still
     meet the budget, as every strategy's plan must (``round`` would leave 17 of 50 steps at 2.94x for 3x)."""
     from planner.search.budget import Budget
@@ -213,7 +225,7 @@ def fewer_steps_points(runner, sampler, conditions, seeds, budgets: list[str]) -
         fewer = replace(sampler, steps=steps)
         points.append(Point(FEWER_STEPS, KIND_BASELINE, f"{steps} steps", budget=budget.label(),
                             predicted_speedup=sampler.steps / steps,
-                            contender=Contender(lambda s=fewer: runner.run(conditions, seeds, s))))
+                            draw=lambda conditions, seeds, s=fewer: runner.run(conditions, seeds, s)))
     return points
 
 
@@ -248,7 +260,7 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
 
     from planner.bench.flops import count_flops
 
-    k = sum(1 for p in points if p.contender is not None)
+    k = sum(1 for p in points if p.draw is not None)
     warmup = max(0, config.warmup - 1)
     total = (k + 1) + warmup * (k + 1) + 1 + config.repeats * (k + math.ceil(k / max(1, config.reference_every)))
     bar = tqdm(total=total, desc="bench runs", disable=not config.progress, file=sys.stderr)
@@ -256,15 +268,16 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
         reference_flops, _ = count_flops(lambda: runner.run(conditions, seeds, sampler))
         bar.update(1)
         for p in points:
-            if p.contender is None:
+            if p.draw is None:
                 continue
+            contender = p.contender(conditions, seeds)
             try:
-                p.flops, _ = count_flops(p.contender.run, p.contender.context)
+                p.flops, _ = count_flops(contender.run, contender.context)
             except Exception as exc:  # noqa: BLE001 - a peer that crashes on this model must not end the bench
-                p.status, p.contender = f"failed: {type(exc).__name__}: {exc}".replace("\n", " "), None
+                p.status, p.draw = f"failed: {type(exc).__name__}: {exc}".replace("\n", " "), None
                 _say(config, f"{p.key}: {p.status}")
             bar.update(1)
-        contenders = {p.key: p.contender for p in points if p.contender is not None}
+        contenders = {p.key: p.contender(conditions, seeds) for p in points if p.draw is not None}
         timed = time_against_reference(
             Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
             warmup=warmup, reference_every=config.reference_every, device=runner.device,
@@ -275,10 +288,25 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
         bar.close()
 
 
-def _rows(runner, conditions, points: list[Point], timed, sampler, reference_flops: int) -> list[dict]:
+def _score_all(runner, sampler, conditions, seeds, points: list[Point], config: BenchConfig) -> dict[str, Any]:
+    """Every timed method's output (and full compute's, under ``REFERENCE``) on all of ``seeds``, untimed."""
+    from tqdm.auto import tqdm
+
+    out = {REFERENCE: runner.run(conditions, seeds, sampler)}
+    for p in tqdm([p for p in points if p.draw is not None], desc="scored runs", disable=not config.progress,
+                  file=sys.stderr):
+        contender = p.contender(conditions, seeds)
+        with contender.context() if contender.context else contextlib.nullcontext():
+            out[p.key] = contender.run()
+    return out
+
+
+def _rows(runner, conditions, points: list[Point], timed, outputs: dict[str, Any], sampler,
+          reference_flops: int) -> list[dict]:
+    """One row per point: speed from ``timed``, quality of its entry in ``outputs`` against full compute's."""
     from planner.bench.flops import flop_speedup
 
-    full = timed.outputs[REFERENCE]
+    full = outputs[REFERENCE]
     ref = timed.reference_seconds
     reference = {"method": NO_CACHE, "kind": KIND_REFERENCE, "setting": f"{sampler.steps} steps", "budget": None,
                  "status": "ok", "speedup": 1.0, "speedup_min": None, "speedup_max": None,
@@ -296,7 +324,7 @@ def _rows(runner, conditions, points: list[Point], timed, sampler, reference_flo
             t = timed.timings[p.key]
             lo, hi = t.speedup_range
             row.update(speedup=t.speedup, speedup_min=lo, speedup_max=hi, median_s=t.median_s)
-            row.update(quality(timed.outputs[p.key], full), **meter_scores(runner, timed.outputs[p.key], conditions))
+            row.update(quality(outputs[p.key], full), **meter_scores(runner, outputs[p.key], conditions))
         row["plan"], row["params"] = p.plan, json.dumps(p.params, sort_keys=True) if p.params else None
         rows.append(row)
     # Every row has every column (unmeasured ones None), so a failed point reads like the others.

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
                    help="knob values traced for a peer (a threshold, or a cache interval / skip range), repeatable")
     p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
+    p.add_argument("--timed-seeds", type=count_arg, default=None,
+                   help="time every method on the first N of the seeds only, score its quality on all of them "
+                        "(default: all timed; e.g. 256 seeds scored, 32 timed)")
     p.add_argument("--calib-samples", type=count_arg, default=8, help="calibration inputs of the searches (seeds 0..N-1)")
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
     p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs of every method, interleaved with full compute")
@@ -128,14 +131,16 @@ def cmd_bench(args) -> int:
         raise PlannerError(f"--budgets names no budget: {args.budgets!r} (write e.g. 1.5x,2x,3x)")
     models = _models(args)
     costs = _costs(args.costs)
+    seeds = parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES)
+    if args.timed_seeds is not None and not 1 <= args.timed_seeds <= len(seeds):
+        raise PlannerError(f"--timed-seeds must be from 1 to the {len(seeds)} seeds given, got {args.timed_seeds}")
     if args.out:
         check_output_path(args.out, "folder")
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
     config = BenchConfig(
         budgets=budgets, costs=costs, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
         peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
-        seeds=parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES),
-        calib_samples=args.calib_samples, repeats=args.repeats, warmup=args.warmup,
+        seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats, warmup=args.warmup,
         reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps, profile=args.profile,
         progress=not (args.quiet or args.json),
     )
