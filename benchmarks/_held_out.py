@@ -94,3 +94,12 @@ def search_context(model: HeldOut):
     context = SearchContext.build(model.runner, model.sampler, profile_for(model.runner, model.sampler, None, samples=8))
     context.widened(JUDGE_FACTOR * len(context.seeds))
     return context
+
+
+def searched_rows(name: str, budgets: list[str], costs: list[str], n_seeds: int, row_for) -> list[dict]:
+    """One row per cost source and budget on model ``name`` (``n_seeds`` held-out seeds): ``model``, ``costs``,
+    ``budget`` and what ``row_for(model, context, cost, budget)`` gives, every search on one shared context."""
+    model = next(held_out_models(name, n_seeds))
+    context = search_context(model)
+    return [{"model": name, "costs": cost, "budget": budget, **row_for(model, context, cost, budget)}
+            for cost in costs for budget in budgets]

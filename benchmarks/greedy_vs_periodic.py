@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._held_out import held_out_models, rows_per_model, search_context, search_parser  # noqa: E402
+from benchmarks._held_out import rows_per_model, search_parser, searched_rows  # noqa: E402
 from benchmarks._results import finish  # noqa: E402
 
 SEEDS = ("compare", "periodic")
@@ -27,23 +27,22 @@ SEEDS = ("compare", "periodic")
 
 def model_rows(name: str, budgets: list[str], costs: list[str], n_seeds: int) -> list[dict]:
     """Both searches at each cost source and budget on model ``name``, and their plans on held-out seeds."""
+    return searched_rows(name, budgets, costs, n_seeds, both_searches)
+
+
+def both_searches(model, context, cost: str, budget: str) -> dict:
+    """Greedy with each ``seeds`` setting: its plan on the held-out seeds, what it chose and its calibration runs."""
     from planner.metrics import psnr_summary
     from planner.search.api import run_search
 
-    model = next(held_out_models(name, n_seeds))
-    context = search_context(model)
-    rows = []
-    for cost in costs:
-        for budget in budgets:
-            row = {"model": name, "costs": cost, "budget": budget}
-            for seeds in SEEDS:
-                outcome = run_search(None, budget, strategy="greedy", context=context, costs=cost, seeds=seeds)
-                plan, params = outcome.plan, outcome.plan.provenance.params
-                row[seeds] = {**psnr_summary(model.run(plan), model.reference), "chosen": params.get("chosen"),
-                              "judged": params.get("judged"), "speedup": plan.prediction.speedup,
-                              "runs": params["search_cost"]["runs"]}
-            rows.append(row)
-    return rows
+    row = {}
+    for seeds in SEEDS:
+        outcome = run_search(None, budget, strategy="greedy", context=context, costs=cost, seeds=seeds)
+        plan, params = outcome.plan, outcome.plan.provenance.params
+        row[seeds] = {**psnr_summary(model.run(plan), model.reference), "chosen": params.get("chosen"),
+                      "judged": params.get("judged"), "speedup": plan.prediction.speedup,
+                      "runs": params["search_cost"]["runs"]}
+    return row
 
 
 def render(rows: list[dict], seeds: int) -> None:

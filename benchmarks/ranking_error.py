@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._held_out import held_out_models, rows_per_model, search_context, search_parser  # noqa: E402
+from benchmarks._held_out import rows_per_model, search_parser, searched_rows  # noqa: E402
 from benchmarks._results import finish  # noqa: E402
 
 RANKINGS = ("pooled", "typical")
@@ -42,26 +42,25 @@ def search(context, budget: str, costs: str, ranking: str):
 
 def model_rows(name: str, budgets: list[str], costs: list[str], n_seeds: int) -> list[dict]:
     """Both searches at each cost source and budget on model ``name``, and their plans on held-out seeds."""
+    return searched_rows(name, budgets, costs, n_seeds, both_rankings)
+
+
+def both_rankings(model, context, cost: str, budget: str) -> dict:
+    """Greedy ranking by each statistic: its plan on the held-out seeds (scored once where both agree)."""
     from planner.metrics import psnr_summary
 
-    model = next(held_out_models(name, n_seeds))
-    context = search_context(model)
-    rows = []
-    for cost in costs:
-        for budget in budgets:
-            plans = {ranking: search(context, budget, cost, ranking) for ranking in RANKINGS}
-            scores: dict = {}
-            row = {"model": name, "costs": cost, "budget": budget}
-            for ranking, plan in plans.items():
-                key = (plan.output, str(plan.decisions))
-                if key not in scores:
-                    scores[key] = psnr_summary(model.run(plan), model.reference)
-                params = plan.provenance.params
-                row[ranking] = {**scores[key], "chosen": params.get("chosen"), "periodic": params.get("periodic"),
-                                "speedup": plan.prediction.speedup}
-            row["same_plan"] = len(scores) == 1
-            rows.append(row)
-    return rows
+    plans = {ranking: search(context, budget, cost, ranking) for ranking in RANKINGS}
+    scores: dict = {}
+    row = {}
+    for ranking, plan in plans.items():
+        key = (plan.output, str(plan.decisions))
+        if key not in scores:
+            scores[key] = psnr_summary(model.run(plan), model.reference)
+        params = plan.provenance.params
+        row[ranking] = {**scores[key], "chosen": params.get("chosen"), "periodic": params.get("periodic"),
+                        "speedup": plan.prediction.speedup}
+    row["same_plan"] = len(scores) == 1
+    return row
 
 
 def render(rows: list[dict], seeds: int) -> None:

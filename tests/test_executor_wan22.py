@@ -44,6 +44,21 @@ def count_calls(module: torch.nn.Module) -> tuple[list[int], torch.utils.hooks.R
     return n, module.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
 
 
+def run_counting_attention(pipe, plan) -> tuple[torch.Tensor, dict, tuple[int, int]]:
+    """``pipe`` run under ``plan``: its output, the executor's stats, and how often the first block's
+    attention computed in each transformer."""
+    q1, h1 = count_calls(pipe.transformer.blocks[0].attn1.to_q)
+    q2, h2 = count_calls(pipe.transformer_2.blocks[0].attn1.to_q)
+    try:
+        with apply_plan(pipe, plan) as handle:
+            planned = call(pipe)
+            stats = handle.stats()
+    finally:
+        h1.remove()
+        h2.remove()
+    return planned, stats, (q1[0], q2[0])
+
+
 def test_each_transformer_takes_its_decisions_at_its_own_steps(made):
     runner, sampler, pipe = made
     steps = runner.component_steps(sampler)
@@ -54,17 +69,9 @@ def test_each_transformer_takes_its_decisions_at_its_own_steps(made):
     assert plan.model.components["transformer_2"].steps == [2, 3, 4, 5]
 
     full = call(pipe)
-    q1, h1 = count_calls(pipe.transformer.blocks[0].attn1.to_q)
-    q2, h2 = count_calls(pipe.transformer_2.blocks[0].attn1.to_q)
-    try:
-        with apply_plan(pipe, plan) as handle:
-            planned = call(pipe)
-            stats = handle.stats()
-    finally:
-        h1.remove()
-        h2.remove()
+    planned, stats, (q1, q2) = run_counting_attention(pipe, plan)
     # two calls (cond, uncond) per step: transformer's attn1 computes at step 0 of its 0-1, transformer_2's at 2 and 4
-    assert (q1[0], q2[0]) == (2, 4)
+    assert (q1, q2) == (2, 4)
     assert stats["runs"] == 1 and stats["steps_run"] == list(range(STEPS)) and stats["fallbacks"] == 0
     assert stats["executed"]["blocks.0.attn1"] == "CR...."
     assert stats["executed"]["transformer_2.blocks.0.attn1"] == "..CRCR"
@@ -89,16 +96,8 @@ def test_the_whole_output_is_forecast_from_its_own_transformers_outputs_only(mad
 
     runner, sampler, pipe = made
     plan = loads_plan(plan_to_json(plan_for_runner(runner, sampler, {}, output="CCCFCQ")))
-    q1, h1 = count_calls(pipe.transformer.blocks[0].attn1.to_q)
-    q2, h2 = count_calls(pipe.transformer_2.blocks[0].attn1.to_q)
-    try:
-        with apply_plan(pipe, plan) as handle:
-            planned = call(pipe)
-            stats = handle.stats()
-    finally:
-        h1.remove()
-        h2.remove()
-    assert (q1[0], q2[0]) == (2 * 2, 2 * 2)  # cond and uncond at steps 0, 1 and at steps 2, 4
+    planned, stats, (q1, q2) = run_counting_attention(pipe, plan)
+    assert (q1, q2) == (2 * 2, 2 * 2)  # cond and uncond at steps 0, 1 and at steps 2, 4
     # step 3: transformer_2 has kept step 2 alone, so its forecast reuses it (across the switch it would have
     # extrapolated from steps 1 and 2); step 5: the second-order forecast has two outputs, steps 2 and 4
     assert stats["output"] == "CCCRCF" and torch.isfinite(planned).all()
