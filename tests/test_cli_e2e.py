@@ -309,7 +309,8 @@ def test_wan22_two_transformers_profile_search_eval_apply(folders, tmp_path, mon
         if served:  # transformer_2 did not run at some of its steps
             assert stats["output"][4] == "C" and set(stats["output"][4:]) - {"C"}, stats
         else:  # its modules decided at its own steps only
-            assert any(v.startswith("....") for m, v in stats["executed"].items() if m.startswith("transformer_2.")), stats
+            assert any(v.startswith("....") for m, v in stats["executed"].items()
+                       if m.startswith("transformer_2.")), stats
     out = cli_json(capsys, "sample", "--model", str(folder), *size_flags(kind), "--n", "1", "--steps", "2", "--out", "v.png")
     assert Path(out["out"]).is_file()
 

@@ -137,7 +137,8 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
     info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
-            "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec, "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": config.repeats, "warmup": config.warmup,
+            "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec,
+            "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": config.repeats, "warmup": config.warmup,
             "sampler": sampler.to_dict(), "budgets": config.budgets, "wall_s": time.perf_counter() - start}
     return BenchResult(rows, skipped, info)
 

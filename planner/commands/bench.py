@@ -140,7 +140,8 @@ def cmd_bench(args) -> int:
     config = BenchConfig(
         budgets=budgets, costs=costs, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
         peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
-        seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats, warmup=args.warmup,
+        seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats,
+        warmup=args.warmup,
         reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps, profile=args.profile,
         progress=not (args.quiet or args.json),
     )

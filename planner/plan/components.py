@@ -7,8 +7,8 @@ other transformer carry its pipeline component's name as a prefix (``transformer
 where a module's transformer does not run the module has no decision: its code there must be ``C``
 (:func:`check_components`, part of :meth:`planner.plan.Plan.validate`). The transformer's whole output
 (``Plan.output``) is each transformer's own too: a forecast never extrapolates through outputs of two
-transformers (they are different networks), so the first step of each must compute. A plan without components is a
-single-transformer plan whose modules run at every step, as before.
+transformers (they are different networks), so the first step of each must compute. A plan without
+components is a single-transformer plan whose modules run at every step, as before.
 """
 
 from __future__ import annotations
