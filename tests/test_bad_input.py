@@ -883,7 +883,7 @@ def test_plan_records_the_scheduler_and_1_0_files_still_load(digits_plan10):
     assert re.fullmatch(r"[0-9a-f]{12}", doc["sampler"]["scheduler_config"])
     assert doc["sampler"]["resolution"] is None and doc["sampler"]["frames"] is None
     assert loads_plan(plan_to_json(digits_plan10)).sampler.scheduler_config == doc["sampler"]["scheduler_config"]
-    old = load_plan(PLAN)  # a committed 1.0.0 plan
+    old = load_plan(ROOT / "plans" / "digits-dit-ddim50-g3-optuna-2x.json")  # a committed 1.0.0 plan
     assert old.sampler.scheduler_config is None
 
 

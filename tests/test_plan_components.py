@@ -88,7 +88,7 @@ def test_compute_absent_keeps_a_strategys_codes_to_each_transformers_steps():
 
 def test_single_transformer_plans_of_older_versions_load_unchanged():
     """A committed single-transformer plan of an older version reads as before and writes no components."""
-    path = ROOT / "plans" / "digits-dit-ddim50-g3-greedy-2x.json"
+    path = ROOT / "plans" / "digits-dit-ddim50-g3-optuna-2x.json"
     doc = json.loads(path.read_text())
     assert doc["version"] in ("1.0.0", "1.1.0", "1.2.0") and "components" not in doc["model"]
     plan = load_plan(path)
