@@ -106,6 +106,12 @@ def _say(config: BenchConfig, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def check_timed_seeds(timed: int | None, n: int, name: str = "timed seeds") -> None:
+    """PlannerError unless ``timed`` (``None``: all of them) is from 1 to the ``n`` seeds given."""
+    if timed is not None and not 1 <= timed <= n:
+        raise PlannerError(f"{name} must be from 1 to the {n} seeds given, got {timed}")
+
+
 def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     """Run the whole bench on ``runner``/``sampler`` (see the package docstring); nothing is written here."""
     from planner.bench.peers import PEERS, peer_runs
@@ -115,8 +121,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     seeds = list(config.seeds)
     if not seeds:
         raise PlannerError("no evaluation seeds given")
-    if config.timed_seeds is not None and not 1 <= config.timed_seeds <= len(seeds):
-        raise PlannerError(f"timed seeds must be from 1 to the {len(seeds)} seeds given, got {config.timed_seeds}")
+    check_timed_seeds(config.timed_seeds, len(seeds))
     check_held_out(seeds, range(config.calib_samples))
     conditions = runner.conditions(len(seeds), seed=seeds[0])
     n_timed = config.timed_seeds or len(seeds)

@@ -113,6 +113,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from planner.bench import BenchConfig
+    from planner.bench.run import check_timed_seeds
     from planner.bench.peers import parse_sweeps
     from planner.io import check_output_path
     from planner.search.budget import Budget
@@ -132,8 +133,7 @@ def cmd_bench(args) -> int:
     models = _models(args)
     costs = _costs(args.costs)
     seeds = parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES)
-    if args.timed_seeds is not None and not 1 <= args.timed_seeds <= len(seeds):
-        raise PlannerError(f"--timed-seeds must be from 1 to the {len(seeds)} seeds given, got {args.timed_seeds}")
+    check_timed_seeds(args.timed_seeds, len(seeds), "--timed-seeds")
     if args.out:
         check_output_path(args.out, "folder")
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
