@@ -263,3 +263,39 @@ def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digit
     assert row["speedup"] > 0 and result.info["timed_seeds"] == 2 and result.info["n"] == 4
     with pytest.raises(PlannerError, match="timed seeds"):
         run_bench(digits, sampler, BenchConfig(strategies=[], peers=[], seeds=seeds, timed_seeds=5, progress=False))
+
+
+def test_top_up_searches_again_where_the_plan_for_the_largest_budget_ran_below_it():
+    """A plan searched on measured costs for the largest budget that ran slower is searched again with the budget
+    raised by the shortfall; FLOP-costed plans, smaller budgets, plans that reached it and top-ups whose search
+    failed are left out. The timings are given, not measured."""
+    from types import SimpleNamespace
+
+    from planner.bench.run import KIND_OURS, BenchConfig, Point, _top_up_points
+
+    asked = []
+
+    def again(method, ok=True):
+        def search(budget):
+            asked.append((method, budget.speedup))
+            return Point(method, KIND_OURS, budget.label(), budget=budget.label(), draw=print if ok else None)
+        return search
+
+    def point(method, setting, predicted, ok=True, measured=True):
+        return Point(method, KIND_OURS, setting, budget=setting.split()[0], predicted_speedup=predicted,
+                     search_again=again(method, ok) if measured else None)
+
+    points = [point("greedy", "2x", 2.0), point("greedy", "3x", 3.06),
+              point("greedy", "3x FLOPs", 3.12, measured=False), point("optuna", "3x", 3.0),
+              point("l2c", "3x", 3.0, ok=False)]
+    speedups = {"greedy | 2x": 1.9, "greedy | 3x": 2.91, "greedy | 3x FLOPs": 2.5, "optuna | 3x": 3.05,
+                "l2c | 3x": 2.5}
+    timed = SimpleNamespace(timings={k: SimpleNamespace(speedup=v) for k, v in speedups.items()})
+
+    top_ups = _top_up_points(points, timed, BenchConfig(budgets=["1.5x", "2x", "3x"], progress=False))
+
+    assert asked == [("greedy", round(3.06 * 3 / 2.91, 2)), ("l2c", 3.6)]
+    assert [p.key for p in top_ups] == ["greedy | 3.15x (top-up for 3x)"]
+    asked.clear()
+    top_ups = _top_up_points(points, timed, BenchConfig(budgets=["1.5x", "2x"], progress=False))
+    assert asked == [("greedy", round(2.0 * 2 / 1.9, 2))] and [p.setting for p in top_ups] == ["2.11x (top-up for 2x)"]

@@ -108,6 +108,10 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
            "between the measured neighbours, the slowest point when all are faster, blank when the method does not "
            "reach that speed (docs/eval-and-bench.md).")
     lines = [setup, "", how, ""]
+    if info.get("top_up"):
+        plans = ", ".join(f"{t['method']} {t['budget']}" for t in info["top_up"])
+        lines += [f"Searched again because the plan for the largest budget ran slower than it: {plans} (the rows "
+                  "marked top-up).", ""]
     for axis, title in AXES.items():
         lines += [f"**At matched {title}**", "", "| method | kind | " + " | ".join(f"{t:g}x" for t in targets) + " |",
                   "|---|---|" + "---|" * len(targets)]

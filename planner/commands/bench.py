@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=repeats_arg, default=1, help="untimed rounds of every method first")
     p.add_argument("--reference-every", type=count_arg, default=4, help="a full-compute run after every N method runs")
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-sampling-steps baseline")
+    p.add_argument("--no-top-up", action="store_true", help="do not search again where our plan for the largest "
+                   "budget on measured costs ran slower than that budget")
     p.add_argument("--threads", type=threads_arg, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--out", default=None, help="output folder (default: bench/<model>; with --models: bench/, one "
                    "subfolder per model)")
@@ -142,7 +144,8 @@ def cmd_bench(args) -> int:
         peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
         seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats,
         warmup=args.warmup,
-        reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps, profile=args.profile,
+        reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps,
+        top_up=not args.no_top_up, profile=args.profile,
         progress=not (args.quiet or args.json),
     )
     if models is None:
