@@ -243,12 +243,15 @@ def _top_up_points(points: list[Point], timed, config: BenchConfig) -> list[Poin
 
     largest = max((b for b in map(Budget.parse, config.budgets) if b.speedup is not None),
                   key=lambda b: b.speedup, default=None)
+    if largest is None:
+        return []
     out = []
     for p in points:
-        if (largest is None or p.search_again is None or p.budget != largest.label() or p.key not in timed.timings
-                or timed.timings[p.key].speedup >= largest.speedup):
+        if p.search_again is None or p.budget != largest.label() or p.key not in timed.timings:
             continue
         realized = timed.timings[p.key].speedup
+        if realized >= largest.speedup:
+            continue
         raised = Budget(speedup=round(p.predicted_speedup * largest.speedup / realized, 2))
         _say(config, f"{p.key}: ran at {realized:.2f}x, searching again for {raised.label()}")
         again = p.search_again(raised)

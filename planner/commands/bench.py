@@ -115,8 +115,8 @@ def cmd_bench(args) -> int:
     import torch
 
     from planner.bench import BenchConfig
-    from planner.bench.run import check_timed_seeds
     from planner.bench.peers import parse_sweeps
+    from planner.bench.run import check_timed_seeds
     from planner.io import check_output_path
     from planner.search.budget import Budget
     from planner.seeds import evaluation_seeds, parse_seeds
