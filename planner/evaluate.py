@@ -7,7 +7,9 @@ Timing (``time_against_reference``): warm-up first, then the reference (full com
 contenders run interleaved, ``R A R A ...`` or with several contenders ``R A B C R A B C R ...``;
 each contender's run is paired with the mean of the reference runs just before and after it, and
 its speedup is the median of those per-run ratios, with their min-max spread. Drifting machine
-load (other jobs on a shared box) so hits both sides of every ratio alike. Set-up such as
+load (other jobs on a shared box) so hits both sides of every ratio alike; what it does not cancel
+shows as scatter of the per-run ratios, which ``timing_noise`` turns into a standard error that the
+reports state (and flag above ``NOISY_TIMING``). Set-up such as
 installing a plan's hooks happens outside the timer; on a GPU every run is fenced by
 ``torch.cuda.synchronize``.
 
@@ -96,6 +98,37 @@ class TimedRuns:
     order: list[str] = field(default_factory=list)
 
 
+# A realized speedup whose stated standard error is above this share of itself is flagged as noisy in reports:
+# on a steep front (quality falling fast with speed) a few percent of speed move a matched PSNR by a dB or
+# more. With a full run beside every timed run the stated error tracks how far the timer's medians move
+# from session to session (benchmarks/results/timing_noise.md).
+NOISY_TIMING = 0.05
+
+
+def timing_noise(timings: dict[str, Timing]) -> dict[str, Any] | None:
+    """How far the timed runs can be trusted, from the scatter of each contender's per-run speed ratios.
+
+    ``ratio_sd``: the relative standard deviation of one run's ratio (of log ratios around each contender's
+    mean, pooled over contenders by degrees of freedom); ``speedup_se``: what that leaves on a speedup
+    from ``runs`` runs (``ratio_sd / sqrt(runs)``, the error of their mean; the timer reports their median);
+    ``noisy``: above ``NOISY_TIMING``. ``None`` when no contender has two runs.
+    """
+    squares, dof, runs = 0.0, 0, []
+    for t in timings.values():
+        logs = [math.log(r) for r in t.ratios]
+        if len(logs) < 2:
+            continue
+        mean = statistics.fmean(logs)
+        squares += sum((x - mean) ** 2 for x in logs)
+        dof += len(logs) - 1
+        runs.append(len(logs))
+    if not dof:
+        return None
+    ratio_sd = math.sqrt(squares / dof)
+    speedup_se = ratio_sd / math.sqrt(min(runs))
+    return {"ratio_sd": ratio_sd, "speedup_se": speedup_se, "runs": min(runs), "noisy": speedup_se > NOISY_TIMING}
+
+
 def interleaved_order(names: list[str], repeats: int, reference_every: int) -> list[str]:
     """The timed sequence: the reference first, then ``repeats`` rounds of the contenders in turn, the
     reference again after every ``reference_every`` contenders and at the end: ``R A B R A B R``."""
@@ -109,19 +142,23 @@ def interleaved_order(names: list[str], repeats: int, reference_every: int) -> l
 
 
 def time_against_reference(reference: Contender, contenders: dict[str, Contender], repeats: int = 5,
-                           warmup: int = 1, reference_every: int = 4, device: torch.device | str = "cpu",
+                           warmup: int = 1, reference_every: int = 1, device: torch.device | str = "cpu",
                            progress: Callable[[str], None] | None = None,
-                           clock: Callable[[], float] = time.perf_counter) -> TimedRuns:
+                           clock: Callable[[], float] = time.perf_counter,
+                           max_repeats: int | None = None) -> TimedRuns:
     """Time every contender against ``reference``, interleaved (see the module docstring).
 
-    ``warmup`` untimed rounds of all runs come first. Each contender's ``Timing`` pairs its runs with
-    the mean of the reference runs bracketing them. Outputs are the last run's of each (runs are
-    deterministic, so any run's would do). ``progress(name)`` is called after every run.
+    ``warmup`` untimed rounds of all runs come first, then ``repeats`` timed rounds; with ``max_repeats``
+    above ``repeats``, more rounds follow one at a time while :func:`timing_noise` calls the runs so far
+    noisy, up to ``max_repeats`` in all. Each contender's ``Timing`` pairs its runs with the mean of the
+    reference runs bracketing them. Outputs are the last run's of each (runs are deterministic, so any
+    run's would do). ``progress(name)`` is called after every run.
     """
     if REFERENCE in contenders:
         raise PlannerError(f"a contender may not be named {REFERENCE!r}")
     if repeats < 1 or warmup < 0:
         raise PlannerError(f"repeats must be at least 1 and warm-up rounds at least 0, got {repeats} and {warmup}")
+    max_repeats = max(repeats, max_repeats or repeats)
     runs = {REFERENCE: reference, **contenders}
     sync = _sync_for(device)
     outputs: dict[str, Any] = {}
@@ -141,19 +178,33 @@ def time_against_reference(reference: Contender, contenders: dict[str, Contender
     for _ in range(warmup):
         for name in runs:
             timed(name)
-    order = interleaved_order(list(contenders), repeats, max(1, reference_every))
+    one_round = interleaved_order(list(contenders), 1, max(1, reference_every))[1:]
+    order = [REFERENCE]
     with gc_paused():
-        seconds = [timed(name) for name in order]
+        seconds = [timed(REFERENCE)]
+        for done in range(1, max_repeats + 1):
+            order += one_round
+            seconds += [timed(name) for name in one_round]
+            if done >= repeats and not (timing_noise(_paired(order, seconds)) or {}).get("noisy"):
+                break
+    return TimedRuns(_paired(order, seconds), [s for s, name in zip(seconds, order) if name == REFERENCE], outputs,
+                     order)
+
+
+def _paired(order: list[str], seconds: list[float]) -> dict[str, Timing]:
+    """Each contender's runs in ``order`` (timed ``seconds``), paired with the mean of the reference runs
+    just before and after."""
     ref_positions = [i for i, name in enumerate(order) if name == REFERENCE]
-    timings: dict[str, Timing] = {name: Timing([], []) for name in contenders}
+    timings: dict[str, Timing] = {}
     for i, name in enumerate(order):
         if name == REFERENCE:
             continue
         before = max(p for p in ref_positions if p < i)
         after = min(p for p in ref_positions if p > i)
-        timings[name].seconds.append(seconds[i])
-        timings[name].reference_seconds.append((seconds[before] + seconds[after]) / 2)
-    return TimedRuns(timings, [seconds[p] for p in ref_positions], outputs, order)
+        timing = timings.setdefault(name, Timing([], []))
+        timing.seconds.append(seconds[i])
+        timing.reference_seconds.append((seconds[before] + seconds[after]) / 2)
+    return timings
 
 
 # --------------------------------------------------------------------------- quality
@@ -180,23 +231,29 @@ def meter_scores(runner, images: torch.Tensor, conditions: list[Any]) -> dict[st
 
 
 def evaluate_plan(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
-                  force: bool = False, progress: Callable[[str], None] | None = None) -> dict:
+                  force: bool = False, progress: Callable[[str], None] | None = None,
+                  max_repeats: int | None = None) -> dict:
     """Realized speedup and quality of ``plan`` against full compute on held-out ``seeds``.
 
     Refuses seeds overlapping the plan's calibration seeds unless ``force`` (before any model runs).
     Returns a JSON-ready report: ``seeds`` (compact text), ``n``, ``full_s`` / ``plan_s`` (medians)
     with ``full_range_s`` / ``plan_range_s``, ``speedup`` (median of interleaved per-run ratios),
-    ``speedup_range`` (their min and max), ``repeats``, the :func:`quality` scores, ``executor`` stats,
-    and for models with a meter ``meter`` = ``{"full": ..., "plan": ...}``, its scores of each run.
+    ``speedup_range`` (their min and max), ``repeats`` (the timed runs of the plan), ``timing_noise``
+    (:func:`timing_noise`), the :func:`quality` scores, ``executor`` stats, and for models with a meter
+    ``meter`` = ``{"full": ..., "plan": ...}``, its scores of each run. ``max_repeats``: more timed runs
+    while the timing is noisy (:func:`time_against_reference`).
     """
-    return evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats, warmup, force, progress)[0]
+    return evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats, warmup, force, progress,
+                                      max_repeats=max_repeats)[0]
 
 
 def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
                                force: bool = False, progress: Callable[[str], None] | None = None,
-                               conditions: list[Any] | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                               conditions: list[Any] | None = None,
+                               max_repeats: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """:func:`evaluate_plan`'s report plus the full and planned outputs (images) it compared.
-    ``conditions``: one per seed (default: the runner's conditions for the seeds)."""
+    ``conditions``: one per seed (default: the runner's conditions for the seeds); ``max_repeats``: see
+    :func:`time_against_reference`."""
     from planner.executor import apply_plan
 
     if not seeds:
@@ -218,6 +275,7 @@ def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats:
         Contender(lambda: runner.run(conditions, seeds, sampler)),
         {"plan": Contender(lambda: runner.run(conditions, seeds, sampler), context=install)},
         repeats=repeats, warmup=warmup, reference_every=1, device=runner.device, progress=progress,
+        max_repeats=max_repeats,
     )
     full, planned = timed.outputs[REFERENCE], timed.outputs["plan"]
     t, ref = timed.timings["plan"], timed.reference_seconds
@@ -225,7 +283,7 @@ def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats:
         "plan_strategy": plan.provenance.strategy,
         "seeds": format_seeds(seeds),
         "n": len(seeds),
-        "repeats": repeats,
+        "repeats": len(t.seconds),
         "full_s": statistics.median(ref),
         "full_range_s": [min(ref), max(ref)],
         "plan_s": t.median_s,
@@ -233,6 +291,7 @@ def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats:
         "speedup": t.speedup,
         "speedup_range": list(t.speedup_range),
         "predicted_speedup": plan.prediction.speedup,
+        "timing_noise": timing_noise(timed.timings),
         **quality(planned, full),
         "executor": _executor_summary(handles[-1].stats()),
     }
@@ -278,4 +337,9 @@ def eval_markdown(report: dict) -> str:
     note = (f"\n\n{report['n']} held-out seeds {report['seeds']}, {report['repeats']} interleaved timed runs per side "
             "after a warm-up; speedup = median of per-run ratios. PSNR pooled: from the MSE over all images; mean, "
             "p5, worst: of the per-image PSNRs.")
+    noise = report.get("timing_noise")
+    if noise:
+        note += (f" The speedup is uncertain by about {noise['speedup_se']:.1%} (standard error from the scatter of "
+                 "the per-run ratios)" + (": noisy timing, rerun with more repeats on an idle machine." if noise["noisy"]
+                                          else "."))
     return f"{head}\n{sep}\n{full}\n{plan}{note}"

@@ -251,7 +251,7 @@ def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digit
 
     sampler = digits.resolve(Sampler("ddim", 4, 3.0))
     seeds = [EVAL_SEED_BASE + i for i in range(4)]
-    config = BenchConfig(budgets=["2x"], strategies=[], peers=[], seeds=seeds, timed_seeds=2, repeats=1, warmup=0,
+    config = BenchConfig(budgets=["2x"], strategies=[], peers=[], seeds=seeds, timed_seeds=2, repeats=2, warmup=0,
                          progress=False)
     result = run_bench(digits, sampler, config)
     row = next(r for r in result.rows if r["method"] == "fewer steps")
@@ -261,8 +261,25 @@ def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digit
     assert row["psnr"] == pytest.approx(psnr_summary(fewer, full)["psnr"], abs=1e-4)
     assert row["psnr"] != pytest.approx(psnr_summary(fewer[:2], full[:2])["psnr"], abs=1e-4)
     assert row["speedup"] > 0 and result.info["timed_seeds"] == 2 and result.info["n"] == 4
+    assert result.info["timing_noise"]["runs"] == 2 and "load_before" in result.info["timing_noise"]
     with pytest.raises(PlannerError, match="timed seeds"):
         run_bench(digits, sampler, BenchConfig(strategies=[], peers=[], seeds=seeds, timed_seeds=5, progress=False))
+
+
+def test_reports_state_the_timing_noise_and_flag_a_noisy_run():
+    from planner.bench.report import noise_summary, noise_text
+
+    steady = {"ratio_sd": 0.02, "speedup_se": 0.012, "runs": 3, "noisy": False, "load_before": 1.0,
+              "load_after": 1.2, "cpus": 2}
+    noisy = {**steady, "ratio_sd": 0.12, "speedup_se": 0.069, "noisy": True, "load_before": None}
+    assert noise_text(steady).startswith("Timing noise: one run's speed ratio scattered by 2.0%")
+    assert "uncertain by about 1.2%" in noise_text(steady) and "load average 1.0 before" in noise_text(steady)
+    assert "Noisy" not in noise_text(steady)
+    assert noise_text(noisy).startswith("**Noisy timing.**") and "6.9%" in noise_text(noisy)
+    assert "load average" not in noise_text(noisy) and "FLOP axis" in noise_text(noisy)
+    line = noise_summary({"a": steady, "b": noisy, "c": None})
+    assert "a 1.2%" in line and "b 6.9% (noisy)" in line and "c " not in line
+    assert noise_summary({"c": None}) == ""
 
 
 def test_top_up_searches_again_where_the_plan_for_the_largest_budget_ran_below_it():

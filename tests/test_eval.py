@@ -18,7 +18,8 @@ from planner.bench.peers import PEERS, parse_sweeps, peer_runs
 from planner.bench.margins import pareto_front, quality_at
 from planner.commands.bench import parse_strategy_params
 from planner.errors import PlannerError
-from planner.evaluate import REFERENCE, Contender, eval_markdown, evaluate_plan, interleaved_order, time_against_reference
+from planner.evaluate import (REFERENCE, Contender, Timing, eval_markdown, evaluate_plan, interleaved_order,
+                              time_against_reference, timing_noise)
 from planner.io import json_safe
 from planner.seeds import EVAL_SEED_BASE, check_held_out, format_seeds, parse_seeds
 from planner.plan import plan_for_runner, save_plan
@@ -124,6 +125,39 @@ def test_drift_hits_both_sides_of_each_ratio():
     assert timed.timings["a"].speedup == pytest.approx(2.0, rel=0.01)
 
 
+def test_timing_noise_is_the_pooled_scatter_of_per_run_ratios():
+    # "a" ran at 2x then 1.6x (one degree of freedom, log ratios ln 2 and ln 1.6); "b" at 3x twice (one, no
+    # scatter); "c" once (none): the pooled sd is the root of (ln 1.25)^2 / 2 over two degrees of freedom
+    timings = {"a": Timing([1.0, 1.25], [2.0, 2.0]), "b": Timing([1.0, 1.0], [3.0, 3.0]), "c": Timing([1.0], [2.0])}
+    noise = timing_noise(timings)
+    assert noise["ratio_sd"] == pytest.approx(math.log(1.25) / 2)
+    assert noise["speedup_se"] == pytest.approx(math.log(1.25) / 2 / math.sqrt(2)) and noise["runs"] == 2
+    assert noise["noisy"]
+    steady = timing_noise({"a": Timing([1.0, 1.0, 1.01], [2.0, 2.0, 2.0])})
+    assert steady["ratio_sd"] == pytest.approx(0.0057, abs=1e-4) and not steady["noisy"]
+    assert timing_noise({"c": Timing([1.0], [2.0])}) is None
+
+
+def test_rounds_are_added_while_the_timing_is_noisy_and_up_to_the_limit():
+    def timed(a_costs, **kw):
+        now, calls = [0.0], iter(a_costs * 10)
+
+        def run(cost):
+            def f():
+                now[0] += cost() if callable(cost) else cost
+            return f
+
+        return time_against_reference(Contender(run(2.0)), {"a": Contender(run(lambda: next(calls)))}, repeats=2,
+                                      warmup=0, reference_every=1, clock=lambda: now[0], **kw)
+
+    noisy = timed([1.0, 1.5], max_repeats=5)  # ratios 2, 1.33, 2, ...: noisy until the limit
+    assert len(noisy.timings["a"].seconds) == 5 and noisy.order == ["full"] + ["a", "full"] * 5
+    steady = timed([1.0], max_repeats=5)  # one ratio throughout: the two rounds asked for
+    assert len(steady.timings["a"].seconds) == 2 and steady.timings["a"].speedup == pytest.approx(2.0)
+    assert len(timed([1.0, 1.5]).timings["a"].seconds) == 2  # no limit given: no more rounds
+    assert len(timed([1.0, 1.5], max_repeats=1).timings["a"].seconds) == 2  # a limit below repeats does not cut
+
+
 # --------------------------------------------------------------------------- eval
 
 
@@ -137,8 +171,10 @@ def test_all_compute_plan_reports_speedup_near_one_and_infinite_psnr(digits6):
     assert math.isinf(out["psnr"]) and out["ssim"] == pytest.approx(1.0) and out["rel_l1"] == 0.0
     assert out["executor"]["computed_fraction"] == 1.0 and out["executor"]["fallbacks"] == 0
     assert out["meter"]["full"] == out["meter"]["plan"] and 0.0 <= out["meter"]["full"]["accuracy"] <= 1.0
+    assert set(out["timing_noise"]) == {"ratio_sd", "speedup_se", "runs", "noisy"} and out["timing_noise"]["runs"] == 3
     md = eval_markdown(out)
     assert md.splitlines()[0].startswith("| run |") and "| inf |" in md and "digit accuracy" in md
+    assert "uncertain by about" in md
     assert json_safe(out)["psnr"] == "inf"
 
 
@@ -156,6 +192,7 @@ def test_eval_cli_writes_json_markdown_and_png(digits6, cli, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["seeds"] == "1000000..1000003"
     md = (tmp_path / "report.md").read_text()
     assert "| plan (manual) |" in md and "| full compute |" in md
+    assert payload["timing_noise"] is None and "uncertain" not in md  # one timed run: no scatter to read
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

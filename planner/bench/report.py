@@ -108,6 +108,8 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
            "between the measured neighbours, the slowest point when all are faster, blank when the method does not "
            "reach that speed (docs/eval-and-bench.md).")
     lines = [setup, "", how, ""]
+    if info.get("timing_noise"):
+        lines += [noise_text(info["timing_noise"]), ""]
     if info.get("top_up"):
         plans = ", ".join(f"{t['method']} {t['budget']}" for t in info["top_up"])
         lines += [f"Searched again because the plan for the largest budget ran slower than it: {plans} (the rows "
@@ -157,6 +159,33 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
     if skipped:
         lines += [""] + [f"- peer `{name}` skipped: {why}" for name, why in skipped.items()]
     return "\n".join(lines) + "\n"
+
+
+def noise_text(noise: dict) -> str:
+    """One paragraph on how far this run's realized speedups can be trusted (``planner.evaluate.timing_noise``
+    plus the load averages the bench read), flagged in bold when they are noisy."""
+    text = (f"Timing noise: one run's speed ratio scattered by {noise['ratio_sd']:.1%} (pooled over every method's "
+            f"runs), so a realized speedup from {noise['runs']} runs is uncertain by about "
+            f"{noise['speedup_se']:.1%}")
+    if noise.get("load_before") is not None:
+        text += (f"; load average {noise['load_before']:.1f} before timing, {noise['load_after']:.1f} after, on "
+                 f"{noise['cpus']} CPUs")
+    text += "."
+    if noise["noisy"]:
+        text = ("**Noisy timing.** " + text + " The realized-speedup figures of this run may move by several dB in a "
+                "rerun where a front is steep; more --repeats, or a machine with nothing else running, narrow them. "
+                "The FLOP axis does not depend on timing.")
+    return text
+
+
+def noise_summary(noises: dict[str, dict | None]) -> str:
+    """A summary line (markdown, ending in a blank line): each model's standard error of a realized speedup,
+    the noisy ones named; empty when no model has a noise figure."""
+    known = {m: n for m, n in noises.items() if n}
+    if not known:
+        return ""
+    each = ", ".join(f"{m} {n['speedup_se']:.1%}" + (" (noisy)" if n["noisy"] else "") for m, n in known.items())
+    return f"\nRealized speedups uncertain by about (standard error): {each}.\n"
 
 
 def _sampler_text(s: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from planner.errors import PlannerError
-from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference
+from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference, timing_noise
 from planner.seeds import check_held_out, evaluation_seeds
 
 KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
@@ -52,8 +53,10 @@ class BenchConfig:
     timed_seeds: int | None = None
     calib_samples: int = 8
     repeats: int = 5
+    # More timed rounds, up to this many in all, while the timing is noisy (time_against_reference)
+    max_repeats: int | None = None
     warmup: int = 1
-    reference_every: int = 4
+    reference_every: int = 1
     fewer_steps: bool = True
     # Search again where our plan for the largest budget on measured costs ran slower than that budget
     # (_top_up_points), so that each strategy's realized front reaches every budget asked for.
@@ -111,6 +114,12 @@ def _say(config: BenchConfig, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
+def _load_average() -> float | None:
+    """The machine's load average over the last minute (``None`` where the OS has none): other jobs'
+    share of the CPUs while the bench timed."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def check_timed_seeds(timed: int | None, n: int, name: str = "timed seeds") -> None:
     """PlannerError unless ``timed`` (``None``: all of them) is from 1 to the ``n`` seeds given."""
     if timed is not None and not 1 <= timed <= n:
@@ -141,6 +150,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     for p in peers:
         points.append(Point(p.method, KIND_PEER, p.setting, draw=lambda c, s, run=p.run: run(c, s, sampler)))
 
+    load_before = _load_average()
     timed, reference_flops = _time_all(runner, sampler, conditions[:n_timed], seeds[:n_timed], points, config)
     top_ups = _top_up_points(points, timed, config) if config.top_up else []
     if top_ups:
@@ -148,15 +158,21 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
         timed.timings.update(more.timings)
         timed.outputs.update(more.outputs)
         points += top_ups
+    noise = timing_noise(timed.timings)
+    if noise is not None:
+        noise.update(load_before=load_before, load_after=_load_average(), cpus=os.cpu_count())
+        if noise["noisy"]:
+            _say(config, f"noisy timing: realized speedups uncertain by about {noise['speedup_se']:.1%} "
+                         "(more --repeats, or an idle machine, narrow it)")
     outputs = timed.outputs if n_timed == len(seeds) else _score_all(runner, sampler, conditions, seeds, points, config)
     rows = _rows(runner, conditions, points, timed, outputs, sampler, reference_flops)
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
     info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
             "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec,
-            "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": config.repeats, "warmup": config.warmup,
+            "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": noise["runs"] if noise else config.repeats, "warmup": config.warmup,
             "sampler": sampler.to_dict(), "budgets": config.budgets,
-            "top_up": [{"method": p.method, "budget": p.budget} for p in top_ups],
+            "top_up": [{"method": p.method, "budget": p.budget} for p in top_ups], "timing_noise": noise,
             "wall_s": time.perf_counter() - start}
     return BenchResult(rows, skipped, info)
 
@@ -333,7 +349,7 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
         timed = time_against_reference(
             Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
             warmup=warmup, reference_every=config.reference_every, device=runner.device,
-            progress=lambda name: bar.update(1),
+            progress=lambda name: bar.update(1), max_repeats=config.max_repeats,
         )
         return timed, reference_flops
     finally:

@@ -10,7 +10,7 @@ import argparse
 from typing import Any
 
 from planner.errors import PlannerError
-from planner.limits import MAX_COUNT, finite_float, int_in, steps_arg
+from planner.limits import MAX_COUNT, finite_float, int_in, repeats_arg, steps_arg
 
 size_arg = int_in(1, 1 << 16)  # pixels or frames; the pipeline's own multiples are checked once it is loaded
 MAX_CLASS_LABELS = MAX_COUNT
@@ -68,6 +68,19 @@ def add_condition_args(parser: argparse.ArgumentParser, *, prompts_help: str, ev
                    help="class labels a class-conditional model cycles through (e.g. 207,360,387)")
     g.add_argument("--call-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="another argument of every pipe(...) call (VALUE read as JSON when it parses), repeatable")
+
+
+def add_max_repeats_arg(parser: argparse.ArgumentParser) -> None:
+    """``--max-repeats``: the timer's limit on timed rounds added while the timing is noisy."""
+    parser.add_argument("--max-repeats", type=repeats_arg, default=None,
+                        help="after --repeats rounds, time more rounds, up to this many in all, while the timing is "
+                             "noisy (docs/eval-and-bench.md, 'Timing noise'); default: no more rounds")
+
+
+def check_max_repeats(args: argparse.Namespace) -> None:
+    """PlannerError unless ``--max-repeats`` is unset or at least ``--repeats``."""
+    if args.max_repeats is not None and args.max_repeats < args.repeats:
+        raise PlannerError(f"--max-repeats must be at least --repeats ({args.repeats}), got {args.max_repeats}")
 
 
 def parse_call_args(items: list[str]) -> dict[str, Any]:

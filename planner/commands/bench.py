@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from planner.cli import add_json_flag, report
+from planner.commands._args import add_max_repeats_arg, check_max_repeats
 from planner.commands.sample import add_sampler_args
 from planner.errors import PlannerError
 from planner.limits import count_arg, int_in, repeats_arg
@@ -43,7 +44,10 @@ def register(sub) -> None:
     p.add_argument("--profile", default=None, help="profile folder (default: profiles/<name>, made if missing)")
     p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs of every method, interleaved with full compute")
     p.add_argument("--warmup", type=repeats_arg, default=1, help="untimed rounds of every method first")
-    p.add_argument("--reference-every", type=count_arg, default=4, help="a full-compute run after every N method runs")
+    add_max_repeats_arg(p)
+    p.add_argument("--reference-every", type=count_arg, default=1,
+                   help="a full-compute run after every N method runs (1: each run is paired with the full runs "
+                        "right beside it, which settles a speedup in fewer runs; benchmarks/timing_noise.py)")
     p.add_argument("--no-fewer-steps", action="store_true", help="leave out the fewer-sampling-steps baseline")
     p.add_argument("--no-top-up", action="store_true", help="do not search again where our plan for the largest "
                    "budget on measured costs ran slower than that budget")
@@ -125,6 +129,7 @@ def cmd_bench(args) -> int:
                                ("--calib-samples", args.calib_samples, 1), ("--reference-every", args.reference_every, 1)):
         if value < least:
             raise PlannerError(f"{flag} must be at least {least}, got {value}")
+    check_max_repeats(args)
     if args.threads is not None:
         if args.threads < 1:
             raise PlannerError(f"--threads must be at least 1, got {args.threads}")
@@ -143,7 +148,7 @@ def cmd_bench(args) -> int:
         budgets=budgets, costs=costs, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
         peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
         seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats,
-        warmup=args.warmup,
+        max_repeats=args.max_repeats, warmup=args.warmup,
         reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps,
         top_up=not args.no_top_up, profile=args.profile,
         progress=not (args.quiet or args.json),
@@ -199,6 +204,7 @@ def _bench_many(args, models: list[str], config, out: Path, targets: list[float]
     """Bench each model into ``out/<model>/`` in turn, then write ``out/summary.json`` and ``out/summary.md``:
     the margins of our best strategy per model and their worst case across the models."""
     from planner.bench.margins import margins_markdown, worst_case
+    from planner.bench.report import noise_summary
     from planner.io import check_output_path, write_json_atomic, write_text_atomic
 
     folders = {m: out / _model_slug(m) for m in models}
@@ -206,22 +212,24 @@ def _bench_many(args, models: list[str], config, out: Path, targets: list[float]
         raise PlannerError(f"--models names two models that share a folder name: {', '.join(models)}")
     for folder in folders.values():
         check_output_path(folder, "folder")
-    per_model, results, texts = {}, {}, []
+    per_model, results, noises, texts = {}, {}, {}, []
     for model, folder in folders.items():
         payload, text = _bench_one(args, model, config, folder, targets)
         per_model[model] = payload["margins"]
         results[model] = {k: payload[k] for k in ("out", "files", "wall_s", "skipped")}
+        noises[model] = payload["info"].get("timing_noise")
         texts.append(f"## {model}\n\n{text}")
     worst = worst_case(per_model)
     summary = {"models": models, "metric": "pooled PSNR (dB; MSE over all pixels of all held-out images)",
                "matching": "Pareto-front interpolation, the slowest point when all are faster, none when slower "
                            "(planner.bench.margins)",
                "targets": [f"{t:g}x" for t in targets], "worst_case": worst, "per_model": per_model,
+               "timing_noise": noises,
                "results": {m: r["files"]["results.json"] for m, r in results.items()}}
     from planner.io import json_safe
 
     files = {"summary.json": str(out / "summary.json"), "summary.md": str(out / "summary.md")}
-    md = (f"# Bench summary: {', '.join(models)}\n\n" + margins_markdown(per_model, worst)
+    md = (f"# Bench summary: {', '.join(models)}\n\n" + margins_markdown(per_model, worst) + noise_summary(noises)
           + "\nPer-model tables: " + ", ".join(f"[{m}]({folders[m].name}/results.md)" for m in models) + "\n")
     write_json_atomic(files["summary.json"], json_safe(summary))
     write_text_atomic(files["summary.md"], md)

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from planner.cli import add_json_flag, report
-from planner.commands._args import add_condition_args, add_model_args, add_size_args
+from planner.commands._args import (
+    add_condition_args,
+    add_max_repeats_arg,
+    add_model_args,
+    add_size_args,
+    check_max_repeats,
+)
 from planner.errors import PlannerError
 from planner.limits import repeats_arg
 
@@ -19,6 +25,7 @@ def register(sub) -> None:
                    help=f"held-out seeds: a range 100..131, a list 1,5..7 (default: {DEFAULT_SAMPLES} seeds from 1000000)")
     p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs per side, interleaved after a warm-up run")
     p.add_argument("--warmup", type=repeats_arg, default=1, help="untimed rounds before timing")
+    add_max_repeats_arg(p)
     p.add_argument("--force", action="store_true", help="evaluate even on seeds or prompts the plan was calibrated on")
     p.add_argument("--out", default=None, help="write the JSON report here, and the markdown table beside it (.md)")
     p.add_argument("--png", default=None, help="save sample grids full / planned / difference to this PNG")
@@ -44,6 +51,7 @@ def cmd_eval(args) -> int:
         raise PlannerError(f"--repeats must be at least 1, got {args.repeats}")
     if args.warmup < 0:
         raise PlannerError(f"--warmup must be at least 0, got {args.warmup}")
+    check_max_repeats(args)
     plan = load_plan(args.plan)
     seeds = parse_seeds(args.seeds) if args.seeds is not None else evaluation_seeds(DEFAULT_SAMPLES, EVAL_SEED_BASE)
     check_held_out(seeds, plan.provenance.calib_seeds, args.force)  # refuse before loading anything
@@ -70,7 +78,8 @@ def cmd_eval(args) -> int:
     plan.check_sampler(runner, sampler)  # steps, CFG layout, resolution and frames
     conditions = held_out_conditions(runner, plan, seeds, args.force)
     result, full, planned = evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats=args.repeats,
-                                                       warmup=args.warmup, force=args.force, conditions=conditions)
+                                                       warmup=args.warmup, force=args.force, conditions=conditions,
+                                                       max_repeats=args.max_repeats)
     payload = {"plan": str(args.plan), "model": model, "sampler": sampler.to_dict(), "device": str(runner.device), **result}
     if runner.family.text:
         payload["prompts"] = runner.prompts("evaluation").source
