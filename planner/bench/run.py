@@ -170,7 +170,8 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
     info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
             "flops_counted_with": "torch.utils.flop_counter formulas (planner.bench.flops)", "model": runner.spec,
-            "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "repeats": noise["runs"] if noise else config.repeats, "warmup": config.warmup,
+            "seeds": seeds, "n": len(seeds), "timed_seeds": n_timed, "warmup": config.warmup,
+            "repeats": noise["runs"] if noise else config.repeats,  # more than asked where the timing was noisy
             "sampler": sampler.to_dict(), "budgets": config.budgets,
             "top_up": [{"method": p.method, "budget": p.budget} for p in top_ups], "timing_noise": noise,
             "wall_s": time.perf_counter() - start}
