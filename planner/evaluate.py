@@ -340,6 +340,6 @@ def eval_markdown(report: dict) -> str:
     noise = report.get("timing_noise")
     if noise:
         note += (f" The speedup is uncertain by about {noise['speedup_se']:.1%} (standard error from the scatter of "
-                 "the per-run ratios)" + (": noisy timing, rerun with more repeats on an idle machine." if noise["noisy"]
-                                          else "."))
+                 "the per-run ratios)" + (": noisy timing (--max-repeats adds rounds while it is; a machine with "
+                                          "nothing else running narrows it)." if noise["noisy"] else "."))
     return f"{head}\n{sep}\n{full}\n{plan}{note}"

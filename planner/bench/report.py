@@ -173,7 +173,8 @@ def noise_text(noise: dict) -> str:
     text += "."
     if noise["noisy"]:
         text = ("**Noisy timing.** " + text + " The realized-speedup figures of this run may move by several dB in a "
-                "rerun where a front is steep; more --repeats, or a machine with nothing else running, narrow them. "
+                "rerun where a front is steep; --max-repeats adds rounds while the timing is noisy, and a machine with "
+                "nothing else running narrows it. "
                 "The FLOP axis does not depend on timing.")
     return text
 

@@ -163,7 +163,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
         noise.update(load_before=load_before, load_after=_load_average(), cpus=os.cpu_count())
         if noise["noisy"]:
             _say(config, f"noisy timing: realized speedups uncertain by about {noise['speedup_se']:.1%} "
-                         "(more --repeats, or an idle machine, narrow it)")
+                         "(--max-repeats adds rounds while it is; a machine with nothing else running narrows it)")
     outputs = timed.outputs if n_timed == len(seeds) else _score_all(runner, sampler, conditions, seeds, points, config)
     rows = _rows(runner, conditions, points, timed, outputs, sampler, reference_flops)
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
