@@ -347,10 +347,17 @@ def _time_all(runner, sampler, conditions, seeds, points: list[Point], config: B
                 _say(config, f"{p.key}: {p.status}")
             bar.update(1)
         contenders = {p.key: p.contender(conditions, seeds) for p in points if p.draw is not None}
+        round_runs = len(contenders) + math.ceil(len(contenders) / max(1, config.reference_every))
+
+        def advance(name: str) -> None:
+            if bar.n >= bar.total:  # a round added while the timing is noisy (max_repeats)
+                bar.total += round_runs
+            bar.update(1)
+
         timed = time_against_reference(
             Contender(lambda: runner.run(conditions, seeds, sampler)), contenders, repeats=config.repeats,
             warmup=warmup, reference_every=config.reference_every, device=runner.device,
-            progress=lambda name: bar.update(1), max_repeats=config.max_repeats,
+            progress=advance, max_repeats=config.max_repeats,
         )
         return timed, reference_flops
     finally:
