@@ -185,10 +185,10 @@ def time_against_reference(reference: Contender, contenders: dict[str, Contender
         for done in range(1, max_repeats + 1):
             order += one_round
             seconds += [timed(name) for name in one_round]
-            if done >= repeats and not (timing_noise(_paired(order, seconds)) or {}).get("noisy"):
+            timings = _paired(order, seconds)
+            if done >= repeats and not (timing_noise(timings) or {}).get("noisy"):
                 break
-    return TimedRuns(_paired(order, seconds), [s for s, name in zip(seconds, order) if name == REFERENCE], outputs,
-                     order)
+    return TimedRuns(timings, [s for s, name in zip(seconds, order) if name == REFERENCE], outputs, order)
 
 
 def _paired(order: list[str], seconds: list[float]) -> dict[str, Timing]:
