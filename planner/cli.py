@@ -21,6 +21,9 @@ import planner
 from planner.errors import PlannerError
 from planner.io import json_safe, os_reason, printable
 
+# Options that name a file or folder: an empty one would silently fall back to a default (or to nothing).
+PATH_OPTIONS = ("out", "png", "profile", "plan", "prompts", "eval_prompts", "storage")
+
 COMMAND_MODULES = [
     "planner.commands.zoo",
     "planner.commands.sample",
@@ -114,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
+        return 2
+    if empty := next((name for name in PATH_OPTIONS if getattr(args, name, None) == ""), None):
+        print(error_line(f"--{empty.replace('_', '-')} needs a path, got an empty string"), file=sys.stderr)
         return 2
     try:
         return int(args.func(args) or 0)

@@ -155,7 +155,7 @@ class RouterTrainer:
                            self.router.max_run) for i, p in enumerate(kept)]
             self.load_state(tensors, meta)
             self.curve = TrainingCurve(list(meta["curve"]))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: torch refusing a tensor
             raise PlannerError(f"checkpoint {path} is damaged or incomplete ({type(e).__name__}: {e})") from None
         self.progress = Progress(stage, unit, snaps, elapsed)
 

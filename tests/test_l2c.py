@@ -25,6 +25,7 @@ from planner.search._router import (
     load_router,
     max_speedup,
     record_calls,
+    save_checkpoint,
 )
 from planner.search.budget import Budget
 from planner.search.l2c import L2CSettings, L2CTrainer
@@ -124,6 +125,12 @@ def test_resume_after_an_interruption_continues_from_the_checkpoint(digits10, co
         other.train()
     with pytest.raises(PlannerError, match="nothing to resume"):
         L2CTrainer(context_of(digits10, tmp_path / "c"), settings(**SMALL, resume=True)).train()
+    # a generator state torch refuses is a damaged checkpoint, said in one line
+    path = tmp_path / "b" / "block" / CHECKPOINT_FILE
+    tensors, meta = load_checkpoint(path)
+    save_checkpoint(path, {**tensors, "rng": torch.zeros(3, dtype=torch.uint8)}, meta)
+    with pytest.raises(PlannerError, match="damaged"):
+        L2CTrainer(ctx, cfg.model_copy(update={"resume": True})).train()
 
 
 @pytest.mark.slow  # a training per level: CI runs it (pytest --slow)

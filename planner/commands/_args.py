@@ -108,6 +108,7 @@ RESERVED_CALL_ARGS = {
     "num_inference_steps": "use --steps", "guidance_scale": "use --guidance", "true_cfg_scale": "use --guidance",
     "generator": "inputs are seeded by the planner", "output_type": "the planner chooses the output type",
     "latents": "inputs are seeded by the planner", "callback_on_step_end": "the planner's own",
+    "return_dict": "the planner reads the pipeline's output object",
 }
 
 

@@ -109,6 +109,18 @@ def _costs(text: str) -> list[str]:
     return costs
 
 
+def _check_names(config) -> None:
+    """PlannerError, before any model loads, for a peer or a strategy setting no run would accept."""
+    from planner.bench.peers import PEERS
+    from planner.search import make_strategy
+
+    unknown = [p for p in config.peers or () if p not in PEERS]
+    if unknown:
+        raise PlannerError(f"--peers: unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
+    for strategy, params in config.params.items():
+        make_strategy(strategy, params)
+
+
 def _model_slug(model: str) -> str:
     from planner.profile.artifact import slug
 
@@ -153,6 +165,7 @@ def cmd_bench(args) -> int:
         top_up=not args.no_top_up, profile=args.profile,
         progress=not (args.quiet or args.json),
     )
+    _check_names(config)
     if models is None:
         out = Path(args.out) if args.out else BENCH_DIR / _model_slug(args.model)
         check_output_path(out, "folder")

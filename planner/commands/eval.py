@@ -43,6 +43,7 @@ def cmd_eval(args) -> int:
     from planner.commands._args import runner_from_args
     from planner.evaluate import eval_markdown, evaluate_plan_with_outputs
     from planner.io import check_output_path, json_safe, write_json_atomic, write_text_atomic
+    from planner.pipelines.loading import names_a_function
     from planner.plan import load_plan
     from planner.runner import Sampler
     from planner.seeds import EVAL_SEED_BASE, check_held_out, evaluation_seeds, parse_seeds
@@ -70,6 +71,9 @@ def cmd_eval(args) -> int:
     model = args.model or plan.model.spec
     if not model:
         raise PlannerError(f"plan {args.plan} names no model spec: give --model")
+    if not args.model and names_a_function(model):  # a plan is data: what it names is run only when the user says so
+        raise PlannerError(f"plan {args.plan} names the pipeline function {model}: a plan file does not run code, "
+                           f"give --model {model} to call it")
     _plan_defaults(args, plan)
     runner = runner_from_args(args, model, prompts_as="evaluation")
     plan.check_model(runner)

@@ -63,7 +63,7 @@ def load_pipeline(spec: str, *, revision: str | None = None, variant: str | None
         if not (path / "model_index.json").is_file():
             raise PlannerError(f"{path}: not a pipeline folder (no model_index.json; write one with save_pretrained)")
         return Loaded(load_folder(path, variant=variant, dtype=dtype), str(path))
-    if _FUNCTION.fullmatch(spec) and not path.exists():
+    if names_a_function(spec):
         return Loaded(_with_dtype(_from_function(spec), dtype), spec)
     if _REPO_ID.fullmatch(spec) and not path.exists():
         folder, commit = cached_snapshot(spec, revision)
@@ -133,6 +133,14 @@ def cached_snapshot(repo_id: str, revision: str | None = None) -> tuple[Path, st
     return folder, folder.name
 
 
+def names_a_function(spec: str) -> bool:
+    """Whether loading ``spec`` would import a module and call a function of it (``module:function``), that is
+    run code, rather than read a zoo model or a pipeline folder."""
+    from planner.zoo import MODELS
+
+    return spec not in MODELS and bool(_FUNCTION.fullmatch(spec)) and not Path(spec).exists()
+
+
 def _from_function(spec: str):
     module_name, function = spec.split(":")
     try:
@@ -142,7 +150,10 @@ def _from_function(spec: str):
     fn = getattr(module, function, None)
     if not callable(fn):
         raise PlannerError(f"{spec}: {module_name} has no function {function}")
-    pipe = fn()
+    try:
+        pipe = fn()
+    except (Exception, SystemExit) as exc:  # the user's factory: its failure is an error of the spec, in one line
+        raise PlannerError(f"{spec}: calling {function}() failed ({type(exc).__name__}: {exc})") from exc
     if getattr(pipe, "transformer", None) is None:
         raise PlannerError(f"{spec} returned a {type(pipe).__name__}, not a pipeline with a transformer")
     return pipe

@@ -44,6 +44,7 @@ SIMILARITY_FILE = "similarity.csv.gz"
 COST_FILE = "cost.csv"
 
 SIMILARITY_KEYS = ["step", "timestep", "module", "kind", "block", "branch", "lag", "n"]
+SIMILARITY_TEXT_KEYS = ("module", "kind", "branch")  # every other column of the table holds numbers
 COST_KEYS = [
     "module", "kind", "block", "parent", "scope", "batch", "latency_ms", "latency_iqr_ms", "latency_half_ms",
     "self_ms", "self_half_ms", "flops", "self_flops", "reuse_ms", "reuse_residual_ms", "forecast_ms",
@@ -433,10 +434,10 @@ def _unmeasured_cfg(meta: ProfileMeta, where: Path) -> set[str]:
 
 def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: int, components: dict | None = None,
                   unmeasured_cfg: set[str] = frozenset()) -> None:
-    """ProfileError for values no profile holds: costs non-finite or negative, similarities infinite or
-    negative (cosines outside [-1, 1]), NaN output similarities where the comparison exists (lag 0, or
-    step >= lag; lag 0 of the modules in ``unmeasured_cfg`` does not exist: their branches' outputs
-    never agreed in shape), steps or lags out of range."""
+    """ProfileError for values no profile holds: text in a column of numbers, costs non-finite or negative,
+    similarities infinite or negative (cosines outside [-1, 1]), NaN output similarities where the
+    comparison exists (lag 0, or step >= lag; lag 0 of the modules in ``unmeasured_cfg`` does not exist:
+    their branches' outputs never agreed in shape), steps or lags out of range."""
     import numpy as np
 
     where = folder / COST_FILE
@@ -454,6 +455,9 @@ def _check_values(sim: pd.DataFrame, cost: pd.DataFrame, folder: Path, steps: in
         if not np.isfinite(present).all() or (present < 0).any():
             raise ProfileError(f"{where}: column {col} holds a negative or infinite cost; costs are finite and >= 0")
     where = folder / SIMILARITY_FILE
+    for col in sim.columns:
+        if col not in SIMILARITY_TEXT_KEYS and not pd.api.types.is_numeric_dtype(sim[col]):
+            raise ProfileError(f"{where}: column {col} holds a value that is not a number")
     step = sim["step"].to_numpy()
     lag = sim["lag"].to_numpy()
     if (step < 0).any() or (step >= steps).any() or (lag < 0).any() or (lag > steps).any():
