@@ -410,9 +410,31 @@ def load_profile(path: str | Path) -> Profile:
     names = [m.name for m in meta.modules]
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
+    _check_cost_rows(cost, meta.modules, folder / COST_FILE)
     _check_values(sim, cost, folder, meta.steps, meta.extra.get("components"),
                   unmeasured_cfg=_unmeasured_cfg(meta, meta_path))
     return Profile(meta, sim, cost, folder, raw=raw)
+
+
+# Where a cost outside the cached modules is paid: once per transformer call, per sampling step, per run.
+FIXED_SCOPES = ("call", "step", "run")
+
+
+def _check_cost_rows(cost: pd.DataFrame, modules, where: Path) -> None:
+    """ProfileError unless every row of the cost table has a known ``scope`` and each cached module's row
+    gives the kind, block and parent ``meta.json`` gives it (they decide what a plan is predicted to cost)."""
+    bad = ~cost["scope"].isin(FIXED_SCOPES)
+    if bad.any():
+        row = int(bad.to_numpy().argmax())
+        raise ProfileError(f"{where}: column scope holds {str(cost['scope'].iloc[row])[:40]!r} in row {row + 1}; "
+                           f"scopes are {', '.join(FIXED_SCOPES)}")
+    info = {m.name: m for m in modules}
+    for row in cost[cost.kind != "fixed"].itertuples():
+        m = info[row.module]
+        block = pd.to_numeric(pd.Series([row.block]), errors="coerce").iloc[0]
+        if (row.kind, row.parent or None) != (m.kind, m.parent) or block != m.block:
+            raise ProfileError(f"{where}: the row of {row.module} gives kind {row.kind}, block {row.block}, parent "
+                               f"{row.parent or 'none'}; meta.json gives {m.kind}, {m.block}, {m.parent or 'none'}")
 
 
 # Cost columns every row must have, finite and >= 0; the other numeric cost columns may be empty (NaN:
