@@ -122,6 +122,13 @@ def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
     return sweeps
 
 
+def check_peers(peers: list[str]) -> None:
+    """PlannerError naming the first of ``peers`` the bench does not know."""
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise PlannerError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
+
+
 def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] | None = None,
               calib_samples: int = 8) -> tuple[list[PeerRun], dict[str, str]]:
     """Install every setting of every peer named in ``peers`` on its own pipeline copy.
@@ -130,9 +137,7 @@ def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] 
     (e.g. the ``[bench]`` extra not installed, or a hook that cannot drive this pipeline).
     ``calib_samples``: calibration inputs (seeds 0..N-1) of the peers that calibrate (MagCache).
     """
-    unknown = [p for p in peers if p not in PEERS]
-    if unknown:
-        raise PlannerError(f"unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
+    check_peers(peers)
     sweeps = {**DEFAULT_SWEEPS, **(sweeps or {})}
     shared = {"calib_samples": calib_samples}  # what several settings of one peer share (MagCache's ratios)
     runs, skipped = [], {}

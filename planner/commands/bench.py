@@ -111,12 +111,10 @@ def _costs(text: str) -> list[str]:
 
 def _check_names(config) -> None:
     """PlannerError, before any model loads, for a peer or a strategy setting no run would accept."""
-    from planner.bench.peers import PEERS
+    from planner.bench.peers import check_peers
     from planner.search import make_strategy
 
-    unknown = [p for p in config.peers or () if p not in PEERS]
-    if unknown:
-        raise PlannerError(f"--peers: unknown peer {unknown[0]!r}: choose from {', '.join(PEERS)}")
+    check_peers(config.peers or [])
     for strategy, params in config.params.items():
         make_strategy(strategy, params)
 
