@@ -208,9 +208,15 @@ def _remove(entry: Path) -> None:
 
 # --------------------------------------------------------------------------- writing files
 def check_output_path(path: str | os.PathLike, what: str = "file") -> Path:
-    """PlannerError unless ``path`` can be written as a ``what`` (``file`` or ``folder``): checked before a
-    command does its work, so that a bad ``--out`` fails in a second rather than after an hour."""
+    """PlannerError unless ``path`` can be written as a ``what`` (``file``, ``folder``, or ``png``: a file
+    named ``.png``, for the images the planner writes): checked before a command does its work, so that a
+    bad ``--out`` fails in a second rather than after an hour."""
     path = Path(path)
+    if what == "png":
+        check_output_path(path, "file")
+        if path.suffix.lower() != ".png":
+            raise PlannerError(f"cannot write {path}: the image is a PNG, so its name must end in .png")
+        return path
     if what == "file" and path.is_dir():
         raise PlannerError(f"cannot write {path}: it is a folder")
     if what == "folder" and path.exists() and not path.is_dir():

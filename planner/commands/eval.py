@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
         check_output_path(args.out)
         check_output_path(Path(args.out).with_suffix(".md"))
     if args.png:
-        check_output_path(args.png)
+        check_output_path(args.png, "png")
     if args.prompts is not None and plan.provenance.prompts:  # a given prompt file is checked before loading
         from planner.pipelines.prompts import as_prompt_set, check_held_out_prompts
 

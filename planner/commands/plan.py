@@ -161,7 +161,7 @@ def cmd_plot(args) -> int:
     from planner.io import check_output_path
 
     plan = load_plan(args.plan)
-    out = check_output_path(Path(args.out) if args.out else Path(args.plan).with_suffix(".png"))
+    out = check_output_path(Path(args.out) if args.out else Path(args.plan).with_suffix(".png"), "png")
     plot_plan(plan, out, title=Path(args.plan).name)
     report(args, {"plan": args.plan, "out": str(out)}, f"wrote {out}")
     return 0
@@ -266,7 +266,7 @@ def cmd_pareto(args) -> int:
 
     folder = front_folder(args.front)
     doc = load_front(folder)
-    out = check_output_path(Path(args.out) if args.out else folder / "front.png")
+    out = check_output_path(Path(args.out) if args.out else folder / "front.png", "png")
     plot_front(doc, out, folder / "trials.csv")
     s = {"front": str(folder), "out": str(out), **summarize_front(doc)}
     best = next((p for p in s["points"] if p["trial"] == s["best"]), None)

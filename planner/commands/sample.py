@@ -51,7 +51,7 @@ def cmd_sample(args) -> int:
 
     if args.n < 1:
         raise PlannerError(f"--n must be at least 1, got {args.n}")
-    check_output_path(args.out)
+    check_output_path(args.out, "png")
     runner, sampler = runner_and_sampler(args, prompts_as="both", caching=False)
     conditions = runner.conditions(args.n, seed=args.seed)
     seeds = list(range(args.seed, args.seed + args.n))

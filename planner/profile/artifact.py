@@ -411,6 +411,7 @@ def load_profile(path: str | Path) -> Profile:
     if set(sim.module.unique()) != set(names) or set(cost[cost.kind != "fixed"].module) != set(names):
         raise ProfileError(f"{folder}: tables and meta.json list different modules")
     _check_cost_rows(cost, meta.modules, folder / COST_FILE)
+    _check_similarity_rows(sim, meta, folder / SIMILARITY_FILE)
     _check_values(sim, cost, folder, meta.steps, meta.extra.get("components"),
                   unmeasured_cfg=_unmeasured_cfg(meta, meta_path))
     return Profile(meta, sim, cost, folder, raw=raw)
@@ -435,6 +436,20 @@ def _check_cost_rows(cost: pd.DataFrame, modules, where: Path) -> None:
         if (row.kind, row.parent or None) != (m.kind, m.parent) or block != m.block:
             raise ProfileError(f"{where}: the row of {row.module} gives kind {row.kind}, block {row.block}, parent "
                                f"{row.parent or 'none'}; meta.json gives {m.kind}, {m.block}, {m.parent or 'none'}")
+
+
+def _check_similarity_rows(sim: pd.DataFrame, meta: ProfileMeta, where: Path) -> None:
+    """ProfileError unless every row of the similarity table gives its module's kind and block as ``meta.json``
+    does, one of the profile's CFG branches, and a count ``n`` of at least 0."""
+    kinds = sim["module"].map({m.name: m.kind for m in meta.modules})
+    blocks = sim["module"].map({m.name: m.block for m in meta.modules})
+    bad = (sim["kind"] != kinds) | (pd.to_numeric(sim["block"], errors="coerce") != blocks)
+    bad |= ~sim["branch"].isin(meta.branches) | ~(pd.to_numeric(sim["n"], errors="coerce") >= 0)
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        r = sim.iloc[i]
+        raise ProfileError(f"{where}: row {i + 1} ({r['module']}: kind {r['kind']}, block {r['block']}, branch "
+                           f"{str(r['branch'])[:20]}, n {r['n']}) disagrees with meta.json or holds a negative count")
 
 
 # Cost columns every row must have, finite and >= 0; the other numeric cost columns may be empty (NaN:
