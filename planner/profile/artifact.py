@@ -430,12 +430,16 @@ def _check_cost_rows(cost: pd.DataFrame, modules, where: Path) -> None:
         raise ProfileError(f"{where}: column scope holds {str(cost['scope'].iloc[row])[:40]!r} in row {row + 1}; "
                            f"scopes are {', '.join(FIXED_SCOPES)}")
     info = {m.name: m for m in modules}
-    for row in cost[cost.kind != "fixed"].itertuples():
-        m = info[row.module]
-        block = pd.to_numeric(pd.Series([row.block]), errors="coerce").iloc[0]
-        if (row.kind, row.parent or None) != (m.kind, m.parent) or block != m.block:
-            raise ProfileError(f"{where}: the row of {row.module} gives kind {row.kind}, block {row.block}, parent "
-                               f"{row.parent or 'none'}; meta.json gives {m.kind}, {m.block}, {m.parent or 'none'}")
+    cached = cost[cost.kind != "fixed"]
+    names = cached["module"]
+    bad = cached["kind"] != names.map(lambda n: info[n].kind)
+    bad |= cached["parent"] != names.map(lambda n: info[n].parent or "")
+    bad |= pd.to_numeric(cached["block"], errors="coerce") != names.map(lambda n: info[n].block)
+    if bad.any():
+        r = cached[bad].iloc[0]
+        m = info[r["module"]]
+        raise ProfileError(f"{where}: the row of {m.name} gives kind {r['kind']}, block {r['block']}, parent "
+                           f"{r['parent'] or 'none'}; meta.json gives {m.kind}, {m.block}, {m.parent or 'none'}")
 
 
 def _check_similarity_rows(sim: pd.DataFrame, meta: ProfileMeta, where: Path) -> None:
