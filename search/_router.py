@@ -437,13 +437,16 @@ def record_calls(runner, conditions: list[Any], seeds: list[int], sampler, calls
 
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """One safetensors file with ``tensors`` and ``meta`` (JSON, under the metadata key ``meta``), atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from planner.io import json_safe
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     text = json.dumps(json_safe(meta), allow_nan=False)  # strict JSON: a NaN loss is written as "nan"
-    return write_atomic(path, lambda tmp: save_file(clean, str(tmp), metadata={"meta": text}))
+    # bytes into the planner's own temporary file: safetensors' save_file makes its file 0600, unlike every
+    # other artifact (the umask decides)
+    data = save(clean, metadata={"meta": text})
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -176,6 +176,16 @@ def test_an_error_target_takes_the_fastest_plan_within_it_not_the_one_with_most_
     assert reuses(plan.decisions) == 2 and plan.evaluation.predicted_speedup == 1.5  # not 3 reuses at 1.2x
 
 
+def test_checkpoints_get_the_file_mode_of_every_other_artifact(tmp_path):
+    from planner.io import write_text_atomic
+
+    checkpoint = save_checkpoint(tmp_path / "ck.safetensors", {"x": torch.arange(3.0)}, {"a": 1})
+    text = write_text_atomic(tmp_path / "t.txt", "x")
+    assert checkpoint.stat().st_mode & 0o777 == text.stat().st_mode & 0o777  # the umask decides both
+    tensors, meta = load_checkpoint(checkpoint)
+    assert torch.equal(tensors["x"], torch.arange(3.0)) and meta == {"a": 1}
+
+
 def test_checkpoint_restores_the_optimizer_exactly(tmp_path):
     def run(router, opt, n):
         for _ in range(n):
