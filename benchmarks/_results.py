@@ -15,6 +15,11 @@ from typing import Any, Callable
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def psnr_text(scores: dict) -> str:
+    """``pooled / mean / worst`` PSNR of a :func:`planner.metrics.psnr_summary`, as the benchmarks' tables print it."""
+    return f"{scores['psnr']:.2f} / {scores['psnr_mean']:.2f} / {scores['psnr_worst']:.2f}"
+
+
 def machine() -> dict[str, Any]:
     """What the figures depend on: versions, device, threads, load."""
     import os

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._held_out import held_out_models, parser  # noqa: E402
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 STRIDES = {"one in two": 2, "one in three": 3}
 CODES = ("F", "Q", "L")
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
             for label in STRIDES:
                 cells = {r["code"]: r for r in m["rows"] if r["schedule"] == label}
                 print(f"| {m['model']} | {label} | "
-                      + " | ".join(f"{cells[c]['psnr']:.2f} / {cells[c]['psnr_mean']:.2f} / {cells[c]['psnr_worst']:.2f}"
-                                   for c in CODES) + " |")
+                      + " | ".join(psnr_text(cells[c]) for c in CODES) + " |")
         print("\nSamplers: " + "; ".join(f"{m['model']} {m['sampler']}" for m in models) + ".")
 
     return finish("forecast_limit", {"seeds": args.seeds, "models": models}, render, args.json, args.out)

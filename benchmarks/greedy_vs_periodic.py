@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._held_out import rows_per_model, search_parser, searched_rows  # noqa: E402
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 SEEDS = ("compare", "periodic")
 
@@ -53,8 +53,7 @@ def render(rows: list[dict], seeds: int) -> None:
     print("| model | costs | budget | compare chose | compare | periodic | difference, pooled | runs: compare / periodic |")
     print("|---|---|---|---|---|---|---:|---|")
     for r in rows:
-        cells = [f"{r[k]['psnr']:.2f} / {r[k]['psnr_mean']:.2f} / {r[k]['psnr_worst']:.2f} at {r[k]['speedup']:.2f}x"
-                 for k in SEEDS]
+        cells = [f"{psnr_text(r[k])} at {r[k]['speedup']:.2f}x" for k in SEEDS]
         print(f"| {r['model']} | {r['costs']} | {r['budget']} | {r['compare']['chosen']} | {cells[0]} | {cells[1]} "
               f"| {r['periodic']['psnr'] - r['compare']['psnr']:+.2f} "
               f"| {r['compare']['runs']:.0f} / {r['periodic']['runs']:.0f} |")

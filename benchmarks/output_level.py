@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._held_out import held_out_models, parser  # noqa: E402
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 SCHEDULES = {"one in two": (1, 2), "one in three": (2, 3)}  # warm-up steps, stride
 CODES = ("F", "L")
@@ -65,8 +65,7 @@ def main(argv=None) -> int:
                 for code in CODES:
                     cells = {r["level"]: r for r in m["rows"] if r["schedule"] == label and r["code"] == code}
                     print(f"| {m['model']} | {label} | {code} | "
-                          + " | ".join(f"{cells[lv]['flop_speedup']:.3f}x | {cells[lv]['psnr']:.2f} / "
-                                       f"{cells[lv]['psnr_mean']:.2f} / {cells[lv]['psnr_worst']:.2f}" for lv in LEVELS)
+                          + " | ".join(f"{cells[lv]['flop_speedup']:.3f}x | {psnr_text(cells[lv])}" for lv in LEVELS)
                           + " |")
         print("\nSamplers: " + "; ".join(f"{m['model']} {m['sampler']}" for m in models) + ".")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._held_out import rows_per_model, search_parser, searched_rows  # noqa: E402
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 RANKINGS = ("pooled", "typical")
 
@@ -70,7 +70,7 @@ def render(rows: list[dict], seeds: int) -> None:
     print("| model | costs | budget | same plan | ranked by pooled error | ranked by typical error | difference, pooled |")
     print("|---|---|---|---|---|---|---:|")
     for r in rows:
-        cells = [f"{r[k]['psnr']:.2f} / {r[k]['psnr_mean']:.2f} / {r[k]['psnr_worst']:.2f}" for k in RANKINGS]
+        cells = [psnr_text(r[k]) for k in RANKINGS]
         diff = r["typical"]["psnr"] - r["pooled"]["psnr"]
         print(f"| {r['model']} | {r['costs']} | {r['budget']} | {'yes' if r['same_plan'] else 'no'} "
               f"| {cells[0]} | {cells[1]} | {diff:+.2f} |")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 
 def rescored_rows(folder: str, n_seeds: int) -> list[dict]:
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         for model, rows in per_model.items():
             for r in rows:
                 print(f"| {model} | {r['method']} | {r['setting']} | {r['flop_speedup']:.2f} | {r['speedup']:.2f} "
-                      f"| {r['bench_psnr']:.2f} | {r['psnr']:.2f} / {r['psnr_mean']:.2f} / {r['psnr_worst']:.2f} |")
+                      f"| {r['bench_psnr']:.2f} | {psnr_text(r)} |")
         print("\nWorst margin of the best of ours over the best peer across models, on the bench's seeds -> on "
               "these:\n")
         print("| axis | 1.5x | 2x | 3x |")

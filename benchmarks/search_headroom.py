@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._held_out import rows_per_model, search_parser, searched_rows  # noqa: E402
-from benchmarks._results import finish  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
 
 
 def model_rows(name: str, budgets: list[str], costs: list[str], n_seeds: int) -> list[dict]:
@@ -61,10 +61,6 @@ def headroom(model, context, cost: str, budget: str) -> dict:
             "headroom": best["psnr"] - picked["psnr"]}
 
 
-def _scores(s: dict) -> str:
-    return f"{s['psnr']:.2f} / {s['psnr_mean']:.2f} / {s['psnr_worst']:.2f}"
-
-
 def _shape(s: dict) -> str:
     p = s["periodic"] or {}
     spacing = f"strides {p['stride'][0]}/{p['stride'][1]} switch {p['switch']}" if p.get("stride") else \
@@ -80,8 +76,8 @@ def render(rows: list[dict], seeds: int) -> None:
     print("| model | costs | budget | schedules | greedy's plan | best schedule | headroom | schedules better than greedy's |")
     print("|---|---|---|---:|---|---|---:|---:|")
     for r in rows:
-        print(f"| {r['model']} | {r['costs']} | {r['budget']} | {r['schedules']} | {_scores(r['greedy'])} "
-              f"| {_scores(r['best'])} | {r['headroom']:+.2f} | {r['better_than_greedy']} |")
+        print(f"| {r['model']} | {r['costs']} | {r['budget']} | {r['schedules']} | {psnr_text(r['greedy'])} "
+              f"| {psnr_text(r['best'])} | {r['headroom']:+.2f} | {r['better_than_greedy']} |")
     print("\nGreedy's plan and the best schedule where they differ:\n")
     for r in rows:
         if r["headroom"] > 0:
