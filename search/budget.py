@@ -38,9 +38,10 @@ class Budget:
         if max_error is not None:
             return cls(speedup=1.0, max_error=max_error)  # raises: both given
         value = text.strip().lower()
-        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*x", value):
+        # ASCII digits only: Python's \d (and float) would also read other scripts' digits, e.g. fullwidth ones
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*x", value, re.ASCII):
             return cls(speedup=float(m.group(1)))
-        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", value):
+        if m := re.fullmatch(r"(\d+(?:\.\d+)?)\s*%", value, re.ASCII):
             percent = float(m.group(1))
             if not 0 < percent <= 100:
                 raise PlannerError(f"a time budget must lie in (0%, 100%], got {text!r}")

@@ -309,6 +309,7 @@ CASES = [
     ("search-budget-zero-percent", argv("search", "--budget", "0%"), None, None),
     ("search-budget-over-percent", argv("search", "--budget", "101%"), None, None),
     ("search-budget-negative", argv("search", "--budget", "-2x"), None, None),
+    ("search-budget-fullwidth-digits", argv("search", "--budget", "\uff12x"), None, None),
     ("search-budget-and-error", argv("search", "--budget", "2x", "--max-error", "0.1"), None, None),
     ("search-max-error-nan", argv("search", "--max-error", "nan"), None, None),
     ("search-max-error-inf", argv("search", "--max-error", "inf"), None, None),
