@@ -13,11 +13,11 @@ reports state (and flag above ``NOISY_TIMING``). Set-up such as
 installing a plan's hooks happens outside the timer; on a GPU every run is fenced by
 ``torch.cuda.synchronize``.
 
-Quality (``quality``): pooled PSNR (the headline), mean, 5th-percentile and worst per-image PSNR,
-SSIM, MSE and relative L1 against the full run from the same seeds (:mod:`planner.metrics`); and
-where the model has a meter of its own (the digit models: the classifier's accuracy, the Frechet
-distance of classifier features to the real digits; digits-mmdit: adherence to the prompt's digit
-and attributes), its scores for both runs.
+Quality (``quality``): pooled PSNR (the headline) with its bootstrap interval over the images, mean,
+5th-percentile and worst per-image PSNR, SSIM, MSE and relative L1 against the full run from the same
+seeds (:mod:`planner.metrics`); and where the model has a meter of its own (the digit models: the
+classifier's accuracy, the Frechet distance of classifier features to the real digits; digits-mmdit:
+adherence to the prompt's digit and attributes), its scores for both runs.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from planner.errors import PlannerError
+from planner.metrics import PSNR_INTERVAL_LEVEL
 from planner.profile.timing import gc_paused
 from planner.seeds import EVAL_SEED_BASE, check_held_out, evaluation_seeds, format_seeds
 
@@ -249,55 +250,80 @@ def evaluate_plan(runner, sampler, plan, seeds: list[int], repeats: int = 5, war
 
 def evaluate_plan_with_outputs(runner, sampler, plan, seeds: list[int], repeats: int = 5, warmup: int = 1,
                                force: bool = False, progress: Callable[[str], None] | None = None,
-                               conditions: list[Any] | None = None,
-                               max_repeats: int | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                               conditions: list[Any] | None = None, max_repeats: int | None = None,
+                               against=None) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """:func:`evaluate_plan`'s report plus the full and planned outputs (images) it compared.
     ``conditions``: one per seed (default: the runner's conditions for the seeds); ``max_repeats``: see
-    :func:`time_against_reference`."""
+    :func:`time_against_reference`.
+
+    ``against``: another plan of the same model and sampler, timed in the same interleaved rounds and scored
+    on the same inputs. The report then also holds ``against`` (its own timing, quality, executor stats and
+    meter scores) and ``comparison``, the plan's pooled PSNR less the other's with a paired bootstrap
+    interval (:func:`planner.metrics.paired_psnr_difference`)."""
     from planner.executor import apply_plan
+    from planner.metrics import paired_psnr_difference, per_image_mse
 
     if not seeds:
         raise PlannerError("no evaluation seeds given")
-    check_held_out(seeds, plan.provenance.calib_seeds, force)
+    plans = {"plan": plan} if against is None else {"plan": plan, "against": against}
+    for p in plans.values():  # before any model runs
+        check_held_out(seeds, p.provenance.calib_seeds, force)
     sampler = runner.resolve(sampler)
-    plan.check_sampler(runner, sampler)
+    for p in plans.values():
+        p.check_sampler(runner, sampler)
     if conditions is None:
         conditions = runner.conditions(len(seeds), seed=seeds[0])
     elif len(conditions) != len(seeds):
         raise PlannerError(f"{len(conditions)} conditions for {len(seeds)} seeds")
-    handles = []
+    handles: dict[str, Any] = {}
 
-    def install():
-        handles.append(apply_plan(runner.pipe, plan))
-        return handles[-1]
+    def installer(name: str):
+        def install():
+            handles[name] = apply_plan(runner.pipe, plans[name])
+            return handles[name]
+        return install
+
+    def run():
+        return runner.run(conditions, seeds, sampler)
 
     timed = time_against_reference(
-        Contender(lambda: runner.run(conditions, seeds, sampler)),
-        {"plan": Contender(lambda: runner.run(conditions, seeds, sampler), context=install)},
+        Contender(run), {name: Contender(run, context=installer(name)) for name in plans},
         repeats=repeats, warmup=warmup, reference_every=1, device=runner.device, progress=progress,
         max_repeats=max_repeats,
     )
-    full, planned = timed.outputs[REFERENCE], timed.outputs["plan"]
-    t, ref = timed.timings["plan"], timed.reference_seconds
-    report = {
+    full, ref = timed.outputs[REFERENCE], timed.reference_seconds
+    report = {"seeds": format_seeds(seeds), "n": len(seeds), "full_s": statistics.median(ref),
+              "full_range_s": [min(ref), max(ref)], "timing_noise": timing_noise(timed.timings)}
+    sections = {name: _plan_section(runner, p, timed.timings[name], timed.outputs[name], full, handles[name],
+                                    conditions) for name, p in plans.items()}
+    report.update(sections["plan"])
+    if against is not None:
+        report["against"] = sections["against"]
+        report["comparison"] = paired_psnr_difference(per_image_mse(timed.outputs["plan"], full),
+                                                      per_image_mse(timed.outputs["against"], full))
+    if runner.meter is not None:
+        report["meter"] = {"full": meter_scores(runner, full, conditions), "plan": report.pop("meter")}
+    return report, full, timed.outputs["plan"]
+
+
+def _plan_section(runner, plan, timing: Timing, output: torch.Tensor, full: torch.Tensor, handle,
+                  conditions: list[Any]) -> dict:
+    """One plan's part of a report: its timing against the full runs around it, quality, executor stats
+    and, for models with a meter, the meter's scores of its output (``meter``)."""
+    section = {
         "plan_strategy": plan.provenance.strategy,
-        "seeds": format_seeds(seeds),
-        "n": len(seeds),
-        "repeats": len(t.seconds),
-        "full_s": statistics.median(ref),
-        "full_range_s": [min(ref), max(ref)],
-        "plan_s": t.median_s,
-        "plan_range_s": [min(t.seconds), max(t.seconds)],
-        "speedup": t.speedup,
-        "speedup_range": list(t.speedup_range),
+        "repeats": len(timing.seconds),
+        "plan_s": timing.median_s,
+        "plan_range_s": [min(timing.seconds), max(timing.seconds)],
+        "speedup": timing.speedup,
+        "speedup_range": list(timing.speedup_range),
         "predicted_speedup": plan.prediction.speedup,
-        "timing_noise": timing_noise(timed.timings),
-        **quality(planned, full),
-        "executor": _executor_summary(handles[-1].stats()),
+        **quality(output, full),
+        "executor": _executor_summary(handle.stats()),
     }
     if runner.meter is not None:
-        report["meter"] = {"full": meter_scores(runner, full, conditions), "plan": meter_scores(runner, planned, conditions)}
-    return report, full, planned
+        section["meter"] = meter_scores(runner, output, conditions)
+    return section
 
 
 def _executor_summary(stats: dict) -> dict:
@@ -310,36 +336,69 @@ def verify_plan(runner, sampler, plan, samples: int = 8, repeats: int = 3, seed_
     return evaluate_plan(runner, sampler, plan, evaluation_seeds(samples, seed_start), repeats=repeats)
 
 
-def eval_markdown(report: dict) -> str:
-    """A markdown table of an :func:`evaluate_plan` report: full compute vs the plan."""
-    def num(x, fmt):
-        if x is None:
-            return "-"
-        return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
+def interval_text(lo: float | None, hi: float | None) -> str:
+    """`` (lo-hi)``, the interval after a pooled PSNR in a table; nothing where there is none or where every
+    draw matched exactly (the PSNR says inf)."""
+    if lo is None or hi is None or math.isinf(lo) or math.isnan(lo):
+        return ""
+    return f" ({lo:.2f}-{'inf' if math.isinf(hi) else format(hi, '.2f')})"
 
+
+def _num(x, fmt: str) -> str:
+    if x is None:
+        return "-"
+    return "inf" if isinstance(x, float) and math.isinf(x) else format(x, fmt)
+
+
+def _meter_cells(scores: dict, names: list[str]) -> str:
+    return "".join(f" {_num(scores.get(n), '.1f' if n == 'frechet' else '.3f')} |" for n in names)
+
+
+def _plan_row(label: str, section: dict, names: list[str]) -> str:
+    """A plan's row of the eval table."""
+    lo, hi = section["plan_range_s"]
+    slo, shi = section["speedup_range"]
+    return (f"| {label} ({section['plan_strategy']}) | {section['plan_s']:.3f} ({lo:.3f}-{hi:.3f}) | "
+            f"{section['speedup']:.2f}x ({slo:.2f}-{shi:.2f}) | "
+            f"{_num(section['psnr'], '.2f')}{interval_text(section.get('psnr_lo'), section.get('psnr_hi'))} | "
+            + " | ".join(_num(section[k], ".2f") for k in ("psnr_mean", "psnr_p5", "psnr_worst"))
+            + f" | {_num(section['ssim'], '.4f')} | {_num(section['rel_l1'], '.4f')} |"
+            + _meter_cells(section.get("meter") or {}, names))
+
+
+def _comparison_text(comparison: dict) -> str:
+    """The sentence under the table that says which plan the paired difference favours, if either."""
+    lo, hi = comparison["interval"]
+    verdict = ("the plan is better on inputs like these" if lo > 0 else
+               "the other plan is better on inputs like these" if hi < 0 else
+               "these inputs do not tell the two apart")
+    return (f" The plan's pooled PSNR is {comparison['difference']:+.2f} dB against the other plan's "
+            f"({comparison['level']:.0%} paired bootstrap interval {lo:+.2f} to {hi:+.2f} dB): {verdict}.")
+
+
+def eval_markdown(report: dict) -> str:
+    """A markdown table of an :func:`evaluate_plan` report: full compute vs the plan (and the plan it was
+    compared against, with the paired difference under the table)."""
     meter = report.get("meter") or {"full": {}, "plan": {}}
     names = list(meter["full"])
     head = ("| run | time s (median, min-max) | speedup (min-max) | PSNR dB pooled | mean | p5 | worst | SSIM | rel. L1 |"
             + "".join(f" {METER_LABELS.get(n, n)} |" for n in names))
     sep = "|---" * (9 + len(names)) + "|"
     lo, hi = report["full_range_s"]
-    full = f"| full compute | {report['full_s']:.3f} ({lo:.3f}-{hi:.3f}) | 1.00x |" + " |" * 6
-    lo, hi = report["plan_range_s"]
-    slo, shi = report["speedup_range"]
-    plan = (f"| plan ({report['plan_strategy']}) | {report['plan_s']:.3f} ({lo:.3f}-{hi:.3f}) | "
-            f"{report['speedup']:.2f}x ({slo:.2f}-{shi:.2f}) | "
-            + " | ".join(num(report[k], ".2f") for k in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst"))
-            + f" | {num(report['ssim'], '.4f')} | {num(report['rel_l1'], '.4f')} |")
-    for n in names:
-        fmt = ".1f" if n == "frechet" else ".3f"
-        full += f" {num(meter['full'][n], fmt)} |"
-        plan += f" {num(meter['plan'][n], fmt)} |"
+    rows = [f"| full compute | {report['full_s']:.3f} ({lo:.3f}-{hi:.3f}) | 1.00x |" + " |" * 6
+            + _meter_cells(meter["full"], names),
+            _plan_row("plan", {**report, "meter": meter["plan"]}, names)]
+    if "against" in report:
+        rows.append(_plan_row("against", report["against"], names))
     note = (f"\n\n{report['n']} held-out seeds {report['seeds']}, {report['repeats']} interleaved timed runs per side "
-            "after a warm-up; speedup = median of per-run ratios. PSNR pooled: from the MSE over all images; mean, "
-            "p5, worst: of the per-image PSNRs.")
+            "after a warm-up; speedup = median of per-run ratios. PSNR pooled: from the MSE over all images, in "
+            f"brackets the {PSNR_INTERVAL_LEVEL:.0%} bootstrap interval over the images (how far another "
+            f"{report['n']} inputs could move it); mean, p5, worst: of the per-image PSNRs.")
+    if "comparison" in report:
+        note += _comparison_text(report["comparison"])
     noise = report.get("timing_noise")
     if noise:
         note += (f" The speedup is uncertain by about {noise['speedup_se']:.1%} (standard error from the scatter of "
                  "the per-run ratios)" + (": noisy timing (--max-repeats adds rounds while it is; a machine with "
                                           "nothing else running narrows it)." if noise["noisy"] else "."))
-    return f"{head}\n{sep}\n{full}\n{plan}{note}"
+    return "\n".join([head, sep, *rows]) + note

@@ -4,7 +4,8 @@ Images are ``[B, C, H, W]`` (video ``[B, C, F, H, W]``: SSIM folds it into frame
 whole video as one sample) with values in ``[0, data_range]``.
 
 The headline PSNR is *pooled*: from the mean squared error over every pixel of every image, so one
-sample that drifts far off pulls it down as much as its error weighs. Beside it stand the mean of
+sample that drifts far off pulls it down as much as its error weighs; a bootstrap interval over the
+images says how much that makes it depend on which inputs were drawn. Beside it stand the mean of
 the per-image PSNRs (which a few near-perfect images can flatter), the worst image and the 5th
 percentile. For the digit models there are also the digit classifier's accuracy and a Frechet
 distance between classifier features of generated and real digits (an FID on our own feature
@@ -14,6 +15,7 @@ extractor).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,11 +73,15 @@ def _db(mse_value: torch.Tensor | float, data_range: float) -> torch.Tensor:
     return 10 * torch.log10(data_range**2 / torch.as_tensor(mse_value, dtype=torch.float64))
 
 
+def per_image_mse(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """The mean squared error of each sample (leading dimension; a video is one sample)."""
+    out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
+    return ((out - ref) ** 2).flatten(1).mean(1)
+
+
 def per_image_psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
     """PSNR in dB of each sample (a video is one sample), capped at :data:`PSNR_CEILING_DB`."""
-    out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
-    per_image = ((out - ref) ** 2).flatten(1).mean(1)
-    return _db(per_image, data_range).clamp(max=PSNR_CEILING_DB)
+    return _db(per_image_mse(output, reference), data_range).clamp(max=PSNR_CEILING_DB)
 
 
 def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> float:
@@ -85,12 +91,70 @@ def psnr(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0)
     return math.inf if error == 0 else _db(error, data_range).item()
 
 
-def psnr_summary(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, float]:
-    """``psnr`` (pooled, the headline), ``psnr_mean`` (mean of per-image PSNRs), ``psnr_p5`` (their 5th
-    percentile) and ``psnr_worst`` (the lowest)."""
-    per_image = per_image_psnr(output, reference, data_range)
+# The share of bootstrap resamples the interval of the pooled PSNR covers, and how many resamples it takes.
+PSNR_INTERVAL_LEVEL = 0.9
+PSNR_INTERVAL_RESAMPLES = 2000
+
+
+def _bootstrap_pooled_db(errors: list[torch.Tensor], data_range: float, resamples: int,
+                         seed: int) -> list[torch.Tensor]:
+    """For each vector of per-image MSEs in ``errors`` (the same images, in the same order), the pooled PSNR
+    of ``resamples`` draws of the images with replacement: the same draws for every vector, so that two
+    plans run on the same inputs are compared image for image. Seeded: the same MSEs give the same draws."""
+    errors = [torch.as_tensor(e, dtype=torch.float64).flatten() for e in errors]
+    n = errors[0].numel()
+    if n == 0:
+        raise ValueError("no images to bootstrap")
+    if any(e.numel() != n for e in errors):
+        raise ValueError(f"per-image errors of different lengths: {[e.numel() for e in errors]}")
+    generator = torch.Generator().manual_seed(seed)
+    chunk = 256  # resamples drawn at once: thousands of images need no resamples x images index in memory
+    draws = [torch.randint(n, (min(chunk, resamples - start), n), generator=generator)
+             for start in range(0, resamples, chunk)]
+    return [_db(torch.cat([e[d].mean(1) for d in draws]), data_range) for e in errors]  # an all-exact draw: inf
+
+
+def _middle(values: torch.Tensor, level: float) -> tuple[float, float]:
+    """The bounds of the middle ``level`` of ``values``, at the nearest ranks (inf - inf would make an
+    interpolated bound NaN)."""
+    ranked, last = values.sort().values, values.numel() - 1
+    tail = (1 - level) / 2
+    return ranked[math.floor(tail * last)].item(), ranked[math.ceil((1 - tail) * last)].item()
+
+
+def pooled_psnr_interval(per_image_mse: torch.Tensor, data_range: float = 1.0, *, level: float = PSNR_INTERVAL_LEVEL,
+                         resamples: int = PSNR_INTERVAL_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the pooled PSNR over images: the images (with their MSEs
+    ``per_image_mse``, all of one size) are drawn with replacement ``resamples`` times and the pooled PSNR
+    of each draw taken; the interval spans the middle ``level`` of those. It says how far another set of
+    as many inputs could move the headline. When a rare image far off decides the pooled PSNR, the interval
+    is wide where such an image was drawn, and cannot warn where none was."""
+    return _middle(_bootstrap_pooled_db([per_image_mse], data_range, resamples, seed)[0], level)
+
+
+def paired_psnr_difference(per_image_mse: torch.Tensor, other_mse: torch.Tensor, data_range: float = 1.0, *,
+                           level: float = PSNR_INTERVAL_LEVEL, resamples: int = PSNR_INTERVAL_RESAMPLES,
+                           seed: int = 0) -> dict[str, Any]:
+    """How much higher the pooled PSNR of one run (``per_image_mse``) is than another's on the same inputs
+    (``other_mse``, image for image): ``difference`` in dB and ``interval``, the middle ``level`` of that
+    difference over bootstrap draws of the inputs, each draw the same images for both runs. Paired, it is
+    far narrower than the two runs' own intervals where the runs go wrong on the same inputs. Draws where
+    both runs match exactly count as no difference."""
+    ours, theirs = _bootstrap_pooled_db([per_image_mse, other_mse], data_range, resamples, seed)
+    pooled = [_db(torch.as_tensor(e, dtype=torch.float64).mean(), data_range) for e in (per_image_mse, other_mse)]
+    difference = torch.nan_to_num(pooled[0] - pooled[1], nan=0.0).item()
+    lo, hi = _middle(torch.nan_to_num(ours - theirs, nan=0.0), level)
+    return {"difference": difference, "interval": [lo, hi], "level": level}
+
+
+def psnr_summary(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, Any]:
+    """``psnr`` (pooled, the headline) between ``psnr_lo`` and ``psnr_hi`` (its :func:`pooled_psnr_interval`),
+    ``psnr_mean`` (mean of per-image PSNRs), ``psnr_p5`` (their 5th percentile) and ``psnr_worst`` (the lowest)."""
+    errors = per_image_mse(output, reference)
+    per_image = _db(errors, data_range).clamp(max=PSNR_CEILING_DB)
     return {
         "psnr": psnr(output, reference, data_range),
+        **dict(zip(("psnr_lo", "psnr_hi"), pooled_psnr_interval(errors, data_range))),
         "psnr_mean": per_image.mean().item(),
         "psnr_p5": torch.quantile(per_image, 0.05).item(),
         "psnr_worst": per_image.min().item(),

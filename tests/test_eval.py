@@ -192,8 +192,36 @@ def test_eval_cli_writes_json_markdown_and_png(digits6, cli, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["seeds"] == "1000000..1000003"
     md = (tmp_path / "report.md").read_text()
     assert "| plan (manual) |" in md and "| full compute |" in md
+    lo, hi = payload["psnr_lo"], payload["psnr_hi"]
+    assert lo <= payload["psnr"] <= hi and f"{payload['psnr']:.2f} ({lo:.2f}-{hi:.2f}) |" in md
+    assert "90% bootstrap interval" in md
     assert payload["timing_noise"] is None and "uncertain" not in md  # one timed run: no scatter to read
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_against_another_plan_times_both_and_gives_the_paired_difference(digits6, cli, tmp_path):
+    runner, sampler = digits6
+    fast = save_plan(plan_for_runner(runner, sampler, {"transformer_blocks.3": "CDDCDD"}, calib_seeds=[0, 1]),
+                     tmp_path / "fast.json")
+    slow = save_plan(plan_for_runner(runner, sampler, {"transformer_blocks.3": "CCCCDD"}, calib_seeds=[0, 1]),
+                     tmp_path / "slow.json")
+    proc = cli("eval", "--plan", str(slow), "--against", str(fast), "--seeds", "1000000..1000003", "--repeats", "2",
+               "--json", "--out", "report.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)
+    other, comparison = payload["against"], payload["comparison"]
+    assert other["plan"] == str(fast) and other["repeats"] == payload["repeats"] == 2
+    assert other["executor"]["computed_fraction"] < payload["executor"]["computed_fraction"] < 1.0
+    assert comparison["difference"] == pytest.approx(payload["psnr"] - other["psnr"])
+    assert comparison["interval"][0] <= comparison["difference"] <= comparison["interval"][1]
+    assert set(payload["meter"]) == {"full", "plan"} and set(other["meter"]) == set(payload["meter"]["full"])
+    md = (tmp_path / "report.md").read_text()
+    assert "| against (manual) |" in md and "paired bootstrap interval" in md
+    # a plan for another sampler is refused in one line before anything is timed
+    other_steps = save_plan(plan_for_runner(runner, runner.resolve(Sampler("ddim", 4, 3.0)), calib_seeds=[0, 1]),
+                            tmp_path / "four.json")
+    proc = cli("eval", "--plan", str(slow), "--against", str(other_steps), "--seeds", "1000000..1000001", cwd=tmp_path)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "step" in proc.stderr
 
 
 # --------------------------------------------------------------------------- peers

@@ -38,6 +38,49 @@ def test_one_diverging_image_shows_in_the_pooled_worst_and_percentile_psnr_not_i
     assert exact["psnr"] == math.inf and exact["psnr_mean"] == metrics.PSNR_CEILING_DB
 
 
+def test_the_pooled_psnr_interval_is_wide_where_one_image_decides_it_and_a_point_where_none_does():
+    ref = torch.zeros(40, 1, 8, 8)
+    even = metrics.psnr_summary(ref + 0.01, ref)  # every image at 40 dB: any draw pools to 40 dB
+    assert [even["psnr_lo"], even["psnr_hi"]] == pytest.approx([40.0, 40.0], abs=1e-6)
+    out = ref + 0.001
+    out[3] = 0.1  # one image at 20 dB among 60 dB ones decides the pooled PSNR (about 36 dB)
+    summary = metrics.psnr_summary(out, ref)
+    lo, hi = summary["psnr_lo"], summary["psnr_hi"]
+    assert lo < summary["psnr"] < hi and hi - lo > 5  # draws without it pool far higher, with two far lower
+    assert hi <= 60.0 + 1e-6 and lo > 20.0
+    assert metrics.pooled_psnr_interval(metrics.per_image_mse(out, ref)) == (lo, hi)  # seeded: the same twice
+    # a wider level covers more; an all-exact draw is infinite, not NaN
+    wide = metrics.pooled_psnr_interval(metrics.per_image_mse(out, ref), level=0.99)
+    assert wide[0] <= lo and wide[1] >= hi
+    exact = metrics.psnr_summary(ref.clone(), ref)
+    assert exact["psnr_lo"] == exact["psnr_hi"] == math.inf
+    with pytest.raises(ValueError, match="no images"):
+        metrics.pooled_psnr_interval(torch.zeros(0))
+
+
+def test_the_paired_difference_sees_through_inputs_that_vary_under_both_runs():
+    # inputs that differ by three orders of magnitude in how far off they go, under both runs alike: each
+    # run's own interval is wide; one run halves every input's error: 3 dB better in every draw
+    both = torch.logspace(-7, -4, 40, dtype=torch.float64)
+    better = both / 2
+    paired = metrics.paired_psnr_difference(better, both)
+    assert paired["difference"] == pytest.approx(10 * math.log10(2))
+    lo, hi = paired["interval"]
+    assert lo == pytest.approx(10 * math.log10(2)) and hi == pytest.approx(lo) and paired["level"] == 0.9
+    own = metrics.pooled_psnr_interval(better)
+    assert own[1] - own[0] > 3  # unpaired, the two runs' intervals would overlap
+    uneven = better.clone()
+    uneven[-1] = both[-1] * 4  # worse on the input that weighs most, better on the rest: the interval spans 0
+    paired = metrics.paired_psnr_difference(uneven, both)
+    assert paired["interval"][0] < paired["difference"] < 0 < paired["interval"][1]
+    flipped = metrics.paired_psnr_difference(both, uneven)
+    assert flipped["interval"] == pytest.approx([-paired["interval"][1], -paired["interval"][0]])
+    exact = metrics.paired_psnr_difference(torch.zeros(4), torch.zeros(4))
+    assert exact["difference"] == 0.0 and exact["interval"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="different lengths"):
+        metrics.paired_psnr_difference(torch.zeros(4), torch.zeros(5))
+
+
 def test_rel_l1_by_hand():
     ref = torch.tensor([1.0, -2.0, 3.0, -4.0])
     out = torch.tensor([1.5, -2.0, 2.0, -4.0])  # mean|diff| = 1.5/4, mean|ref| = 10/4

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from planner.io import json_safe
+from planner.metrics import PSNR_INTERVAL_LEVEL
 
 COLUMNS = ["method", "kind", "setting", "budget", "status", "speedup", "speedup_min", "speedup_max", "median_s",
-           "flop_speedup", "flops", "predicted_speedup", "calib_error", "search_s", "psnr", "psnr_mean", "psnr_p5",
-           "psnr_worst", "ssim", "rel_l1", "mse"]
+           "flop_speedup", "flops", "predicted_speedup", "calib_error", "search_s", "psnr", "psnr_lo", "psnr_hi",
+           "psnr_mean", "psnr_p5", "psnr_worst", "ssim", "rel_l1", "mse"]
 TAIL = ["plan", "params"]  # after the model's own meter scores (accuracy, frechet, ...), whichever it has
 STYLE = {"ours": "-", "baseline": "--", "peer": ":"}
 PACKAGES = ("torch", "diffusers", "cache-dit", "optuna", "numpy", "transformers", "dit-cache-planner")
@@ -96,7 +97,7 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
     """The bench report in markdown: pooled PSNR at matched realized and FLOP speedup, the margins of our
     best strategy, then every point measured."""
     from planner.bench.margins import AXES, margins, matched
-    from planner.evaluate import METER_LABELS
+    from planner.evaluate import METER_LABELS, interval_text
 
     timed = info.get("timed_seeds", info["n"])
     on = "" if timed == info["n"] else f" on the first {timed}"
@@ -130,8 +131,9 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
             lines.append(f"| {AXES[axis]} | {label} | {ours} | " + " | ".join(cells) + " |")
     meters = meter_columns(rows)
     lines += ["", "Every point measured (realized speedup: median of per-run ratios to the interleaved full runs, "
-              "min-max in brackets; FLOP speedup: counted FLOPs of full compute over the method's; PSNR pooled, then "
-              "the mean, 5th percentile and worst of the per-image PSNRs):", ""]
+              "min-max in brackets; FLOP speedup: counted FLOPs of full compute over the method's; PSNR pooled with "
+              f"its {PSNR_INTERVAL_LEVEL:.0%} bootstrap interval over the images in brackets, then the mean, 5th "
+              "percentile and worst of the per-image PSNRs):", ""]
     lines += ["| method | kind | setting | realized speedup | FLOP speedup | predicted | PSNR pooled | mean | p5 | worst | "
               "SSIM | " + "".join(f"{METER_LABELS.get(n, n)} | " for n in meters) + "search s | status |",
               "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(meters) + "---|---|"]
@@ -146,7 +148,8 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
         meter = "".join(f"{_fmt(r.get(n), '.1f' if n == 'frechet' else '.3f')} | " for n in meters)
         lines.append(
             f"| {r['method']} | {r['kind']} | {r['setting']} | {speed} | {flop} | {_fmt(r.get('predicted_speedup'), '.2f')} | "
-            + " | ".join(_fmt(r.get(k), ".2f") for k in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst"))
+            + f"{_fmt(r.get('psnr'), '.2f')}{interval_text(r.get('psnr_lo'), r.get('psnr_hi'))} | "
+            + " | ".join(_fmt(r.get(k), ".2f") for k in ("psnr_mean", "psnr_p5", "psnr_worst"))
             + f" | {_fmt(r.get('ssim'), '.4f')} | {meter}{_fmt(r.get('search_s'), '.1f')} | {status} |")
     if info.get("search_params"):
         given = "; ".join(f"{name} " + ", ".join(f"{k}={json.dumps(v)}" for k, v in params.items())

@@ -21,6 +21,9 @@ DEFAULT_SAMPLES = 32
 def register(sub) -> None:
     p = sub.add_parser("eval", help="measure a plan's realized speedup and quality against full compute on held-out inputs")
     p.add_argument("--plan", required=True, help="plan file (JSON)")
+    p.add_argument("--against", default=None, metavar="PLAN",
+                   help="another plan of the same model and sampler: timed in the same rounds, scored on the same "
+                        "inputs, and the pooled PSNR difference given with a paired bootstrap interval")
     p.add_argument("--seeds", default=None,
                    help=f"held-out seeds: a range 100..131, a list 1,5..7 (default: {DEFAULT_SAMPLES} seeds from 1000000)")
     p.add_argument("--repeats", type=repeats_arg, default=5, help="timed runs per side, interleaved after a warm-up run")
@@ -54,8 +57,10 @@ def cmd_eval(args) -> int:
         raise PlannerError(f"--warmup must be at least 0, got {args.warmup}")
     check_max_repeats(args)
     plan = load_plan(args.plan)
+    against = load_plan(args.against) if args.against else None
     seeds = parse_seeds(args.seeds) if args.seeds is not None else evaluation_seeds(DEFAULT_SAMPLES, EVAL_SEED_BASE)
-    check_held_out(seeds, plan.provenance.calib_seeds, args.force)  # refuse before loading anything
+    for p in filter(None, (plan, against)):  # refuse before loading anything
+        check_held_out(seeds, p.provenance.calib_seeds, args.force)
     if args.out and Path(args.out).suffix == ".md":
         raise PlannerError("--out names the JSON report (the markdown table goes beside it as .md)")
     if args.out:
@@ -63,11 +68,13 @@ def cmd_eval(args) -> int:
         check_output_path(Path(args.out).with_suffix(".md"))
     if args.png:
         check_output_path(args.png, "png")
-    if args.prompts is not None and plan.provenance.prompts:  # a given prompt file is checked before loading
+    plans = [p for p in (plan, against) if p is not None]
+    if args.prompts is not None and any(p.provenance.prompts for p in plans):  # checked before loading
         from planner.pipelines.prompts import as_prompt_set, check_held_out_prompts
 
-        given = as_prompt_set(args.prompts)
-        check_held_out_prompts(list(given)[:len(seeds)], plan.provenance.prompts.get("keys", []), args.force)
+        given = list(as_prompt_set(args.prompts))[:len(seeds)]
+        for p in plans:
+            check_held_out_prompts(given, (p.provenance.prompts or {}).get("keys", []), args.force)
     model = args.model or plan.model.spec
     if not model:
         raise PlannerError(f"plan {args.plan} names no model spec: give --model")
@@ -76,14 +83,19 @@ def cmd_eval(args) -> int:
                            f"give --model {model} to call it")
     _plan_defaults(args, plan)
     runner = runner_from_args(args, model, prompts_as="evaluation")
-    plan.check_model(runner)
     sampler = Sampler(plan.sampler.scheduler, plan.sampler.steps, plan.sampler.guidance,
                       height=args.height, width=args.width, num_frames=args.num_frames)
-    plan.check_sampler(runner, sampler)  # steps, CFG layout, resolution and frames
+    for p in plans:
+        p.check_model(runner)
+        p.check_sampler(runner, sampler)  # steps, CFG layout, resolution and frames
     conditions = held_out_conditions(runner, plan, seeds, args.force)
+    if against is not None:
+        held_out_conditions(runner, against, seeds, args.force)  # refuses its calibration prompts too
     result, full, planned = evaluate_plan_with_outputs(runner, sampler, plan, seeds, repeats=args.repeats,
                                                        warmup=args.warmup, force=args.force, conditions=conditions,
-                                                       max_repeats=args.max_repeats)
+                                                       max_repeats=args.max_repeats, against=against)
+    if against is not None:
+        result["against"] = {"plan": str(args.against), **result["against"]}
     payload = {"plan": str(args.plan), "model": model, "sampler": sampler.to_dict(), "device": str(runner.device), **result}
     if runner.family.text:
         payload["prompts"] = runner.prompts("evaluation").source
