@@ -85,5 +85,7 @@ def test_committed_plans_give_the_outputs_they_were_made_with(name, runner_for):
     conditions = runner.conditions(len(GOLDEN_SEEDS), seed=GOLDEN_SEEDS[0])
     with apply_plan(runner, plan):
         got = runner.run(conditions, GOLDEN_SEEDS, sampler)
-    # bit-identical on the machine that recorded them; other CPUs may round sums differently
-    assert torch.allclose(got, expected, rtol=0, atol=1e-5), float((got - expected).abs().max())
+    # bit-identical on the machine that recorded them; other CPUs round sums differently, and 50 steps of
+    # forecasts carry it on (greedy's 2x plan: 3.7e-5 on an AVX2 AMD EPYC). A change of what a plan does
+    # moves outputs by orders of magnitude more.
+    assert torch.allclose(got, expected, rtol=0, atol=1e-4), float((got - expected).abs().max())
