@@ -96,8 +96,8 @@ PSNR_INTERVAL_LEVEL = 0.9
 PSNR_INTERVAL_RESAMPLES = 2000
 
 
-def _bootstrap_pooled_db(errors: list[torch.Tensor], data_range: float, resamples: int,
-                         seed: int) -> list[torch.Tensor]:
+def bootstrap_pooled_psnr(errors: list[torch.Tensor], data_range: float = 1.0, *,
+                          resamples: int = PSNR_INTERVAL_RESAMPLES, seed: int = 0) -> list[torch.Tensor]:
     """For each vector of per-image MSEs in ``errors`` (the same images, in the same order), the pooled PSNR
     of ``resamples`` draws of the images with replacement: the same draws for every vector, so that two
     plans run on the same inputs are compared image for image. Seeded: the same MSEs give the same draws."""
@@ -114,7 +114,7 @@ def _bootstrap_pooled_db(errors: list[torch.Tensor], data_range: float, resample
     return [_db(torch.cat([e[d].mean(1) for d in draws]), data_range) for e in errors]  # an all-exact draw: inf
 
 
-def _middle(values: torch.Tensor, level: float) -> tuple[float, float]:
+def middle_interval(values: torch.Tensor, level: float = PSNR_INTERVAL_LEVEL) -> tuple[float, float]:
     """The bounds of the middle ``level`` of ``values``, at the nearest ranks (inf - inf would make an
     interpolated bound NaN)."""
     ranked, last = values.sort().values, values.numel() - 1
@@ -129,7 +129,7 @@ def pooled_psnr_interval(per_image_mse: torch.Tensor, data_range: float = 1.0, *
     of each draw taken; the interval spans the middle ``level`` of those. It says how far another set of
     as many inputs could move the headline. When a rare image far off decides the pooled PSNR, the interval
     is wide where such an image was drawn, and cannot warn where none was."""
-    return _middle(_bootstrap_pooled_db([per_image_mse], data_range, resamples, seed)[0], level)
+    return middle_interval(bootstrap_pooled_psnr([per_image_mse], data_range, resamples=resamples, seed=seed)[0], level)
 
 
 def paired_psnr_difference(per_image_mse: torch.Tensor, other_mse: torch.Tensor, data_range: float = 1.0, *,
@@ -140,10 +140,10 @@ def paired_psnr_difference(per_image_mse: torch.Tensor, other_mse: torch.Tensor,
     difference over bootstrap draws of the inputs, each draw the same images for both runs. Paired, it is
     far narrower than the two runs' own intervals where the runs go wrong on the same inputs. Draws where
     both runs match exactly count as no difference."""
-    ours, theirs = _bootstrap_pooled_db([per_image_mse, other_mse], data_range, resamples, seed)
+    ours, theirs = bootstrap_pooled_psnr([per_image_mse, other_mse], data_range, resamples=resamples, seed=seed)
     pooled = [_db(torch.as_tensor(e, dtype=torch.float64).mean(), data_range) for e in (per_image_mse, other_mse)]
     difference = torch.nan_to_num(pooled[0] - pooled[1], nan=0.0).item()
-    lo, hi = _middle(torch.nan_to_num(ours - theirs, nan=0.0), level)
+    lo, hi = middle_interval(torch.nan_to_num(ours - theirs, nan=0.0), level)
     return {"difference": difference, "interval": [lo, hi], "level": level}
 
 

@@ -93,6 +93,38 @@ def test_margins_take_the_best_of_ours_against_each_side_and_the_worst_model():
     assert worst["speedup"]["2x"]["margin_fewer_steps"]["missing"] == ["b"]
 
 
+def test_margin_intervals_pair_the_methods_on_the_same_images():
+    import torch
+
+    from planner.bench.margins import margin_text, margins_markdown
+
+    # images that differ by three orders of magnitude in how hard they are, for both methods alike; ours halves
+    # every image's error: 3 dB better whatever the draw, though each method's own PSNR moves by several dB
+    hard = torch.logspace(-7, -4, 64, dtype=torch.float64)
+    rows = [_row("greedy", "ours", 2.0, 10 * math.log10(1 / (hard / 2).mean().item())),
+            _row("diffusers-taylorseer", "peer", 2.0, 10 * math.log10(1 / hard.mean().item())),
+            _row("diffusers-fbcache", "peer", 1.4, 60.0)]  # not scored: its PSNR stays, and it cannot reach 2x
+    m = margins(rows, [2.0, 3.0], [hard / 2, hard, None])
+    at2 = m["speedup"]["2x"]
+    assert at2["margin_peer"] == pytest.approx(10 * math.log10(2))
+    assert at2["margin_peer_interval"] == pytest.approx([10 * math.log10(2)] * 2)
+    assert "margin_fewer_steps_interval" not in at2 and "margin_peer_interval" not in m["speedup"]["3x"]
+    assert margin_text(at2, "margin_peer") == "+3.01 (+3.01 to +3.01)" and margin_text(at2, "margin_fewer_steps") == ""
+    # ours far worse on the one image that weighs most, better on the rest: the draws disagree on the sign
+    uneven = hard / 2
+    uneven[-1] = hard[-1] * 4
+    rows[0] = _row("greedy", "ours", 2.0, 10 * math.log10(1 / uneven.mean().item()))
+    lo, hi = margins(rows, [2.0], [uneven, hard, None])["speedup"]["2x"]["margin_peer_interval"]
+    assert lo < 0 < hi
+    # the worst case across models carries its model's interval into the summary
+    worst = worst_case({"a": m, "b": margins(rows, [2.0, 3.0])})
+    assert worst["speedup"]["2x"]["margin_peer"]["model"] == "b"
+    assert "worst_interval" not in worst["speedup"]["2x"]["margin_peer"]  # b was not given its images' errors
+    worst = worst_case({"a": m})
+    assert worst["speedup"]["2x"]["margin_peer"]["worst_interval"] == pytest.approx([10 * math.log10(2)] * 2)
+    assert "+3.01 (+3.01 to +3.01) (a)" in margins_markdown({"a": m}, worst)
+
+
 # --------------------------------------------------------------------------- baselines
 
 
@@ -195,8 +227,13 @@ def test_bench_over_two_models_writes_per_model_tables_and_a_summary(cli, tmp_pa
             for key in ("psnr", "psnr_mean", "psnr_p5", "psnr_worst", "ssim", "flop_speedup"):
                 assert key in r
         assert set(result["margins"]) == {"speedup", "flop_speedup"}
+        # every margin that exists has its bootstrap interval over the held-out images, in the JSON and the table
+        given = [(e[k], e[f"{k}_interval"]) for per in result["margins"].values() for e in per.values() for k in e
+                 if k.startswith("margin_") and not k.endswith("_interval") and e[k] is not None]
+        assert given and all(lo <= value <= hi for value, (lo, hi) in given)
         md = (out / folder / "results.md").read_text()
         assert "At matched FLOP speedup" in md and "| PSNR pooled | mean | p5 | worst |" in md
+        assert "bootstrap interval of each margin" in md
     digits_rows = {(r["method"], r["setting"]): r
                    for r in json.loads((out / "digits-dit" / "results.json").read_text())["rows"]}
     assert digits_rows[("fewer steps", "3 steps")]["flop_speedup"] == pytest.approx(2.0, rel=1e-6)
@@ -208,8 +245,10 @@ def test_bench_over_two_models_writes_per_model_tables_and_a_summary(cli, tmp_pa
             entry = summary["worst_case"][axis][label]
             assert set(entry) == {"margin_peer", "margin_fewer_steps", "margin_greedy"}
             for e in entry.values():
-                assert set(e) == {"worst", "model", "missing"}
+                assert set(e) - {"worst_interval"} == {"worst", "model", "missing"}
                 assert e["worst"] is not None or e["missing"]
+                if e["worst"] is not None:
+                    assert e["worst_interval"][0] <= e["worst"] <= e["worst_interval"][1]
     assert "pooled PSNR" in (out / "summary.md").read_text()
 
 
@@ -247,7 +286,7 @@ def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digit
     row's pooled PSNR is the one of the four images, not of the two timed."""
     from planner.bench.run import BenchConfig, run_bench
     from planner.errors import PlannerError
-    from planner.metrics import psnr_summary
+    from planner.metrics import per_image_mse, psnr_summary
 
     sampler = digits.resolve(Sampler("ddim", 4, 3.0))
     seeds = [EVAL_SEED_BASE + i for i in range(4)]
@@ -259,6 +298,8 @@ def test_quality_is_scored_on_every_seed_and_speed_timed_on_the_first_ones(digit
     full = digits.run(conditions, seeds, sampler)
     fewer = digits.run(conditions, seeds, digits.resolve(Sampler("ddim", 2, 3.0)))
     assert row["psnr"] == pytest.approx(psnr_summary(fewer, full)["psnr"], abs=1e-4)
+    # the margins' intervals draw on each row's own images: all four, in seed order
+    assert result.image_mse[result.rows.index(row)].tolist() == pytest.approx(per_image_mse(fewer, full).tolist(), abs=1e-8)
     assert row["psnr"] != pytest.approx(psnr_summary(fewer[:2], full[:2])["psnr"], abs=1e-4)
     assert row["speedup"] > 0 and result.info["timed_seeds"] == 2 and result.info["n"] == 4
     assert result.info["timing_noise"]["runs"] == 2 and "load_before" in result.info["timing_noise"]

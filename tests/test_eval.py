@@ -319,6 +319,7 @@ def test_bench_on_a_tiny_setting_writes_table_plot_and_environment(tiny_profile,
     assert list(csv.columns[:6]) == ["method", "kind", "setting", "budget", "status", "speedup"] and len(csv) == len(rows)
     md = (out / "results.md").read_text()
     assert "| method | kind | 2x | 50x |" in md and "| uniform | baseline |" in md
+    assert 0 < csv["psnr_lo"].iloc[1] <= csv["psnr"].iloc[1] <= csv["psnr_hi"].iloc[1]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env = json.loads((out / "environment.json").read_text())
     assert env["torch_threads"] == 1 and env["device"] == "cpu" and env["versions"]["diffusers"]

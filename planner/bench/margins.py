@@ -28,6 +28,7 @@ import math
 from typing import Any
 
 import numpy as np
+import torch
 
 AXES = {"speedup": "realized wall-clock speedup", "flop_speedup": "FLOP speedup"}
 METRIC = "psnr"  # pooled PSNR: the MSE over every pixel of every image
@@ -87,10 +88,49 @@ def _best(table: list[dict], target: float, keep) -> tuple[str | None, float | N
     return name, q
 
 
-def margins(rows: list[dict], targets: list[float]) -> dict[str, dict[str, dict]]:
+def margins(rows: list[dict], targets: list[float], image_mse: list | None = None) -> dict[str, dict[str, dict]]:
     """``{axis: {"1.5x": {...}}}``: per axis and target, the best of ours, the best peer, fewer steps and
     greedy (method and PSNR), and the margins of ours over each (``margin_peer``, ``margin_fewer_steps``,
-    ``margin_greedy``; ``None`` where a side does not reach the target)."""
+    ``margin_greedy``; ``None`` where a side does not reach the target). With ``image_mse`` (per row, its
+    images' MSEs, or ``None`` for a row not scored) each margin also has its bootstrap interval
+    (``margin_peer_interval``, ...: :func:`margin_intervals`)."""
+    out = _point_margins(rows, targets)
+    if image_mse is not None:
+        for (axis, label, key), bounds in margin_intervals(rows, image_mse, targets).items():
+            out[axis][label][f"{key}_interval"] = list(bounds)
+    return out
+
+
+# Bootstrap draws behind a margin's interval: each redoes every method's Pareto front and reading.
+MARGIN_RESAMPLES = 1000
+
+
+def margin_intervals(rows: list[dict], image_mse: list, targets: list[float], *, resamples: int = MARGIN_RESAMPLES,
+                     seed: int = 0) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """``{(axis, "2x", "margin_peer"): (lo, hi)}``: the middle 90% of each margin over bootstrap draws of the
+    held-out images. A draw takes the same images for every row (``image_mse``: per row, the MSEs of its
+    images in one order, ``None`` for a row not scored), pools each row's PSNR over them and reads every
+    front and margin again, so the interval carries the pairing of methods run on the same inputs and the
+    front points that a draw moves. Margins that are ``None`` (a side does not reach the speed) have none."""
+    from planner.metrics import bootstrap_pooled_psnr, middle_interval
+
+    scored = [i for i, errors in enumerate(image_mse) if errors is not None]
+    pooled = bootstrap_pooled_psnr([image_mse[i] for i in scored], resamples=resamples, seed=seed)
+    keys = [f"margin_{side.replace(' ', '_')}" for side in COMPARISONS]
+    values: dict[tuple[str, str, str], list[float]] = {}
+    for draw in range(resamples):
+        drawn = list(rows)
+        for i, psnrs in zip(scored, pooled):
+            drawn[i] = {**rows[i], METRIC: psnrs[draw].item()}
+        for axis, per in _point_margins(drawn, targets).items():
+            for label, entry in per.items():
+                for key in keys:
+                    if entry[key] is not None:
+                        values.setdefault((axis, label, key), []).append(entry[key])
+    return {k: middle_interval(torch.tensor(v, dtype=torch.float64)) for k, v in values.items()}
+
+
+def _point_margins(rows: list[dict], targets: list[float]) -> dict[str, dict[str, dict]]:
     out: dict[str, dict[str, dict]] = {}
     for axis in AXES:
         table = matched(rows, targets, axis)
@@ -108,6 +148,16 @@ def margins(rows: list[dict], targets: list[float]) -> dict[str, dict[str, dict]
             per[f"{t:g}x"] = entry
         out[axis] = per
     return out
+
+
+def margin_text(entry: dict, key: str) -> str:
+    """A margin of a :func:`margins` entry as a table cell, ``+1.56 (+0.80 to +2.31)`` with its interval where
+    it has one; blank where it is ``None``."""
+    value = entry[key]
+    if value is None:
+        return ""
+    interval = entry.get(f"{key}_interval")
+    return f"{value:+.2f}" + ("" if interval is None else f" ({interval[0]:+.2f} to {interval[1]:+.2f})")
 
 
 def _diff(a: float, b: float) -> float:
@@ -133,6 +183,8 @@ def worst_case(per_model: dict[str, dict]) -> dict[str, dict[str, dict]]:
                            if label not in m[axis] or m[axis][label][key] is None]
                 worst = min(got) if got else (None, None)
                 entry[key] = {"worst": worst[0], "model": worst[1], "missing": missing}
+                if worst[1] is not None and f"{key}_interval" in per_model[worst[1]][axis][label]:
+                    entry[key]["worst_interval"] = per_model[worst[1]][axis][label][f"{key}_interval"]
             out[axis][label] = entry
     return out
 
@@ -143,7 +195,8 @@ def margins_markdown(per_model: dict[str, dict], worst: dict) -> str:
              "strategies over the best peer, over fewer sampling steps and over greedy, at matched speed read off "
              "each method's Pareto front (linear interpolation between the measured neighbours; the slowest point "
              "when all are faster; blank when the method does not reach the speed). Worst case: the smallest "
-             "margin across models.", ""]
+             "margin across models. In brackets, where the bench knew each image's error: the margin's 90% "
+             "bootstrap interval over the held-out images.", ""]
     for axis, title in AXES.items():
         lines += [f"### Worst case across models, matched {title}", "",
                   "| speedup | " + " | ".join(f"vs {v}" for v in COMPARISONS.values()) + " |",
@@ -152,7 +205,7 @@ def margins_markdown(per_model: dict[str, dict], worst: dict) -> str:
             cells = []
             for side in COMPARISONS:
                 e = entry[f"margin_{side.replace(' ', '_')}"]
-                cell = "" if e["worst"] is None else f"{e['worst']:+.2f} ({e['model']})"
+                cell = "" if e["worst"] is None else f"{margin_text(e, 'worst')} ({e['model']})"
                 if e["missing"]:
                     cell += (" " if cell else "") + "n/a on " + ", ".join(e["missing"])
                 cells.append(cell)
@@ -168,8 +221,7 @@ def margins_markdown(per_model: dict[str, dict], worst: dict) -> str:
                     return "" if s["psnr"] is None else f"{s['psnr']:.2f} ({s['method']})"
 
                 def margin(key):
-                    v = e[f"margin_{key}"]
-                    return "" if v is None else f"{v:+.2f}"
+                    return margin_text(e, f"margin_{key}")
 
                 lines.append(f"| {title} | {label} | {side('ours')} | {side('peer')} | {side('fewer_steps')} | "
                              f"{side('greedy')} | {margin('peer')} | {margin('fewer_steps')} | {margin('greedy')} |")

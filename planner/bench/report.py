@@ -93,10 +93,12 @@ def _fmt(x: Any, spec: str) -> str:
     return format(x, spec)
 
 
-def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, str], info: dict, env: dict) -> str:
+def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, str], info: dict, env: dict,
+                     margin_table: dict | None = None) -> str:
     """The bench report in markdown: pooled PSNR at matched realized and FLOP speedup, the margins of our
-    best strategy, then every point measured."""
-    from planner.bench.margins import AXES, margins, matched
+    best strategy (``margin_table``, :func:`planner.bench.margins.margins`; default: the rows' own, without
+    intervals), then every point measured."""
+    from planner.bench.margins import AXES, margin_text, margins, matched
     from planner.evaluate import METER_LABELS, interval_text
 
     timed = info.get("timed_seeds", info["n"])
@@ -124,11 +126,14 @@ def results_markdown(rows: list[dict], targets: list[float], skipped: dict[str, 
         lines.append("")
     lines += ["**Margins of the best of our strategies** (dB pooled PSNR; blank: a side does not reach the speed)", "",
               "| axis | speedup | best of ours | vs best peer | vs fewer steps | vs greedy |", "|---|---|---|---|---|---|"]
-    for axis, per in margins(rows, targets).items():
+    for axis, per in (margin_table or margins(rows, targets)).items():
         for label, e in per.items():
             ours = "" if e["ours"]["psnr"] is None else f"{e['ours']['psnr']:.2f} ({e['ours']['method']})"
-            cells = ["" if e[k] is None else f"{e[k]:+.2f}" for k in ("margin_peer", "margin_fewer_steps", "margin_greedy")]
+            cells = [margin_text(e, k) for k in ("margin_peer", "margin_fewer_steps", "margin_greedy")]
             lines.append(f"| {AXES[axis]} | {label} | {ours} | " + " | ".join(cells) + " |")
+    if any(k.endswith("_interval") for per in (margin_table or {}).values() for e in per.values() for k in e):
+        lines += ["", f"In brackets: the {PSNR_INTERVAL_LEVEL:.0%} bootstrap interval of each margin over the held-out "
+                      "images (every method's PSNR pooled over the same draw of images, every front read again)."]
     meters = meter_columns(rows)
     lines += ["", "Every point measured (realized speedup: median of per-run ratios to the interleaved full runs, "
               "min-max in brackets; FLOP speedup: counted FLOPs of full compute over the method's; PSNR pooled with "
@@ -308,12 +313,12 @@ def write_outputs(result, env: dict, out: str | Path, targets: list[float], titl
              ("results.csv", "results.md", "results.json", "pareto.png", "environment.json")}
     frame = results_frame(result.rows)
     write_atomic(files["results.csv"], lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
-    write_text_atomic(files["results.md"], results_markdown(result.rows, targets, result.skipped, result.info, env))
+    margin_table = result.margins(targets)
+    write_text_atomic(files["results.md"], results_markdown(result.rows, targets, result.skipped, result.info, env,
+                                                            margin_table))
     pareto_plot(result.rows, files["pareto.png"], title, targets)
     write_json_atomic(files["environment.json"], json_safe(env))
-    from planner.bench.margins import margins
-
     write_json_atomic(files["results.json"], json_safe({"info": result.info, "skipped": result.skipped,
-                                                        "margins": margins(result.rows, targets),
+                                                        "margins": margin_table,
                                                         "rows": result.rows, "environment": env}))
     return files

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from planner.errors import PlannerError
 from planner.evaluate import REFERENCE, Contender, meter_scores, quality, time_against_reference, timing_noise
+from planner.metrics import per_image_mse
 from planner.seeds import check_held_out, evaluation_seeds
 
 KIND_REFERENCE, KIND_OURS, KIND_BASELINE, KIND_PEER = "reference", "ours", "baseline", "peer"
@@ -102,11 +103,24 @@ class Point:
 
 @dataclass
 class BenchResult:
-    """The measured rows (one dict per point, the columns of the CSV), peers skipped and why, and run facts."""
+    """The measured rows (one dict per point, the columns of the CSV), peers skipped and why, run facts, and
+    per row the MSE of each held-out image (``None`` for a row not scored), which the margins' intervals draw on."""
 
     rows: list[dict]
     skipped: dict[str, str]
     info: dict[str, Any]
+    image_mse: list | None = None
+    _margins: dict = field(default_factory=dict, repr=False)
+
+    def margins(self, targets: list[float]) -> dict:
+        """:func:`planner.bench.margins.margins` of the rows at ``targets``, with intervals where the images'
+        errors are known; computed once per set of targets."""
+        from planner.bench.margins import margins
+
+        key = tuple(targets)
+        if key not in self._margins:
+            self._margins[key] = margins(self.rows, targets, self.image_mse)
+        return self._margins[key]
 
 
 def _say(config: BenchConfig, text: str) -> None:
@@ -166,6 +180,8 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
                          "(--max-repeats adds rounds while it is; a machine with nothing else running narrows it)")
     outputs = timed.outputs if n_timed == len(seeds) else _score_all(runner, sampler, conditions, seeds, points, config)
     rows = _rows(runner, conditions, points, timed, outputs, sampler, reference_flops)
+    image_mse = [per_image_mse(outputs[REFERENCE], outputs[REFERENCE])] + [
+        per_image_mse(outputs[p.key], outputs[REFERENCE]) if p.key in timed.timings else None for p in points]
     strategies = dict.fromkeys(p.method for p in points if p.kind != KIND_PEER and p.method != FEWER_STEPS)
     given = {n: {**DEFAULT_PARAMS.get(n, {}), **config.params.get(n, {})} for n in strategies}
     info = {"search_params": {n: v for n, v in given.items() if v}, "reduced": reduced_settings(given),
@@ -175,7 +191,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
             "sampler": sampler.to_dict(), "budgets": config.budgets,
             "top_up": [{"method": p.method, "budget": p.budget} for p in top_ups], "timing_noise": noise,
             "wall_s": time.perf_counter() - start}
-    return BenchResult(rows, skipped, info)
+    return BenchResult(rows, skipped, info, image_mse)
 
 
 # --------------------------------------------------------------------------- ours and baselines

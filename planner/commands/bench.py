@@ -199,16 +199,10 @@ def _bench_one(args, model: str, config, out: Path, targets: list[float]) -> tup
     files = {name: str(out / Path(path).name) for name, path in written.items()}
     payload = {"out": str(out), "files": files, "wall_s": round(result.info["wall_s"], 1), "skipped": result.skipped,
                "info": {**result.info, "seeds": format_seeds(result.info["seeds"])}, "environment": env,
-               "margins": _margins(result.rows, targets), "rows": result.rows}
+               "margins": result.margins(targets), "rows": result.rows}
     text = Path(files["results.md"]).read_text()
     text += f"\nbench took {result.info['wall_s']:.0f} s -> {out}/ (results.csv, results.md, pareto.png, environment.json)"
     return payload, text
-
-
-def _margins(rows: list[dict], targets: list[float]) -> dict:
-    from planner.bench.margins import margins
-
-    return margins(rows, targets)
 
 
 def _bench_many(args, models: list[str], config, out: Path, targets: list[float]) -> tuple[dict, str]:
