@@ -20,6 +20,10 @@ baselines and peers, is read the same way.
 strategies (kind ``ours``) minus the best peer (kind ``peer``), minus fewer sampling steps, and
 minus greedy. A margin is ``None`` where either side does not reach the target. Across models,
 the worst case is the smallest margin, with the model it came from.
+
+**Intervals.** Given each point's per-image errors, every margin also gets a bootstrap interval over
+the held-out images: each draw pools every point's PSNR over the same images and reads every front
+and margin again (:func:`margin_intervals`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from planner.metrics import PSNR_INTERVAL_LEVEL, bootstrap_pooled_psnr, middle_interval
 
 AXES = {"speedup": "realized wall-clock speedup", "flop_speedup": "FLOP speedup"}
 METRIC = "psnr"  # pooled PSNR: the MSE over every pixel of every image
@@ -107,13 +113,12 @@ MARGIN_RESAMPLES = 1000
 
 def margin_intervals(rows: list[dict], image_mse: list, targets: list[float], *, resamples: int = MARGIN_RESAMPLES,
                      seed: int = 0) -> dict[tuple[str, str, str], tuple[float, float]]:
-    """``{(axis, "2x", "margin_peer"): (lo, hi)}``: the middle 90% of each margin over bootstrap draws of the
-    held-out images. A draw takes the same images for every row (``image_mse``: per row, the MSEs of its
-    images in one order, ``None`` for a row not scored), pools each row's PSNR over them and reads every
-    front and margin again, so the interval carries the pairing of methods run on the same inputs and the
-    front points that a draw moves. Margins that are ``None`` (a side does not reach the speed) have none."""
-    from planner.metrics import bootstrap_pooled_psnr, middle_interval
-
+    """``{(axis, "2x", "margin_peer"): (lo, hi)}``: the middle ``PSNR_INTERVAL_LEVEL`` of each margin over
+    bootstrap draws of the held-out images. A draw takes the same images for every row (``image_mse``: per
+    row, the MSEs of its images in one order, ``None`` for a row not scored), pools each row's PSNR over
+    them and reads every front and margin again, so the interval carries the pairing of methods run on the
+    same inputs and the front points that a draw moves. Margins that are ``None`` (a side does not reach
+    the speed) have none."""
     scored = [i for i, errors in enumerate(image_mse) if errors is not None]
     pooled = bootstrap_pooled_psnr([image_mse[i] for i in scored], resamples=resamples, seed=seed)
     keys = [f"margin_{side.replace(' ', '_')}" for side in COMPARISONS]
@@ -195,8 +200,8 @@ def margins_markdown(per_model: dict[str, dict], worst: dict) -> str:
              "strategies over the best peer, over fewer sampling steps and over greedy, at matched speed read off "
              "each method's Pareto front (linear interpolation between the measured neighbours; the slowest point "
              "when all are faster; blank when the method does not reach the speed). Worst case: the smallest "
-             "margin across models. In brackets, where the bench knew each image's error: the margin's 90% "
-             "bootstrap interval over the held-out images.", ""]
+             f"margin across models. In brackets, where the bench knew each image's error: the margin's "
+             f"{PSNR_INTERVAL_LEVEL:.0%} bootstrap interval over the held-out images.", ""]
     for axis, title in AXES.items():
         lines += [f"### Worst case across models, matched {title}", "",
                   "| speedup | " + " | ".join(f"vs {v}" for v in COMPARISONS.values()) + " |",
