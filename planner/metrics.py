@@ -150,10 +150,16 @@ def paired_psnr_difference(per_image_mse: torch.Tensor, other_mse: torch.Tensor,
 def psnr_summary(output: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0) -> dict[str, Any]:
     """``psnr`` (pooled, the headline) between ``psnr_lo`` and ``psnr_hi`` (its :func:`pooled_psnr_interval`),
     ``psnr_mean`` (mean of per-image PSNRs), ``psnr_p5`` (their 5th percentile) and ``psnr_worst`` (the lowest)."""
-    errors = per_image_mse(output, reference)
+    return psnr_summary_of(per_image_mse(output, reference), data_range)
+
+
+def psnr_summary_of(per_image_mse: torch.Tensor, data_range: float = 1.0) -> dict[str, Any]:
+    """:func:`psnr_summary` from the images' MSEs (images of one size, so that their mean is the pooled MSE)."""
+    errors = torch.as_tensor(per_image_mse, dtype=torch.float64).flatten()
+    pooled = errors.mean().item()
     per_image = _db(errors, data_range).clamp(max=PSNR_CEILING_DB)
     return {
-        "psnr": psnr(output, reference, data_range),
+        "psnr": math.inf if pooled == 0 else _db(pooled, data_range).item(),
         **dict(zip(("psnr_lo", "psnr_hi"), pooled_psnr_interval(errors, data_range))),
         "psnr_mean": per_image.mean().item(),
         "psnr_p5": torch.quantile(per_image, 0.05).item(),

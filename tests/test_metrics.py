@@ -36,6 +36,9 @@ def test_one_diverging_image_shows_in_the_pooled_worst_and_percentile_psnr_not_i
     assert 20.0 <= summary["psnr_p5"] < 60.0
     exact = metrics.psnr_summary(ref.clone(), ref)
     assert exact["psnr"] == math.inf and exact["psnr_mean"] == metrics.PSNR_CEILING_DB
+    # the same summary from the images' errors alone (what a benchmark keeps to score subsets later)
+    from_errors = metrics.psnr_summary_of(metrics.per_image_mse(out, ref))
+    assert from_errors == pytest.approx(summary) and metrics.psnr_summary_of(torch.zeros(3))["psnr"] == math.inf
 
 
 def test_the_pooled_psnr_interval_is_wide_where_one_image_decides_it_and_a_point_where_none_does():
