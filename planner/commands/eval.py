@@ -58,8 +58,9 @@ def cmd_eval(args) -> int:
     check_max_repeats(args)
     plan = load_plan(args.plan)
     against = load_plan(args.against) if args.against else None
+    plans = [p for p in (plan, against) if p is not None]
     seeds = parse_seeds(args.seeds) if args.seeds is not None else evaluation_seeds(DEFAULT_SAMPLES, EVAL_SEED_BASE)
-    for p in filter(None, (plan, against)):  # refuse before loading anything
+    for p in plans:  # refuse before loading anything
         check_held_out(seeds, p.provenance.calib_seeds, args.force)
     if args.out and Path(args.out).suffix == ".md":
         raise PlannerError("--out names the JSON report (the markdown table goes beside it as .md)")
@@ -68,7 +69,6 @@ def cmd_eval(args) -> int:
         check_output_path(Path(args.out).with_suffix(".md"))
     if args.png:
         check_output_path(args.png, "png")
-    plans = [p for p in (plan, against) if p is not None]
     if args.prompts is not None and any(p.provenance.prompts for p in plans):  # checked before loading
         from planner.pipelines.prompts import as_prompt_set, check_held_out_prompts
 
