@@ -576,7 +576,7 @@ class Bench:
         try:
             body(cfg, entry, runner, sampler, runner.conditions(1, 0), [0])
         finally:
-            del runner, built
+            del runner, t  # `built` is empty since the pop: the runner and its transformer are the references left
             gc.collect()
             if self.cuda:
                 torch.cuda.empty_cache()
