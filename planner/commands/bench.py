@@ -147,6 +147,8 @@ def cmd_bench(args) -> int:
     budgets = [Budget.parse(b).label() for b in args.budgets.split(",") if b.strip()]
     if not budgets:
         raise PlannerError(f"--budgets names no budget: {args.budgets!r} (write e.g. 1.5x,2x,3x)")
+    if twice := next((b for i, b in enumerate(budgets) if b in budgets[:i]), None):
+        raise PlannerError(f"--budgets names {twice} twice: {args.budgets!r}")
     models = _models(args)
     costs = _costs(args.costs)
     seeds = parse_seeds(args.seeds) if args.seeds else evaluation_seeds(DEFAULT_SAMPLES)

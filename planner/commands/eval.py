@@ -58,6 +58,8 @@ def cmd_eval(args) -> int:
     check_max_repeats(args)
     plan = load_plan(args.plan)
     against = load_plan(args.against) if args.against else None
+    if against is not None and Path(args.against).resolve() == Path(args.plan).resolve():
+        raise PlannerError(f"--against names the plan itself ({args.against}): give the other plan to compare with")
     plans = [p for p in (plan, against) if p is not None]
     seeds = parse_seeds(args.seeds) if args.seeds is not None else evaluation_seeds(DEFAULT_SAMPLES, EVAL_SEED_BASE)
     for p in plans:  # refuse before loading anything
