@@ -61,8 +61,8 @@ def set_path(doc: dict, path: str, value) -> dict:
     return doc
 
 
-def plan_with(path: str, value, raw: str | None = None):
-    """A builder of a plan file with one field changed (or the JSON text edited by ``raw``: ``old=>new``)."""
+def plan_with(path: str, value, raw: str | None = None, name: str = "p.json"):
+    """A builder of plan file ``name`` with one field changed (or the JSON text edited by ``raw``: ``old=>new``)."""
 
     def build(t: Path) -> str:
         doc = set_path(plan_doc(), path, value) if path else plan_doc()
@@ -71,7 +71,7 @@ def plan_with(path: str, value, raw: str | None = None):
             old, new = raw.split("=>")
             assert old in body, old
             body = body.replace(old, new, 1)
-        return text(t, "p.json", body)
+        return text(t, name, body)
 
     return build
 
@@ -445,7 +445,7 @@ CASES = [
      lambda err: "missing.json" in err),
     ("eval-against-dev-zero", argv("eval", "--plan", P, "--against", "/dev/zero"), None, None),
     ("eval-against-calibration-seeds", argv("eval", "--plan", P, "--against", plan_with("provenance/calib_seeds",
-                                                                                         [1000001]),
+                                                                                         [1000001], name="q.json"),
                                             "--seeds", "1000000..1000003"), None, lambda err: "1000001" in err),
     ("eval-against-itself", argv("eval", "--plan", P, "--against", P), None, lambda err: "itself" in err),
     ("eval-plan-dev-zero", argv("eval", "--plan", "/dev/zero"), None, None),
