@@ -492,6 +492,14 @@ CASES = [
      None, None),
     ("profile-show-meta-steps-zero", argv("profile", "show", profile_meta(lambda d: d["sampler"].update(steps=0))), None, None),
     ("profile-show-meta-lags-huge", argv("profile", "show", profile_meta(lambda d: d.update(lags=10**9))), None, None),
+    ("profile-show-meta-no-seeds", argv("profile", "show", profile_meta(lambda d: d["calibration"].update(seeds=[]))),
+     None, lambda err: "0 seeds" in err),
+    ("profile-show-meta-conditions-short", argv("profile", "show", profile_meta(
+        lambda d: d["calibration"].update(conditions=d["calibration"]["conditions"][:1]))), None, None),
+    ("profile-show-meta-duration-text", argv("profile", "show", profile_meta(lambda d: d["durations_s"].update(total="1 s"))),
+     None, None),
+    ("profile-show-meta-hook-ms-text", argv("profile", "show", profile_meta(lambda d: d["latency"].update(hook_ms="x"))),
+     None, None),
     ("profile-show-meta-lags-over-steps", argv("profile", "show", profile_meta(lambda d: d.update(lags=25))), None, None),
     ("profile-show-meta-rows-huge", argv("profile", "show", profile_meta(
         lambda d: d["tables"]["similarity"].update(rows=10**12))), None, None),

@@ -361,6 +361,9 @@ def load_profile(path: str | Path) -> Profile:
         raise ProfileError(f"{meta_path}: $.sampler.branches {list(meta.branches)} do not fit cfg_layout {meta.cfg_layout!r}")
     if meta.lags > meta.steps:
         raise ProfileError(f"{meta_path}: $.lags is {meta.lags}, more than the {meta.steps} steps")
+    if len(meta.seeds) != meta.samples or len(meta.conditions) != meta.samples:
+        raise ProfileError(f"{meta_path}: $.calibration records {len(meta.seeds)} seeds and {len(meta.conditions)} "
+                           f"conditions for its {meta.samples} samples")
     n_lags = meta.lags + (1 if len(meta.branches) == 2 else 0)
     expected = {"similarity": meta.steps * len(meta.modules) * len(meta.branches) * n_lags, "cost": None}
 

@@ -85,7 +85,7 @@ def summarize(profile: Profile, top: int = 5) -> dict:
         "sampler": {**m.sampler.to_dict(), "cfg_layout": m.cfg_layout, "branches": list(m.branches)},
         "calibration": {"samples": m.samples, "seeds": [m.seeds[0], m.seeds[-1]] if m.seeds else [], "batch": m.batch},
         "device": m.device,
-        "duration_s": m.durations_s.get("total"),
+        "duration_s": _f(m.durations_s.get("total")),
         "most_stable": rows(stab.head(top)),
         "least_stable": rows(stab.tail(top).iloc[::-1]),
         "rel_l1_by_kind": by_kind,
@@ -130,7 +130,8 @@ def format_summary(s: dict) -> str:
     cal = s["calibration"]
     dev = s["device"]
     lines.append(f"  calib     {cal['samples']} samples (seeds {cal['seeds'][0]}..{cal['seeds'][-1]}), batch {cal['batch']}; "
-                 f"device {dev.get('type')} ({dev.get('name')}, {dev.get('threads')} threads); profiling took {s['duration_s']:.1f} s")
+                 f"device {dev.get('type')} ({dev.get('name')}, {dev.get('threads')} threads)"
+                 + (f"; profiling took {s['duration_s']:.1f} s" if s["duration_s"] is not None else ""))
     lines.append("")
     lines.append("Stability: relative L1 of the output vs the previous step (mean over steps and samples; lower = more cacheable);")
     lines.append("           'residual reuse' is the output error if the residual (output - input) were reused instead")
@@ -173,7 +174,7 @@ def format_summary(s: dict) -> str:
         fl = f"  {r['flops'] / 1e6:.2f} MFLOP" if r["flops"] is not None else ""
         lines.append(f"    {r['module']:<{w}}  {r['kind']:<10} {r['self_ms']:.3f} ms{fl}")
     lm = s["latency_model"]
-    if lm["predicted_run_s"] is not None and lm["measured_run_s"] is not None:
+    if None not in (lm["predicted_run_s"], lm["measured_run_s"], lm["relative_error"]):
         lines.append(f"Latency model: full run predicted {lm['predicted_run_s'] * 1e3:.1f} ms, measured {lm['measured_run_s'] * 1e3:.1f} ms "
                      f"({100 * lm['relative_error']:+.1f}%)")
     for wmsg in s["warnings"]:
