@@ -73,6 +73,11 @@ def _db(mse_value: torch.Tensor | float, data_range: float) -> torch.Tensor:
     return 10 * torch.log10(data_range**2 / torch.as_tensor(mse_value, dtype=torch.float64))
 
 
+def _pooled_db(per_image_mse: torch.Tensor, data_range: float) -> torch.Tensor:
+    """The pooled PSNR of images of one size from their MSEs (their mean is the pooled MSE); inf when all are exact."""
+    return _db(torch.as_tensor(per_image_mse, dtype=torch.float64).mean(), data_range)
+
+
 def per_image_mse(output: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """The mean squared error of each sample (leading dimension; a video is one sample)."""
     out, ref = torch.as_tensor(output).double(), torch.as_tensor(reference).double()
@@ -141,7 +146,7 @@ def paired_psnr_difference(per_image_mse: torch.Tensor, other_mse: torch.Tensor,
     far narrower than the two runs' own intervals where the runs go wrong on the same inputs. Draws where
     both runs match exactly count as no difference."""
     ours, theirs = bootstrap_pooled_psnr([per_image_mse, other_mse], data_range, resamples=resamples, seed=seed)
-    pooled = [_db(torch.as_tensor(e, dtype=torch.float64).mean(), data_range) for e in (per_image_mse, other_mse)]
+    pooled = [_pooled_db(e, data_range) for e in (per_image_mse, other_mse)]
     difference = torch.nan_to_num(pooled[0] - pooled[1], nan=0.0).item()
     lo, hi = middle_interval(torch.nan_to_num(ours - theirs, nan=0.0), level)
     return {"difference": difference, "interval": [lo, hi], "level": level}
@@ -156,10 +161,9 @@ def psnr_summary(output: torch.Tensor, reference: torch.Tensor, data_range: floa
 def psnr_summary_of(per_image_mse: torch.Tensor, data_range: float = 1.0) -> dict[str, Any]:
     """:func:`psnr_summary` from the images' MSEs (images of one size, so that their mean is the pooled MSE)."""
     errors = torch.as_tensor(per_image_mse, dtype=torch.float64).flatten()
-    pooled = errors.mean().item()
     per_image = _db(errors, data_range).clamp(max=PSNR_CEILING_DB)
     return {
-        "psnr": math.inf if pooled == 0 else _db(pooled, data_range).item(),
+        "psnr": _pooled_db(errors, data_range).item(),
         **dict(zip(("psnr_lo", "psnr_hi"), pooled_psnr_interval(errors, data_range))),
         "psnr_mean": per_image.mean().item(),
         "psnr_p5": torch.quantile(per_image, 0.05).item(),
