@@ -658,6 +658,12 @@ CASES = [
     # --- bench and zoo arguments
     ("bench-budgets-empty", argv("bench", "--budgets", ""), None, None),
     ("bench-peer-unknown", argv("bench", "--peers", "nope"), None, lambda err: "nope" in err),
+    ("bench-sweep-nan", argv("bench", "--sweep", "diffusers-fbcache=nan"), None, lambda err: "finite" in err),
+    ("bench-peer-warmups-no-knob", argv("bench", "--peer-warmups", "diffusers-fbcache=1"), None,
+     lambda err: "no warm-up knob" in err),
+    ("bench-peer-warmups-zero", argv("bench", "--peer-warmups", "diffusers-taylorseer=0,2"), None,
+     lambda err: "at least 1" in err),
+    ("bench-peer-warmups-fraction", argv("bench", "--peer-warmups", "diffusers-magcache=1.5"), None, None),
     ("bench-param-unknown-setting", argv("bench", "--param", "greedy:nope=1"), None, lambda err: "nope" in err),
     ("bench-budgets-word", argv("bench", "--budgets", "fast"), None, None),
     ("bench-budgets-twice", argv("bench", "--budgets", "2x,1.5x,2.0x"), None, lambda err: "2x twice" in err),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from planner.bench.peers import PEERS, parse_sweeps, peer_runs
+from planner.bench.peers import DEFAULT_WARMUPS, PEERS, WARMUP_KNOBS, parse_sweeps, parse_warmups, peer_runs
 from planner.bench.margins import pareto_front, quality_at
 from planner.commands.bench import parse_strategy_params
 from planner.errors import PlannerError
@@ -249,8 +249,10 @@ def test_peers_run_for_real_on_their_own_copy(digits6, peer, value):
     seeds = [EVAL_SEED_BASE, EVAL_SEED_BASE + 1]
     conditions = runner.conditions(2, seed=seeds[0])
     before = runner.run(conditions, seeds, sampler)
-    runs, skipped = peer_runs(runner, sampler, [peer], {peer: [value]})
+    warmups = {peer: [2]} if peer in WARMUP_KNOBS else None  # one warm-up each, not TaylorSeer's default three
+    runs, skipped = peer_runs(runner, sampler, [peer], {peer: [value]}, warmups)
     assert not skipped and len(runs) == 1 and runs[0].method == peer
+    assert ("warmup=2" in runs[0].setting) == (warmups is not None)
     first = runs[0].run(conditions, seeds, sampler)
     again = runs[0].run(conditions, seeds, sampler)
     assert torch.equal(first, again)  # the peer's state is reset between calls
@@ -260,11 +262,42 @@ def test_peers_run_for_real_on_their_own_copy(digits6, peer, value):
     assert not hasattr(runner.transformer, "_diffusers_hook") and not hasattr(type(runner.pipe), "_is_cached")
 
 
+def test_taylorseer_traces_each_warm_up_with_each_interval(digits6):
+    runner, sampler = digits6
+    sampler = runner.resolve(Sampler("ddim", 12, 3.0))
+    seeds = [EVAL_SEED_BASE]
+    conditions = runner.conditions(1, seed=seeds[0])
+    runs, _ = peer_runs(runner, sampler, ["diffusers-taylorseer"], {"diffusers-taylorseer": [2, 3]})
+    warmups = DEFAULT_WARMUPS["diffusers-taylorseer"]
+    assert [r.setting for r in runs] == [f"cache_interval={i} warmup={w}" for w in warmups for i in (2, 3)]
+    outputs = [r.run(conditions, seeds, sampler) for r in runs]
+    assert not torch.equal(outputs[0], outputs[2])  # interval 2 at warm-ups 1 and 3: the warm-up reached the hook
+
+
+def test_magcache_warm_up_is_its_retained_share_of_the_steps(digits6):
+    from planner.bench.peers import _diffusers_config, _diffusers_hooks
+
+    runner, sampler = digits6
+    d, steps = _diffusers_hooks(), runner.resolve(sampler).steps
+    shared = {"mag_ratios": [1.0] * steps}
+    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, 2, runner, runner.resolve(sampler), None, shared, runner)
+    assert config.retention_ratio == pytest.approx(2 / steps)
+    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, None, runner, runner.resolve(sampler), None, shared,
+                                  runner)
+    assert config.retention_ratio == d.MagCacheConfig(mag_ratios=[1.0], num_inference_steps=1).retention_ratio
+
+
 def test_peer_and_param_flags_refuse_bad_input():
     assert parse_sweeps(["diffusers-fbcache=0.05,0.1"]) == {"diffusers-fbcache": [0.05, 0.1]}
-    for bad in (["nope=1"], ["diffusers-fbcache"], ["diffusers-fbcache=a"], ["diffusers-taylorseer=2.5"]):
+    for bad in (["nope=1"], ["diffusers-fbcache"], ["diffusers-fbcache=a"], ["diffusers-taylorseer=2.5"],
+                ["diffusers-fbcache=nan"], ["diffusers-fbcache=inf"]):
         with pytest.raises(PlannerError):
             parse_sweeps(bad)
+    assert parse_warmups(["diffusers-taylorseer=1,3", "cache-dit-dbcache=2"]) == {
+        "diffusers-taylorseer": [1, 3], "cache-dit-dbcache": [2]}
+    for bad in (["diffusers-fbcache=1"], ["diffusers-taylorseer=0"], ["diffusers-magcache=1.5"], ["nope=1"]):
+        with pytest.raises(PlannerError):
+            parse_warmups(bad)
     assert parse_strategy_params(["l2c:iterations=200", "uniform:level=block"]) == {
         "l2c": {"iterations": 200}, "uniform": {"level": "block"}}
     with pytest.raises(PlannerError, match="STRATEGY:KEY=VALUE"):

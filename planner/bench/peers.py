@@ -2,6 +2,9 @@
 Pyramid Attention Broadcast and FasterCache hooks, and cache-dit's DBCache at three block splits
 (F1B0, F2B1, F4B0), each with and without its TaylorSeer calibrator.
 
+A peer's settings are every value of its main knob (``DEFAULT_SWEEPS``, ``--sweep``) and, for the peers
+with a warm-up knob, each of those with every warm-up traced (``DEFAULT_WARMUPS``, ``--peer-warmups``).
+
 Every peer setting gets its own deep copy of the pipeline (``clone_runner``), so no peer's hooks,
 patched forwards or patched pipeline ``__call__`` (cache-dit patches the pipeline *class*; the copy
 gets a private subclass) ever touch the model that the reference and our plans run on.
@@ -76,6 +79,20 @@ KNOBS = {
     **{name: "residual_diff_threshold" for name in DBCACHE_PEERS},
 }
 WHOLE_KNOBS = {"cache_interval", "skip_range"}  # knobs that count calls: whole numbers of at least 1
+
+# A peer's warm-up: the first sampling steps it always computes, each peer in its own knob (MagCache's is a
+# fraction of the steps). Every warm-up traced is run with every value of the main knob: a shorter warm-up
+# is a faster point of the same peer, and its front takes whichever is better. TaylorSeer's front at 2x and
+# 3x rises a lot with a 1-step warm-up and a longer one helps at its slowest points, so 1, its default 3 and
+# 5 are traced; other warm-ups left MagCache's and DBCache's fronts where they were or below TaylorSeer's
+# (benchmarks/results/peer_warmups.md), so they keep their own default unless ``--peer-warmups`` asks: each
+# warm-up traced runs the whole sweep again.
+WARMUP_KNOBS = {
+    "diffusers-taylorseer": "disable_cache_before_step",
+    "diffusers-magcache": "retention_ratio",
+    **{name: "max_warmup_steps" for name in DBCACHE_PEERS},
+}
+DEFAULT_WARMUPS: dict[str, list[int]] = {"diffusers-taylorseer": [1, 3, 5]}
 INSTALL_HINT = "pip install 'dit-cache-planner[bench]'"
 
 
@@ -104,22 +121,42 @@ def clone_runner(runner):
 
 def parse_sweeps(items: list[str]) -> dict[str, list[float]]:
     """``["diffusers-fbcache=0.05,0.1"]`` -> ``{"diffusers-fbcache": [0.05, 0.1]}`` (PlannerError on bad input)."""
-    sweeps: dict[str, list[float]] = {}
+    sweeps = _peer_values(items, "--sweep")
+    for name, values in sweeps.items():
+        if KNOBS[name] in WHOLE_KNOBS and any(v < 1 or v != int(v) for v in values):
+            raise PlannerError(f"--sweep {name}: {KNOBS[name]} takes whole numbers of at least 1")
+    return sweeps
+
+
+def parse_warmups(items: list[str]) -> dict[str, list[int]]:
+    """``["diffusers-taylorseer=1,3"]`` -> ``{"diffusers-taylorseer": [1, 3]}``: the warm-ups (steps) traced per
+    peer (PlannerError on bad input, or for a peer without a warm-up knob)."""
+    warmups = _peer_values(items, "--peer-warmups")
+    for name, values in warmups.items():
+        if name not in WARMUP_KNOBS:
+            raise PlannerError(f"--peer-warmups {name}: this peer has no warm-up knob; these have: "
+                               f"{', '.join(WARMUP_KNOBS)}")
+        if any(v < 1 or v != int(v) for v in values):
+            raise PlannerError(f"--peer-warmups {name}: a warm-up is a whole number of steps, at least 1")
+    return {name: [int(v) for v in values] for name, values in warmups.items()}
+
+
+def _peer_values(items: list[str], flag: str) -> dict[str, list[float]]:
+    """``PEER=v1,v2,...`` items -> ``{PEER: [v1, v2, ...]}``, the numbers finite and not negative."""
+    out: dict[str, list[float]] = {}
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or name not in PEERS:
-            raise PlannerError(f"--sweep takes PEER=v1,v2,... with PEER one of {', '.join(PEERS)}, got {item!r}")
+            raise PlannerError(f"{flag} takes PEER=v1,v2,... with PEER one of {', '.join(PEERS)}, got {item!r}")
         try:
-            sweeps[name] = [float(v) for v in values.split(",") if v.strip()]
+            out[name] = [float(v) for v in values.split(",") if v.strip()]
         except ValueError:
-            raise PlannerError(f"--sweep {name}: values must be numbers, got {values!r}") from None
-        if not sweeps[name]:
-            raise PlannerError(f"--sweep {name}: give at least one value")
-        if any(v < 0 for v in sweeps[name]):
-            raise PlannerError(f"--sweep {name}: values must not be negative")
-        if KNOBS[name] in WHOLE_KNOBS and any(v < 1 or v != int(v) for v in sweeps[name]):
-            raise PlannerError(f"--sweep {name}: {KNOBS[name]} takes whole numbers of at least 1")
-    return sweeps
+            raise PlannerError(f"{flag} {name}: values must be numbers, got {values!r}") from None
+        if not out[name]:
+            raise PlannerError(f"{flag} {name}: give at least one value")
+        if not all(0 <= v < float("inf") for v in out[name]):
+            raise PlannerError(f"{flag} {name}: values must be finite and not negative")
+    return out
 
 
 def check_peers(peers: list[str]) -> None:
@@ -130,8 +167,11 @@ def check_peers(peers: list[str]) -> None:
 
 
 def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] | None = None,
+              warmups: dict[str, list[int]] | None = None,
               calib_samples: int = 8) -> tuple[list[PeerRun], dict[str, str]]:
-    """Install every setting of every peer named in ``peers`` on its own pipeline copy.
+    """Install every setting of every peer named in ``peers`` on its own pipeline copy: each value of its main
+    knob (``sweeps``, else :data:`DEFAULT_SWEEPS`) with each of its warm-ups in steps (``warmups``, else
+    :data:`DEFAULT_WARMUPS`, else the peer's own default).
 
     Returns the installed runs and, per peer that cannot run, the one-line reason it was skipped
     (e.g. the ``[bench]`` extra not installed, or a hook that cannot drive this pipeline).
@@ -139,22 +179,26 @@ def peer_runs(runner, sampler, peers: list[str], sweeps: dict[str, list[float]] 
     """
     check_peers(peers)
     sweeps = {**DEFAULT_SWEEPS, **(sweeps or {})}
+    warmups = {**DEFAULT_WARMUPS, **(warmups or {})}
     shared = {"calib_samples": calib_samples}  # what several settings of one peer share (MagCache's ratios)
     runs, skipped = [], {}
     for peer in peers:
+        grid = [(value, warmup) for warmup in warmups.get(peer, [None]) for value in sweeps[peer]]
         try:
-            runs.extend(_INSTALLERS[peer](runner, sampler, peer, value, shared) for value in sweeps[peer])
+            runs.extend(_INSTALLERS[peer](runner, sampler, peer, value, warmup, shared) for value, warmup in grid)
         except PeerUnavailable as exc:
             skipped[peer] = str(exc)
     return runs, skipped
 
 
-def _setting(peer: str, value: float, note: str = "") -> str:
+def _setting(peer: str, value: float, warmup: int | None, note: str = "") -> str:
     knob = KNOBS[peer]
     text = f"{knob}={int(value) if knob in WHOLE_KNOBS else value:g}"
     if peer in DBCACHE_PEERS:
         f, b = DBCACHE_SPLITS[peer.removesuffix("-taylorseer")]
         text = f"F{f}B{b} {text}"
+    if warmup is not None:
+        text = f"{text} warmup={warmup}"
     return f"{text} {note}".strip()
 
 
@@ -207,8 +251,10 @@ def _timestep_reader(copy_runner) -> Callable[[], float]:
     return lambda: seen["t"]
 
 
-def _diffusers_config(d, peer: str, value: float, copy_runner, sampler, layout, shared: dict, runner) -> tuple[Any, str]:
-    """The diffusers cache config of ``peer`` at knob ``value``, and a note for its setting text."""
+def _diffusers_config(d, peer: str, value: float, warmup: int | None, copy_runner, sampler, layout, shared: dict,
+                      runner) -> tuple[Any, str]:
+    """The diffusers cache config of ``peer`` at knob ``value`` and ``warmup`` (steps; ``None``: its default),
+    and a note for its setting text."""
     import torch
 
     from planner.cfg import CfgLayout
@@ -219,13 +265,16 @@ def _diffusers_config(d, peer: str, value: float, copy_runner, sampler, layout, 
         # Default identifiers name attention modules ("...attn"), which DiT's "attn1" does not match:
         # name the transformer blocks, so TaylorSeer forecasts whole block outputs (what its paper caches).
         blocks = [m.name for m in copy_runner.modules() if m.kind == "block"]
+        # max_order=1: order 2 was no better on digits-dit and worse on digits-mmdit (peer_warmups.md).
+        before = {} if warmup is None else {"disable_cache_before_step": warmup}
         return d.TaylorSeerCacheConfig(cache_interval=int(value), max_order=1, taylor_factors_dtype=torch.float32,
-                                       cache_identifiers=[re.escape(b) for b in blocks]), ""
+                                       cache_identifiers=[re.escape(b) for b in blocks], **before), ""
     if peer == "diffusers-magcache":
         if "mag_ratios" not in shared:
             shared["mag_ratios"] = _magcache_ratios(d, runner, sampler, shared["calib_samples"])
+        retention = {} if warmup is None else {"retention_ratio": min(1.0, warmup / sampler.steps)}
         return d.MagCacheConfig(threshold=float(value), num_inference_steps=sampler.steps,
-                                mag_ratios=list(shared["mag_ratios"])), ""
+                                mag_ratios=list(shared["mag_ratios"]), **retention), ""
     if layout == CfgLayout.SEPARATE:
         raise PeerUnavailable(f"{peer}: its hooks keep one state per attention module, not per cache context, and "
                               f"this pipeline calls the transformer twice per step (cond, uncond): the uncond call "
@@ -241,16 +290,16 @@ def _diffusers_config(d, peer: str, value: float, copy_runner, sampler, layout, 
                                is_guidance_distilled=attention_only), ("(attention cache only)" if attention_only else "")
 
 
-def _install_diffusers(runner, sampler, peer: str, value: float, shared: dict) -> PeerRun:
+def _install_diffusers(runner, sampler, peer: str, value: float, warmup: int | None, shared: dict) -> PeerRun:
 
     d = _diffusers_hooks()
     layout = runner.cfg_layout(sampler)
     copy_runner = clone_runner(runner)
     transformer = copy_runner.transformer
-    config, note = _diffusers_config(d, peer, value, copy_runner, sampler, layout, shared, runner)
+    config, note = _diffusers_config(d, peer, value, warmup, copy_runner, sampler, layout, shared, runner)
     with _diffusers_quiet():  # FasterCache warns that it is experimental on every install
         run = _hooked(d, copy_runner, layout, peer, lambda: d.apply[peer](transformer, config), config)
-    return PeerRun(peer, _setting(peer, value, note), run)
+    return PeerRun(peer, _setting(peer, value, warmup, note), run)
 
 
 @contextlib.contextmanager
@@ -338,7 +387,7 @@ def _cache_dit():
     return cache_dit
 
 
-def _install_cache_dit(runner, sampler, peer: str, value: float, shared: dict) -> PeerRun:
+def _install_cache_dit(runner, sampler, peer: str, value: float, warmup: int | None, shared: dict) -> PeerRun:
     cache_dit = _cache_dit()
     front, back = DBCACHE_SPLITS[peer.removesuffix("-taylorseer")]
     blocks = sum(1 for m in runner.modules() if m.kind == "block")
@@ -368,12 +417,14 @@ def _install_cache_dit(runner, sampler, peer: str, value: float, shared: dict) -
     else:
         raise PeerUnavailable(f"{peer}: cache-dit has no block adapter for {type(pipe).__name__}")
     # F1B0: the first block decides, as in FirstBlockCache; F2B1 and F4B0: the splits cache-dit's docs
-    # recommend (its default F8 would be the whole 8-block model); warm-up and the rest are its defaults.
+    # recommend (its default F8 would be the whole 8-block model); the rest, the warm-up unless one is asked
+    # too, are its defaults.
+    warmup_steps = {} if warmup is None else {"max_warmup_steps": warmup}
     config = DBCacheConfig(Fn_compute_blocks=front, Bn_compute_blocks=back, residual_diff_threshold=float(value),
-                           num_inference_steps=sampler.steps)
+                           num_inference_steps=sampler.steps, **warmup_steps)
     calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if peer.endswith("taylorseer") else None
     cache_dit.enable_cache(target, cache_config=config, calibrator_config=calibrator)
-    return PeerRun(peer, _setting(peer, value), lambda c, s, smp: copy_runner.run(c, s, smp))
+    return PeerRun(peer, _setting(peer, value, warmup), lambda c, s, smp: copy_runner.run(c, s, smp))
 
 
 _INSTALLERS: dict[str, Callable[..., PeerRun]] = {

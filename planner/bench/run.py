@@ -38,7 +38,7 @@ NO_CACHE = "no cache"
 @dataclass
 class BenchConfig:
     """What to run. ``strategies=None`` means every registered strategy; ``params`` maps a strategy to its
-    search parameters; ``peers``/``sweeps`` select peer tools and their knob values."""
+    search parameters; ``peers``/``sweeps``/``peer_warmups`` select peer tools, their knob values and warm-ups."""
 
     budgets: list[str] = field(default_factory=lambda: ["1.5x", "2x", "3x"])
     # What our strategies' budgets are in (planner.profile.flop_costs): the profile's measured times, its
@@ -48,6 +48,7 @@ class BenchConfig:
     params: dict[str, dict] = field(default_factory=dict)
     peers: list[str] | None = None
     sweeps: dict[str, list[float]] = field(default_factory=dict)
+    peer_warmups: dict[str, list[int]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: evaluation_seeds(32))
     # Timed on the first ``timed_seeds`` of ``seeds`` (``None``: all), scored on all of them: a speed ratio
     # settles on a few dozen images, a pooled PSNR needs hundreds (one drifting image decides it on 32).
@@ -158,7 +159,7 @@ def run_bench(runner, sampler, config: BenchConfig) -> BenchResult:
     if config.fewer_steps:
         points += fewer_steps_points(runner, sampler, config.budgets)
     peers, skipped = peer_runs(runner, sampler, list(PEERS) if config.peers is None else config.peers, config.sweeps,
-                              calib_samples=config.calib_samples)
+                              config.peer_warmups, calib_samples=config.calib_samples)
     for name, why in skipped.items():
         _say(config, f"peer {name} skipped: {why}")
     for p in peers:

@@ -36,6 +36,10 @@ def register(sub) -> None:
                    "[-F2B1|-F4B0][-taylorseer])")
     p.add_argument("--sweep", action="append", default=[], metavar="PEER=V1,V2,...",
                    help="knob values traced for a peer (a threshold, or a cache interval / skip range), repeatable")
+    p.add_argument("--peer-warmups", action="append", default=[], metavar="PEER=S1,S2,...",
+                   help="warm-ups traced for a peer, in steps it computes first, each with every --sweep value "
+                        "(diffusers-taylorseer, diffusers-magcache, cache-dit-dbcache*; default: TaylorSeer 1, 3 "
+                        "and 5, the others their own), repeatable")
     p.add_argument("--seeds", default=None, help=f"held-out seeds, e.g. 1000000..1000031 (default: {DEFAULT_SAMPLES} from 1000000)")
     p.add_argument("--timed-seeds", type=count_arg, default=None,
                    help="time every method on the first N of the seeds only, score its quality on all of them "
@@ -129,7 +133,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from planner.bench import BenchConfig
-    from planner.bench.peers import parse_sweeps
+    from planner.bench.peers import parse_sweeps, parse_warmups
     from planner.bench.run import check_timed_seeds
     from planner.io import check_output_path
     from planner.search.budget import Budget
@@ -158,7 +162,7 @@ def cmd_bench(args) -> int:
     targets = [Budget.parse(b).speedup for b in budgets if Budget.parse(b).speedup is not None]
     config = BenchConfig(
         budgets=budgets, costs=costs, strategies=_names(args.strategies), params=parse_strategy_params(args.param),
-        peers=_names(args.peers), sweeps=parse_sweeps(args.sweep),
+        peers=_names(args.peers), sweeps=parse_sweeps(args.sweep), peer_warmups=parse_warmups(args.peer_warmups),
         seeds=seeds, timed_seeds=args.timed_seeds, calib_samples=args.calib_samples, repeats=args.repeats,
         max_repeats=args.max_repeats, warmup=args.warmup,
         reference_every=args.reference_every, fewer_steps=not args.no_fewer_steps,
