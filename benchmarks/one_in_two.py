@@ -1,0 +1,99 @@
+"""Every one-in-two schedule of ours next to diffusers' TaylorSeer at its own one in two.
+
+After one computed warm-up step, one step in two is computed and the others are served: the transformer's
+whole output or every block's, by a first-order, limited second-order or second-order forecast (``F``,
+``L``, ``Q``). TaylorSeer at ``cache_interval=2`` with a 1-step warm-up (order 1, forecasting block outputs,
+as the bench runs it) computes the same steps and forecasts the blocks to first order, so it should match
+our block-level ``F`` schedule. These schedules are what every method's 2x-of-FLOPs point on these models
+is made of, so the table bounds what a choice among them can gain over the peer at 2x.
+
+Each schedule's FLOP speedup is counted too: a block-level schedule still runs the transformer's embedding
+and final layer at its forecast steps, so it falls just short of 2x, and two more rows give the block-level
+``L`` schedule with one computed step fewer (what a 2x budget then asks for): a three-step forecast run in
+the middle, or two two-step runs (the later computed steps shifted by one, the last two steps forecast).
+
+Pooled, mean and worst per-image PSNR on held-out seeds against the full run. Results go to
+``benchmarks/results/one_in_two.{json,md}``.
+
+    OMP_NUM_THREADS=1 python benchmarks/one_in_two.py --seeds 128
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._held_out import held_out_models, parser  # noqa: E402
+from benchmarks._results import finish, psnr_text  # noqa: E402
+
+LEVELS = ("output", "block")
+CODES = ("F", "L", "Q")
+PEER = "diffusers-taylorseer"
+
+
+def main(argv=None) -> int:
+    args = parser(__doc__).parse_args(argv)
+
+    from planner.bench.flops import count_flops
+    from planner.bench.peers import peer_runs
+    from planner.executor import apply_plan
+    from planner.metrics import psnr_summary
+    from planner.plan import plan_for_runner
+    from planner.search._periodic import OUTPUT, PeriodicShape
+
+    models = []
+    for m in held_out_models(args.models, args.seeds):
+        one = (m.conditions[:1], m.seeds[:1], m.sampler)  # FLOPs are the same for every input
+        full, _ = count_flops(lambda: m.runner.run(*one))
+
+        def row(method, plan, codes=None):
+            flops, _ = count_flops(lambda: m.runner.run(*one), lambda: apply_plan(m.runner.pipe, plan))
+            return {"method": method, "codes": codes, "flop_speedup": full / flops,
+                    **psnr_summary(m.run(plan), m.reference)}
+
+        rows = []
+        for level in LEVELS:
+            for code in CODES:
+                codes = PeriodicShape(level, code, 1, 0, 0, stride=(2, 2)).codes(m.sampler.steps)
+                plan = (plan_for_runner(m.runner, m.sampler, {}, output=codes) if level == OUTPUT
+                        else plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}))
+                rows.append(row(f"{level} {code}", plan, codes))
+        for label, codes in one_fewer(m.sampler.steps).items():
+            rows.append(row(f"block L, {label}", plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}),
+                            codes))
+        (peer,), _ = peer_runs(m.runner, m.sampler, [PEER], {PEER: [2]}, {PEER: [1]})
+        flops, _ = count_flops(lambda: peer.run(*one))
+        rows.append({"method": f"{PEER} {peer.setting}", "flop_speedup": full / flops,
+                     **psnr_summary(peer.run(m.conditions, m.seeds, m.sampler), m.reference)})
+        models.append({"model": m.name, "sampler": m.label, "rows": rows})
+
+    def render():
+        print(f"One computed warm-up step, then one step in two computed; PSNR in dB against the full run on "
+              f"{args.seeds} held-out seeds: pooled (MSE over all images) / mean of per-image / worst image.\n")
+        names = [r["method"] for r in models[0]["rows"]]
+        print("| schedule | " + " | ".join(m["model"] for m in models) + " |")
+        print("|---|" + "---|" * len(models))
+        for i, name in enumerate(names):
+            print(f"| {name} | " + " | ".join(f"{psnr_text(m['rows'][i])} ({m['rows'][i]['flop_speedup']:.3f}x)"
+                                              for m in models) + " |")
+        print("\nSamplers: " + "; ".join(f"{m['model']} {m['sampler']}" for m in models) + ".")
+
+    return finish("one_in_two", {"seeds": args.seeds, "models": models}, render, args.json, args.out)
+
+
+def one_fewer(steps: int) -> dict[str, str]:
+    """Block-level ``L`` on one in two after a 1-step warm-up, with one computed step fewer: a three-step
+    forecast run in the middle, or the computed steps from three quarters on shifted one later."""
+    base = ["C" if i % 2 == 0 else "L" for i in range(steps)]
+    middle = list(base)
+    middle[steps // 2 - steps // 2 % 2] = "L"  # the even step nearest the middle
+    late = 3 * steps // 4 - 3 * steps // 4 % 2
+    shifted = ["C" if (i <= late and i % 2 == 0) or (late + 1 < i < steps - 1 and (i - late) % 2 == 1) else "L"
+               for i in range(steps)]
+    return {"LLL in the middle": "".join(middle), "two LL runs": "".join(shifted)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
