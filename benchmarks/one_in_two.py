@@ -36,6 +36,8 @@ PEER = "diffusers-taylorseer"
 def main(argv=None) -> int:
     args = parser(__doc__).parse_args(argv)
 
+    import contextlib
+
     from planner.bench.flops import count_flops
     from planner.bench.peers import peer_runs
     from planner.executor import apply_plan
@@ -48,25 +50,25 @@ def main(argv=None) -> int:
         one = (m.conditions[:1], m.seeds[:1], m.sampler)  # FLOPs are the same for every input
         full, _ = count_flops(lambda: m.runner.run(*one))
 
-        def row(method, plan, codes=None):
-            flops, _ = count_flops(lambda: m.runner.run(*one), lambda: apply_plan(m.runner.pipe, plan))
+        def row(method, run, context=contextlib.nullcontext, codes=None):
+            """``run(conditions, seeds, sampler)`` inside ``context()``: its FLOP speedup and PSNR."""
+            flops, _ = count_flops(lambda: run(*one), context)
+            with context():
+                out = run(m.conditions, m.seeds, m.sampler)
             return {"method": method, "codes": codes, "flop_speedup": full / flops,
-                    **psnr_summary(m.run(plan), m.reference)}
+                    **psnr_summary(out, m.reference)}
 
-        rows = []
-        for level in LEVELS:
-            for code in CODES:
-                codes = PeriodicShape(level, code, 1, 0, 0, stride=(2, 2)).codes(m.sampler.steps)
-                plan = (plan_for_runner(m.runner, m.sampler, {}, output=codes) if level == OUTPUT
-                        else plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}))
-                rows.append(row(f"{level} {code}", plan, codes))
-        for label, codes in one_fewer(m.sampler.steps).items():
-            rows.append(row(f"block L, {label}", plan_for_runner(m.runner, m.sampler, {b: codes for b in m.blocks}),
-                            codes))
+        def scheduled(method, level, codes):
+            decisions = {} if level == OUTPUT else {b: codes for b in m.blocks}
+            plan = plan_for_runner(m.runner, m.sampler, decisions, output=codes if level == OUTPUT else None)
+            return row(method, m.runner.run, lambda: apply_plan(m.runner.pipe, plan), codes)
+
+        one_in_two = {(level, code): PeriodicShape(level, code, 1, 0, 0, stride=(2, 2)).codes(m.sampler.steps)
+                      for level in LEVELS for code in CODES}
+        rows = [scheduled(f"{level} {code}", level, codes) for (level, code), codes in one_in_two.items()]
+        rows += [scheduled(f"block L, {label}", "block", codes) for label, codes in one_fewer(m.sampler.steps).items()]
         (peer,), _ = peer_runs(m.runner, m.sampler, [PEER], {PEER: [2]}, {PEER: [1]})
-        flops, _ = count_flops(lambda: peer.run(*one))
-        rows.append({"method": f"{PEER} {peer.setting}", "flop_speedup": full / flops,
-                     **psnr_summary(peer.run(m.conditions, m.seeds, m.sampler), m.reference)})
+        rows.append(row(f"{PEER} {peer.setting}", peer.run))
         models.append({"model": m.name, "sampler": m.label, "rows": rows})
 
     def render():

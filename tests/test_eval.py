@@ -278,12 +278,11 @@ def test_magcache_warm_up_is_its_retained_share_of_the_steps(digits6):
     from planner.bench.peers import _diffusers_config, _diffusers_hooks
 
     runner, sampler = digits6
-    d, steps = _diffusers_hooks(), runner.resolve(sampler).steps
-    shared = {"mag_ratios": [1.0] * steps}
-    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, 2, runner, runner.resolve(sampler), None, shared, runner)
-    assert config.retention_ratio == pytest.approx(2 / steps)
-    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, None, runner, runner.resolve(sampler), None, shared,
-                                  runner)
+    d, sampler = _diffusers_hooks(), runner.resolve(sampler)
+    shared = {"mag_ratios": [1.0] * sampler.steps}
+    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, 2, runner, sampler, None, shared, runner)
+    assert config.retention_ratio == pytest.approx(2 / sampler.steps)
+    config, _ = _diffusers_config(d, "diffusers-magcache", 0.1, None, runner, sampler, None, shared, runner)
     assert config.retention_ratio == d.MagCacheConfig(mag_ratios=[1.0], num_inference_steps=1).retention_ratio
 
 
