@@ -6,7 +6,8 @@ User errors end in one line on stderr, ``planner: error: ...``, and exit status 
 bad arguments, :class:`PlannerError`, OS errors (a file that cannot be read or written, named with its
 reason), text that is not UTF-8, and running out of memory (:func:`user_error` is the one mapping).
 Anything else is a bug and shows its traceback. ``planner --debug COMMAND`` shows the traceback of
-user errors too. Every message and every text report is printed with control characters escaped.
+user errors too. Every message and every text report is printed with control characters escaped, and an
+error line that quotes a huge value keeps its start and its reason (:func:`error_line`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with a one-line error and exit status 2 (argparse's own usage dump is noise here)."""
 
     def error(self, message: str):
-        self.exit(2, f"planner: error: {printable(message, keep_newlines=False)}\n")
+        self.exit(2, error_line(message) + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,9 +104,19 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
+# An error quotes what it was given (an argument, a key from a file), which may be megabytes long: past this
+# many characters the line keeps its start and its end (the reason) and leaves the middle out.
+MAX_ERROR_CHARS = 600
+
+
 def error_line(message: str) -> str:
-    """``planner: error: MESSAGE`` on one line, control characters and line breaks escaped."""
-    return f"planner: error: {printable(message, keep_newlines=False)}"
+    """``planner: error: MESSAGE`` on one line, control characters and line breaks escaped, at most about
+    :data:`MAX_ERROR_CHARS` characters of the message (a longer one loses its middle, and says so)."""
+    text = printable(message, keep_newlines=False)
+    if len(text) > MAX_ERROR_CHARS:
+        head, tail = MAX_ERROR_CHARS * 2 // 3, MAX_ERROR_CHARS // 3
+        text = f"{text[:head]} [{len(text) - head - tail} characters left out] {text[-tail:]}"
+    return f"planner: error: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -301,6 +301,7 @@ CASES = [
     ("profile-out-under-file", argv("profile", "--out", nested_dir_file), None, None),
     ("search-budget-empty", argv("search", "--budget", ""), None, None),
     ("search-budget-word", argv("search", "--budget", "fast"), None, None),
+    ("search-budget-huge-word", argv("search", "--budget", "9" * 100_000 + "x"), None, lambda err: len(err) < 1000),
     ("search-budget-zero", argv("search", "--budget", "0x"), None, None),
     ("search-budget-below-one", argv("search", "--budget", "0.5x"), None, None),
     ("search-budget-nan", argv("search", "--budget", "nanx"), None, None),
@@ -352,6 +353,10 @@ CASES = [
     ("plan-show-dev-zero", argv("plan", "show", "/dev/zero"), None, None),
     ("plan-show-fifo", argv("plan", "show", lambda t: (os.mkfifo(t / "fifo"), "fifo")[1]), None, None),
     ("plan-show-oversized", argv("plan", "show", lambda t: sparse(t, "big.json", 65 * 2**20)), None, None),
+    # a value the error quotes is shortened in the middle: the line stays readable and keeps its reason
+    ("plan-show-huge-module-name", argv("plan", "show", lambda t: text(
+        t, "p.json", json.dumps(set_path(plan_doc(), "decisions", {"x" * 100_000: "C" * 50})))), None,
+     lambda err: len(err) < 1000 and "characters left out" in err and err.rstrip().endswith("this plan")),
     ("plan-show-empty", argv("plan", "show", lambda t: text(t, "p.json", "")), None, None),
     ("plan-show-not-utf8", argv("plan", "show", lambda t: text(t, "p.json", b"\xff\xfe{\x00")), None, None),
     ("plan-show-binary", argv("plan", "show", lambda t: text(t, "p.json", bytes(range(256)) * 4)), None, None),
