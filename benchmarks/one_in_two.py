@@ -8,9 +8,12 @@ our block-level ``F`` schedule. These schedules are what every method's 2x-of-FL
 is made of, so the table bounds what a choice among them can gain over the peer at 2x.
 
 Each schedule's FLOP speedup is counted too: a block-level schedule still runs the transformer's embedding
-and final layer at its forecast steps, so it falls just short of 2x, and two more rows give the block-level
-``L`` schedule with one computed step fewer (what a 2x budget then asks for): a three-step forecast run in
-the middle, or two two-step runs (the later computed steps shifted by one, the last two steps forecast).
+and final layer at its forecast steps, so it falls just short of 2x. More rows give what closing that gap
+costs: the block-level ``L`` schedule with one computed step fewer (a three-step forecast run in the
+middle, or two two-step runs: the later computed steps shifted by one, the last two steps forecast), or
+with the first few blocks forecast at one computed step (the one nearest 30 %, 50 % or 70 % of the steps;
+as few blocks as reach 2x). The sub-layer rows forecast every attention and MLP output instead of the
+blocks (the norms, modulation and gates run at every step, so they cost more than a block's schedule).
 
 Pooled, mean and worst per-image PSNR on held-out seeds against the full run. Results go to
 ``benchmarks/results/one_in_two.{json,md}``.
@@ -28,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._held_out import held_out_models, parser  # noqa: E402
 from benchmarks._results import finish, psnr_text  # noqa: E402
 
-LEVELS = ("output", "block")
+LEVELS = ("output", "block", "sublayer")
+TRIM_AT = (0.3, 0.5, 0.7)
 CODES = ("F", "L", "Q")
 PEER = "diffusers-taylorseer"
 
@@ -43,6 +47,7 @@ def main(argv=None) -> int:
     from planner.executor import apply_plan
     from planner.metrics import psnr_summary
     from planner.plan import plan_for_runner
+    from planner.modules import modules_at_level
     from planner.search._periodic import OUTPUT, PeriodicShape
 
     models = []
@@ -58,15 +63,27 @@ def main(argv=None) -> int:
             return {"method": method, "codes": codes, "flop_speedup": full / flops,
                     **psnr_summary(out, m.reference)}
 
+        def planned(level, codes):
+            if level == OUTPUT:
+                return plan_for_runner(m.runner, m.sampler, {}, output=codes)
+            decisions = codes if isinstance(codes, dict) else {n: codes for n in modules_at_level(m.runner.modules(), level)}
+            return plan_for_runner(m.runner, m.sampler, decisions)
+
         def scheduled(method, level, codes):
-            decisions = {} if level == OUTPUT else {b: codes for b in m.blocks}
-            plan = plan_for_runner(m.runner, m.sampler, decisions, output=codes if level == OUTPUT else None)
+            plan = planned(level, codes)
             return row(method, m.runner.run, lambda: apply_plan(m.runner.pipe, plan), codes)
+
+        def flop_speedup(decisions):
+            plan = planned("block", decisions)
+            return full / count_flops(lambda: m.runner.run(*one), lambda: apply_plan(m.runner.pipe, plan))[0]
 
         one_in_two = {(level, code): PeriodicShape(level, code, 1, 0, 0, stride=(2, 2)).codes(m.sampler.steps)
                       for level in LEVELS for code in CODES}
         rows = [scheduled(f"{level} {code}", level, codes) for (level, code), codes in one_in_two.items()]
         rows += [scheduled(f"block L, {label}", "block", codes) for label, codes in one_fewer(m.sampler.steps).items()]
+        for at in TRIM_AT:
+            decisions = trimmed(one_in_two[("block", "L")], m.blocks, at, lambda d: flop_speedup(d) >= 2.0)
+            rows.append(scheduled(f"block L, first blocks forecast at {at:.0%} of the steps", "block", decisions))
         (peer,), _ = peer_runs(m.runner, m.sampler, [PEER], {PEER: [2]}, {PEER: [1]})
         rows.append(row(f"{PEER} {peer.setting}", peer.run))
         models.append({"model": m.name, "sampler": m.label, "rows": rows})
@@ -95,6 +112,19 @@ def one_fewer(steps: int) -> dict[str, str]:
     shifted = ["C" if (i <= late and i % 2 == 0) or (late + 1 < i < steps - 1 and (i - late) % 2 == 1) else "L"
                for i in range(steps)]
     return {"LLL in the middle": "".join(middle), "two LL runs": "".join(shifted)}
+
+
+def trimmed(codes: str, blocks: list[str], at: float, fast_enough) -> dict[str, str]:
+    """``codes`` on every block, with the first blocks forecast (``codes``' forecast code) at the computed step
+    nearest ``at`` of the steps: as few blocks as make ``fast_enough(decisions)`` true (all of them if none do)."""
+    forecast = next(c for c in codes if c != "C")
+    step = min((i for i, c in enumerate(codes) if c == "C" and i > 0), key=lambda i: abs(i - at * len(codes)))
+    cut = codes[:step] + forecast + codes[step + 1:]
+    for k in range(1, len(blocks) + 1):
+        decisions = {b: cut if i < k else codes for i, b in enumerate(blocks)}
+        if fast_enough(decisions):
+            break
+    return decisions
 
 
 if __name__ == "__main__":
