@@ -66,8 +66,9 @@ def main(argv=None) -> int:
         def planned(level, codes):
             if level == OUTPUT:
                 return plan_for_runner(m.runner, m.sampler, {}, output=codes)
-            decisions = codes if isinstance(codes, dict) else {n: codes for n in modules_at_level(m.runner.modules(), level)}
-            return plan_for_runner(m.runner, m.sampler, decisions)
+            if not isinstance(codes, dict):  # one code string for every module of the level
+                codes = {n: codes for n in modules_at_level(m.runner.modules(), level)}
+            return plan_for_runner(m.runner, m.sampler, codes)
 
         def scheduled(method, level, codes):
             plan = planned(level, codes)
