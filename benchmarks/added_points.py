@@ -38,7 +38,6 @@ def main(argv=None) -> int:
     from planner.bench.margins import AXES, margins
 
     axis, title = "flop_speedup", AXES["flop_speedup"]
-
     targets = [float(t) for t in args.targets.split(",")]
     models = []
     for folder in sorted(p for p in Path(args.added).iterdir() if (p / "results.json").is_file()):

@@ -55,12 +55,15 @@ def main(argv=None) -> int:
         one = (m.conditions[:1], m.seeds[:1], m.sampler)  # FLOPs are the same for every input
         full, _ = count_flops(lambda: m.runner.run(*one))
 
+        def flop_speedup(run, context):
+            """Full compute's FLOPs over those of ``run(conditions, seeds, sampler)`` inside ``context()``."""
+            return full / count_flops(lambda: run(*one), context)[0]
+
         def row(method, run, context=contextlib.nullcontext, codes=None):
             """``run(conditions, seeds, sampler)`` inside ``context()``: its FLOP speedup and PSNR."""
-            flops, _ = count_flops(lambda: run(*one), context)
             with context():
                 out = run(m.conditions, m.seeds, m.sampler)
-            return {"method": method, "codes": codes, "flop_speedup": full / flops,
+            return {"method": method, "codes": codes, "flop_speedup": flop_speedup(run, context),
                     **psnr_summary(out, m.reference)}
 
         def planned(level, codes):
@@ -70,20 +73,22 @@ def main(argv=None) -> int:
                 codes = {n: codes for n in modules_at_level(m.runner.modules(), level)}
             return plan_for_runner(m.runner, m.sampler, codes)
 
-        def scheduled(method, level, codes):
+        def applied(level, codes):
             plan = planned(level, codes)
-            return row(method, m.runner.run, lambda: apply_plan(m.runner.pipe, plan), codes)
+            return lambda: apply_plan(m.runner.pipe, plan)
 
-        def flop_speedup(decisions):
-            plan = planned("block", decisions)
-            return full / count_flops(lambda: m.runner.run(*one), lambda: apply_plan(m.runner.pipe, plan))[0]
+        def scheduled(method, level, codes):
+            return row(method, m.runner.run, applied(level, codes), codes)
+
+        def reaches_2x(decisions):
+            return flop_speedup(m.runner.run, applied("block", decisions)) >= 2.0
 
         one_in_two = {(level, code): PeriodicShape(level, code, 1, 0, 0, stride=(2, 2)).codes(m.sampler.steps)
                       for level in LEVELS for code in CODES}
         rows = [scheduled(f"{level} {code}", level, codes) for (level, code), codes in one_in_two.items()]
         rows += [scheduled(f"block L, {label}", "block", codes) for label, codes in one_fewer(m.sampler.steps).items()]
         for at in TRIM_AT:
-            decisions = trimmed(one_in_two[("block", "L")], m.blocks, at, lambda d: flop_speedup(d) >= 2.0)
+            decisions = trimmed(one_in_two[("block", "L")], m.blocks, at, reaches_2x)
             rows.append(scheduled(f"block L, first blocks forecast at {at:.0%} of the steps", "block", decisions))
         (peer,), _ = peer_runs(m.runner, m.sampler, [PEER], {PEER: [2]}, {PEER: [1]})
         rows.append(row(f"{PEER} {peer.setting}", peer.run))
